@@ -1,0 +1,451 @@
+"""Disk tier: one file per KV unit and tensor-parallel rank, written by a background thread.
+
+Files live at root/<hex[:2]>/<hex>.r<rank>.kvp in the format of kvplug.tiers.disk_format. A
+writer puts the bytes in a temp file in the same directory (name ending in ".tmp") and renames it
+over the final name, so a reader sees either no file or a whole one, never a torn one. Several
+DiskStores (engines, ranks) may share a root: they coordinate only through those atomic renames.
+
+unit_path(root, key, rank) -> Path          where a unit's file lives (the scheduler tests .exists())
+scan_units(root, layout=None) -> iterator   UnitInfo of every good unit, by headers only (index rebuild)
+
+DiskStore(root, layout, rank=0, on_error=logger, fsync=False, ...) methods:
+    put(key, payload)    enqueue an asynchronous write of a contiguous CPU uint8 tensor; returns at once
+    delete(key)          enqueue a delete, ordered after earlier puts of the same store
+    get(key)             the payload tensor, or None on a miss; corrupt files are removed, never raised
+    exists(key)          whether get would find the unit (queued ops first, then the file)
+    flush()              block until every queued op is done
+    close()              flush and stop the writer thread (also on leaving a `with` block)
+    stats                a DiskStats; stats.take() returns and resets the counts since the last take
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from kvplug.tiers.disk_format import (KEY_BYTES, CorruptUnit, Header, checksum, encode_header,
+                                      read_header, verify)
+
+logger = logging.getLogger("kvplug")
+
+UNIT_SUFFIX = ".kvp"
+TMP_SUFFIX = ".tmp"
+_UNIT_NAME = re.compile(r"([0-9a-f]{64})\.r(0|[1-9][0-9]*)\.kvp")
+_HEX = frozenset("0123456789abcdef")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def unit_path(root: Path, key: bytes, rank: int) -> Path:
+    """root/<hex[:2]>/<hex>.r<rank>.kvp; the two-hex-digit fan-out keeps directories small."""
+    if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+        raise ValueError(f"key must be {KEY_BYTES} bytes, got {key!r}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise ValueError(f"rank must be an int >= 0, got {rank!r}")
+    h = key.hex()
+    return Path(root) / h[:2] / f"{h}.r{rank}{UNIT_SUFFIX}"
+
+
+@dataclass
+class DiskStats:
+    """Counters of one DiskStore. Only add() and take() touch them, under the lock (two threads write).
+
+    puts: put() calls; bytes_written: bytes of files written; write_errors: failed writes/deletes;
+    dropped: puts not written (write back-off or max_pending_bytes); gets/hits: get() calls and hits
+    (in-flight hits included); bytes_read: file bytes read; corrupt: bad files found and removed;
+    deletes: delete ops carried out.
+    """
+    puts: int = 0
+    bytes_written: int = 0
+    write_errors: int = 0
+    dropped: int = 0
+    gets: int = 0
+    hits: int = 0
+    bytes_read: int = 0
+    corrupt: int = 0
+    deletes: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, d in deltas.items():
+                setattr(self, name, getattr(self, name) + d)
+
+    def take(self) -> "DiskStats":
+        """The counts since the previous take() (or creation), which are then reset to zero."""
+        with self._lock:
+            names = [f.name for f in fields(self) if not f.name.startswith("_")]
+            snap = DiskStats(**{n: getattr(self, n) for n in names})
+            for n in names:
+                setattr(self, n, 0)
+        return snap
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    key: bytes
+    rank: int
+    nbytes: int  # size of the whole file (header + payload): what a disk byte budget counts
+    mtime: float
+
+
+@dataclass
+class ScanStats:
+    """What scan_units found besides good units; fill one by passing it as `stats`."""
+    units: int = 0
+    corrupt: int = 0  # removed: bad header, wrong size, or name that does not match the key
+    tmp_removed: int = 0  # stale temp files of writers that were killed mid-write
+    other_layout: int = 0  # skipped, left in place
+
+
+_PUT, _DELETE = "put", "delete"
+
+
+class DiskStore:
+    """Worker-side disk tier of one rank; see the module docstring for the methods."""
+
+    def __init__(self, root, layout: str, rank: int = 0, on_error: logging.Logger = logger, *,
+                 fsync: bool = False, backoff_s: float = 30.0, max_pending_bytes: int = 1 << 30):
+        if not isinstance(layout, str) or not layout:
+            raise ValueError(f"layout must be a non-empty str, got {layout!r}")
+        unit_path(Path("."), bytes(KEY_BYTES), rank)  # validates rank
+        if backoff_s < 0 or max_pending_bytes < 0:
+            raise ValueError(f"backoff_s={backoff_s!r} and max_pending_bytes={max_pending_bytes!r} "
+                             "must be >= 0")
+        self.root = _prepare_root(Path(root))
+        self.layout, self.rank, self.fsync = layout, rank, fsync
+        self.backoff_s, self.max_pending_bytes = backoff_s, max_pending_bytes
+        self.stats = DiskStats()
+        self._log = on_error
+        # Invariant: _inflight[key] is the newest queued-but-unfinished op on key, as (seq, tensor)
+        # for a put or (seq, None) for a delete; the writer removes it only if seq still matches.
+        self._inflight: dict[bytes, tuple[int, torch.Tensor | None]] = {}
+        self._pending_bytes = 0
+        self._seq = 0
+        self._closed = False
+        self._lock = threading.Lock()
+        self._backoff_until = 0.0  # monotonic time before which writes are skipped
+        self._failing = False  # a write failed and none succeeded since: log only the first
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=f"kvplug-disk-r{rank}", daemon=True)
+        self._thread.start()
+
+    # ---- caller side -------------------------------------------------------------------------
+
+    def put(self, key: bytes, payload: torch.Tensor) -> None:
+        """Queue a write; `payload` is kept by reference, so the caller must not modify it again."""
+        unit_path(self.root, key, self.rank)  # validates key
+        if (not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8
+                or payload.device.type != "cpu" or not payload.is_contiguous()):
+            desc = (f"{payload.dtype} on {payload.device}, contiguous={payload.is_contiguous()}"
+                    if isinstance(payload, torch.Tensor) else type(payload).__name__)
+            raise ValueError(f"payload must be a contiguous CPU torch.uint8 tensor, got {desc}")
+        self.stats.add(puts=1)
+        with self._lock:
+            self._check_open()
+            full = self._pending_bytes > 0 and self._pending_bytes + payload.nbytes > self.max_pending_bytes
+            if full or time.monotonic() < self._backoff_until:
+                self.stats.add(dropped=1)
+                return
+            self._pending_bytes += payload.nbytes
+            self._enqueue(_PUT, key, payload)
+
+    def delete(self, key: bytes) -> None:
+        unit_path(self.root, key, self.rank)
+        with self._lock:
+            self._check_open()
+            self._enqueue(_DELETE, key, None)
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        """The payload (do not modify it), or None; never raises for a bad or missing file."""
+        path = unit_path(self.root, key, self.rank)
+        with self._lock:
+            entry = self._inflight.get(key)
+        if entry is not None:
+            self.stats.add(gets=1, hits=int(entry[1] is not None))
+            return entry[1]
+        out = self._read(path, key)
+        self.stats.add(gets=1, hits=int(out is not None))
+        return out
+
+    def exists(self, key: bytes) -> bool:
+        path = unit_path(self.root, key, self.rank)
+        with self._lock:
+            entry = self._inflight.get(key)
+        return entry[1] is not None if entry is not None else path.exists()
+
+    def flush(self) -> None:
+        self._queue.join()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)  # FIFO: every op queued before it is still carried out
+        self._thread.join()
+
+    def __enter__(self) -> "DiskStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"DiskStore at {self.root} is closed")
+
+    def _enqueue(self, kind: str, key: bytes, tensor: torch.Tensor | None) -> None:
+        # Under self._lock, so queue order and _inflight agree.
+        self._seq += 1
+        self._inflight[key] = (self._seq, tensor)
+        self._queue.put((kind, key, tensor, self._seq))
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    def _read(self, path: Path, key: bytes) -> torch.Tensor | None:
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            logger.debug("kvplug disk tier: cannot open %s: %s", path, e)
+            return None
+        with f:
+            st = None
+            try:
+                st = os.fstat(f.fileno())
+                header = read_header(f)
+                _check_unit(header, key, self.layout, st.st_size)
+                out = torch.empty(header.nbytes, dtype=torch.uint8)
+                _readinto_exact(f, out.numpy())
+                verify(header, out.numpy())
+            except CorruptUnit as e:
+                self.stats.add(corrupt=1)
+                logger.debug("kvplug disk tier: removing corrupt unit %s: %s", path, e.reason)
+                _remove_if_same(path, st)
+                return None
+            except OSError as e:  # I/O error, maybe transient: a miss, but leave the file
+                logger.debug("kvplug disk tier: cannot read %s: %s", path, e)
+                return None
+        self.stats.add(bytes_read=st.st_size)
+        return out
+
+    # ---- writer thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            op = self._queue.get()
+            try:
+                if op is None:
+                    return
+                kind, key, tensor, seq = op
+                try:
+                    if kind == _PUT:
+                        self._do_put(key, tensor)
+                    else:
+                        self._do_delete(key)
+                finally:
+                    self._release(key, seq, tensor)
+            except Exception:  # a bug must not kill the writer, or flush() would wait forever
+                self.stats.add(write_errors=1)
+                logger.exception("kvplug disk tier: unexpected error in the writer thread")
+            finally:
+                self._queue.task_done()
+
+    def _release(self, key: bytes, seq: int, tensor: torch.Tensor | None) -> None:
+        with self._lock:
+            entry = self._inflight.get(key)
+            if entry is not None and entry[0] == seq:
+                del self._inflight[key]
+            if tensor is not None:
+                self._pending_bytes -= tensor.nbytes
+
+    def _do_put(self, key: bytes, tensor: torch.Tensor) -> None:
+        if time.monotonic() < self._backoff_until:
+            self.stats.add(dropped=1)
+            return
+        try:
+            n = self._write_unit(key, tensor)
+        except OSError as e:
+            self._write_failed(e)
+            return
+        self._failing = False
+        self.stats.add(bytes_written=n)
+
+    def _write_unit(self, key: bytes, tensor: torch.Tensor) -> int:
+        path = unit_path(self.root, key, self.rank)
+        data = tensor.reshape(-1).numpy()  # zero-copy view of the caller's contiguous tensor
+        head = encode_header(key, self.layout, data.nbytes, checksum(data))
+        path.parent.mkdir(exist_ok=True)
+        # Unique per process and call: two engines writing the same key never share a temp file.
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+        try:
+            with open(tmp, "xb") as f:
+                f.write(head)
+                f.write(data)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quiet(tmp)
+            raise
+        if self.fsync:
+            _fsync_dir(path.parent)
+        return len(head) + data.nbytes
+
+    def _write_failed(self, e: OSError) -> None:
+        self.stats.add(write_errors=1)
+        self._backoff_until = time.monotonic() + self.backoff_s
+        if self._failing:
+            return
+        self._failing = True
+        what = "disk full" if e.errno in _DISK_FULL else "write failed"
+        self._log.warning("kvplug disk tier %s: %s (%s); skipping writes for %.0f s, reads go on",
+                          self.root, what, e, self.backoff_s)
+
+    def _do_delete(self, key: bytes) -> None:
+        try:
+            unit_path(self.root, key, self.rank).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            self.stats.add(write_errors=1)
+            logger.debug("kvplug disk tier: cannot delete %s: %s", key.hex(), e)
+            return
+        self.stats.add(deletes=1)
+
+
+def _prepare_root(root: Path) -> Path:
+    """Create root and prove it writable, with errors that name the path."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"disk tier root {root} exists and is not a directory") from None
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create disk tier root {root}: {e.strerror}") from e
+    probe = root / f".probe.{os.getpid()}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
+    try:
+        probe.open("xb").close()
+        probe.unlink()
+    except OSError as e:
+        raise OSError(e.errno, f"disk tier root {root} is not writable: {e.strerror}") from e
+    return root
+
+
+def _check_unit(header: Header, key: bytes, layout: str, file_size: int) -> None:
+    if header.key != key:
+        raise CorruptUnit(f"file holds key {header.key.hex()}, expected {key.hex()}")
+    if header.layout != layout:
+        raise CorruptUnit(f"file has layout {header.layout!r}, expected {layout!r}")
+    if file_size != header.file_bytes:
+        raise CorruptUnit(f"file is {file_size} bytes, header says {header.file_bytes}")
+
+
+def _readinto_exact(f, buf) -> None:
+    mv, got = memoryview(buf).cast("B"), 0
+    while got < len(mv):
+        n = f.readinto(mv[got:])
+        if not n:
+            raise CorruptUnit(f"truncated payload: {got} of {len(mv)} bytes")
+        got += n
+
+
+def _remove_if_same(path: Path, st: os.stat_result | None) -> None:
+    """Unlink path unless another writer has meanwhile renamed a new file over it."""
+    try:
+        if st is not None:
+            now = os.stat(path)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                return
+        path.unlink()
+    except OSError:
+        pass
+
+
+def _unlink_quiet(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def scan_units(root, layout: str | None = None, *, stats: ScanStats | None = None,
+               tmp_max_age_s: float = 600.0) -> Iterator[UnitInfo]:
+    """Yield every good unit under root, reading headers only.
+
+    Removes files with bad headers, a wrong size, or a name that does not match the key inside, and
+    temp files older than tmp_max_age_s (younger ones may belong to a live writer). With `layout`,
+    units of another layout are skipped but kept (another model or engine may own them).
+    """
+    stats = stats if stats is not None else ScanStats()
+    now = time.time()
+    try:
+        subdirs = [d for d in os.scandir(root) if len(d.name) == 2 and set(d.name) <= _HEX
+                   and d.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return
+    for d in subdirs:
+        try:
+            entries = list(os.scandir(d.path))
+        except OSError:
+            continue
+        for e in entries:
+            info = _scan_entry(d.name, e, layout, now, tmp_max_age_s, stats)
+            if info is not None:
+                stats.units += 1
+                yield info
+
+
+def _scan_entry(subdir: str, e: os.DirEntry, layout: str | None, now: float,
+                tmp_max_age_s: float, stats: ScanStats) -> UnitInfo | None:
+    if e.name.endswith(TMP_SUFFIX):
+        try:
+            if now - e.stat(follow_symlinks=False).st_mtime > tmp_max_age_s:
+                os.unlink(e.path)
+                stats.tmp_removed += 1
+        except OSError:
+            pass
+        return None
+    if not e.name.endswith(UNIT_SUFFIX):
+        return None  # not ours: leave it alone
+    m = _UNIT_NAME.fullmatch(e.name)
+    if m is None or m.group(1)[:2] != subdir:
+        stats.corrupt += 1
+        _unlink_quiet(Path(e.path))
+        return None
+    st = None
+    try:
+        with open(e.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            header = read_header(f)
+        if header.key.hex() != m.group(1) or st.st_size != header.file_bytes:
+            raise CorruptUnit("name or size does not match the header")
+    except CorruptUnit:
+        stats.corrupt += 1
+        _remove_if_same(Path(e.path), st)
+        return None
+    except OSError:  # deleted meanwhile by another engine, or unreadable: not ours to judge
+        return None
+    if layout is not None and header.layout != layout:
+        stats.other_layout += 1
+        return None
+    return UnitInfo(key=header.key, rank=int(m.group(2)), nbytes=st.st_size, mtime=st.st_mtime)
