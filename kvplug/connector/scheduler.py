@@ -1,0 +1,168 @@
+"""Scheduler half of KVPlugConnector: keys, lookups and per-step transfer plans.
+
+It sees requests, block ids and hashes, never tensors. Per request it keeps the prompt's
+block keys and how far saving has got; per step it turns the tier manager's plans into a
+KVPlugMetadata for the workers.
+
+    num_matched(request, num_computed)    tokens kvplug can load beyond vLLM's own hit
+    after_alloc(request, blocks, n_ext)   plan the loads for the tokens vLLM accepted
+    build_meta(scheduler_output)          plan saves of newly computed prompt blocks; emit metadata
+    finished(request)                     forget the request
+    take_stats()                          counters since the last call
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvplug.config import KVPlugConfig
+from kvplug.connector.engine_facts import EngineFacts
+from kvplug.connector.metadata import KVPlugMetadata
+from kvplug.connector.stats import KVPlugStats
+from kvplug.core.hashing import prefix_block_keys
+from kvplug.tiers.disk import scan_units, unit_path
+from kvplug.tiers.manager import TierManager
+
+logger = logging.getLogger("kvplug")
+
+# Attention makes a block's recompute cost grow with its position; this is the context
+# length at which attention costs as much as the block's own linear layers (a rough,
+# model-independent split, used only to rank units for the cost_aware policy).
+_ATTN_EQUAL_CONTEXT = 4096
+
+
+@dataclass
+class _Request:
+    keys: list[bytes]  # one per full prompt block
+    prompt_len: int
+    block_ids: list[int] = field(default_factory=list)
+    saved_upto: int = 0  # blocks [0, saved_upto) are cached or planned
+
+
+class SchedulerHalf:
+    def __init__(self, cfg: KVPlugConfig, facts: EngineFacts):
+        self.cfg, self.facts, self.bs = cfg, facts, facts.block_size
+        tiers = cfg.tiers
+        self._disk_root = Path(tiers.disk_path) if tiers.disk_path else None
+        self.manager = TierManager(
+            unit_bytes=facts.unit_bytes,
+            cpu_bytes=tiers.cpu_bytes,
+            disk_bytes=tiers.disk_bytes if self._disk_root else 0,
+            policy=tiers.eviction_policy,
+            disk_write=tiers.disk_write,
+            disk_probe=self._probe if self._disk_root else None,
+        )
+        if tiers.cpu_bytes and self.manager.num_slots == 0:
+            logger.warning("cpu_bytes=%d holds no %d-byte block: CPU tier disabled", tiers.cpu_bytes, facts.unit_bytes)
+        self._reqs: dict[str, _Request] = {}
+        self._lookups: dict[str, tuple[int, int, int]] = {}  # req -> (local tokens, n_cpu, n_disk)
+        self._meta = KVPlugMetadata()
+        self._stats: dict[str, int] = {}
+        if self._disk_root:
+            self._restore_disk_index()
+
+    # ---- disk ----------------------------------------------------------------------------
+    def _probe(self, key: bytes) -> int | None:
+        """Bytes of a unit on disk if every tensor-parallel rank's file is there."""
+        total = 0
+        for rank in range(self.facts.tp_size):
+            try:
+                total += os.stat(unit_path(self._disk_root, key, rank)).st_size
+            except OSError:
+                return None
+        return total
+
+    def _restore_disk_index(self) -> None:
+        units = sorted((u for u in scan_units(self._disk_root) if u.rank == 0), key=lambda u: u.mtime)
+        kept = self.manager.restore_disk_index([u.key for u in units])
+        logger.info("kvplug: disk tier %s holds %d unit(s); indexed %d", self._disk_root, len(units), kept)
+
+    # ---- vLLM hooks ----------------------------------------------------------------------
+    def _request(self, request) -> _Request:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            tokens = request.prompt_token_ids or []
+            keys = prefix_block_keys(self.facts.namespace, tokens, self.bs, request.cache_salt)
+            st = self._reqs[request.request_id] = _Request(keys=keys, prompt_len=len(tokens))
+        return st
+
+    def num_matched(self, request, num_computed: int) -> int:
+        if num_computed % self.bs or request.prompt_token_ids is None:
+            return 0
+        st = self._request(request)
+        # vLLM must compute at least the last prompt token itself.
+        usable = min(len(st.keys), (st.prompt_len - 1) // self.bs)
+        first = num_computed // self.bs
+        n_cpu, n_disk = self.manager.lookup(st.keys[first:usable])
+        self._lookups[request.request_id] = (num_computed, n_cpu, n_disk)
+        return (n_cpu + n_disk) * self.bs
+
+    def after_alloc(self, request, block_ids: list[int], num_external: int) -> None:
+        lookup = self._lookups.pop(request.request_id, None)
+        st = self._reqs.get(request.request_id)
+        if lookup is None or st is None:
+            return
+        local, n_cpu, n_disk = lookup
+        first = local // self.bs
+        queried = min(len(st.keys), (st.prompt_len - 1) // self.bs) - first
+        n_load = -(-num_external // self.bs)
+        self._count(lookup_tokens=queried * self.bs, miss_tokens=(queried - n_load) * self.bs)
+        if n_load <= 0:
+            return
+        keys = st.keys[first : first + n_load]
+        for i, load in enumerate(self.manager.plan_loads(keys, self._costs(first, n_load))):
+            self._meta.loads.append((load.key, block_ids[first + i], load.cpu_slot, load.promote_slot))
+            self._count(**{"cpu_hit_tokens" if load.cpu_slot >= 0 else "disk_hit_tokens": self.bs})
+        st.saved_upto = max(st.saved_upto, first + n_load)
+
+    def build_meta(self, so) -> KVPlugMetadata:
+        for new in so.scheduled_new_reqs:
+            st = self._reqs.get(new.req_id)
+            if st is not None:
+                st.block_ids = list(new.block_ids[0])
+                self._plan_saves(st, new.num_computed_tokens + so.num_scheduled_tokens.get(new.req_id, 0))
+        cached = so.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self._reqs.get(req_id)
+            if st is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                st.block_ids = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                st.block_ids.extend(new_ids[0])
+            self._plan_saves(st, cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(req_id, 0))
+        ops = self.manager.end_step()
+        meta, self._meta = self._meta, KVPlugMetadata()
+        meta.demotes, meta.disk_deletes = ops.demotes, ops.disk_deletes
+        return meta
+
+    def _plan_saves(self, st: _Request, computed: int) -> None:
+        full = min(min(computed, st.prompt_len) // self.bs, len(st.keys), len(st.block_ids))
+        if full <= st.saved_upto:
+            return
+        first = st.saved_upto
+        by_key = {st.keys[i]: st.block_ids[i] for i in range(first, full)}
+        for save in self.manager.plan_saves(st.keys[first:full], self._costs(first, full - first)):
+            self._meta.saves.append((save.key, by_key[save.key], save.cpu_slot, save.to_disk))
+        st.saved_upto = full
+
+    def _costs(self, first: int, n: int) -> list[float]:
+        return [self.bs * (1 + (i * self.bs) / _ATTN_EQUAL_CONTEXT) for i in range(first, first + n)]
+
+    def finished(self, request) -> None:
+        self._reqs.pop(request.request_id, None)
+        self._lookups.pop(request.request_id, None)
+
+    # ---- stats ---------------------------------------------------------------------------
+    def _count(self, **counts: int) -> None:
+        for k, v in counts.items():
+            self._stats[k] = self._stats.get(k, 0) + v
+
+    def take_stats(self) -> KVPlugStats | None:
+        c = self.manager.counters.take()
+        self._count(cpu_evictions=c["cpu_evictions"], disk_evictions=c["disk_evictions"], saved_blocks=c["saves"])
+        stats, self._stats = KVPlugStats.new(**self._stats), {}
+        return None if stats.is_empty() else stats

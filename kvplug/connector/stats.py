@@ -1,0 +1,74 @@
+"""kvplug's counters, carried by vLLM's KVConnectorStats to its log line and Prometheus.
+
+Both halves report: the scheduler its hits, misses and evictions; the worker bytes moved,
+time spent and errors. vLLM aggregates the two per step.
+
+    KVPlugStats.new(**counts)   a stats object with the given counters
+    aggregate / reduce / reset / is_empty   the KVConnectorStats contract
+    KVPlugPromMetrics           one Prometheus counter `vllm:kvplug_<name>` per field
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+
+FIELDS = {
+    "lookup_tokens": "prompt tokens (beyond vLLM's own prefix cache) looked up in kvplug's tiers",
+    "cpu_hit_tokens": "tokens loaded from the CPU tier instead of recomputed",
+    "disk_hit_tokens": "tokens loaded from the disk tier instead of recomputed",
+    "miss_tokens": "looked-up tokens that no tier held",
+    "cpu_evictions": "units evicted from the CPU tier",
+    "disk_evictions": "units evicted (deleted) from the disk tier",
+    "saved_blocks": "KV blocks saved to a tier",
+    "load_bytes": "bytes copied into vLLM's KV cache from kvplug's tiers",
+    "save_bytes": "bytes copied out of vLLM's KV cache into kvplug's tiers",
+    "disk_write_bytes": "bytes written to disk files",
+    "disk_read_bytes": "bytes read from disk files",
+    "load_seconds": "seconds spent loading KV before forward passes",
+    "save_seconds": "seconds spent saving KV after forward passes",
+    "load_errors": "blocks that could not be loaded (recomputed instead)",
+    "disk_corrupt": "disk files found corrupt, truncated or foreign and removed",
+    "disk_write_errors": "failed disk writes (disk full, I/O error)",
+}
+
+
+@dataclass
+class KVPlugStats(KVConnectorStats):
+    @classmethod
+    def new(cls, **counts: float) -> "KVPlugStats":
+        unknown = set(counts) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"unknown kvplug counters {sorted(unknown)}")
+        return cls(data={k: v for k, v in counts.items() if v})
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> "KVPlugStats":
+        for k, v in (other.data or {}).items():
+            self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in sorted(self.data.items())}
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+class KVPlugPromMetrics(KVConnectorPromMetrics):
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters: dict[tuple[int, str], Any] = {}
+        for name, doc in FIELDS.items():
+            counter = self._counter_cls(name=f"vllm:kvplug_{name}", documentation=doc, labelnames=labelnames)
+            for engine, values in per_engine_labelvalues.items():
+                self._counters[(engine, name)] = counter.labels(*values)
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for name, value in transfer_stats_data.items():
+            counter = self._counters.get((engine_idx, name))
+            if counter is not None and value > 0:
+                counter.inc(value)

@@ -1,0 +1,137 @@
+"""Worker half of KVPlugConnector: carries out the scheduler's plans on real tensors.
+
+    register(kv_caches)      view each layer's cache block-major; allocate the CPU tier's rows
+    load(meta)               before the forward pass: demotions, deletions, then loads
+    save(meta)               after the forward pass: copy finished blocks out
+    take_load_errors()       GPU block ids whose load failed this step (vLLM recomputes them)
+    take_stats()             counters since the last call
+    close()                  drain disk writes
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from vllm.v1.kv_cache_interface import group_kernel_blocks
+
+from kvplug.config import KVPlugConfig
+from kvplug.connector.engine_facts import EngineFacts
+from kvplug.connector.metadata import KVPlugMetadata
+from kvplug.connector.stats import KVPlugStats
+from kvplug.tiers.cpu import BlockRows
+from kvplug.tiers.disk import DiskStore
+
+logger = logging.getLogger("kvplug")
+
+
+class WorkerHalf:
+    def __init__(self, cfg: KVPlugConfig, facts: EngineFacts, tp_rank: int, layer_tag: str):
+        self.cfg, self.facts, self.tp_rank, self._layer_tag = cfg, facts, tp_rank, layer_tag
+        self.caches: list[torch.Tensor] = []
+        self.rows: BlockRows | None = None
+        self.disk: DiskStore | None = None
+        self._errors: set[int] = set()
+        self._stats: dict[str, float] = {}
+
+    def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.facts.layer_names if n not in kv_caches]
+        if missing:
+            raise ValueError(f"KVPlugConnector: no KV cache registered for layers {missing[:3]}...")
+        self.caches = [group_kernel_blocks(kv_caches[n], self.facts.num_blocks) for n in self.facts.layer_names]
+        templates = [(tuple(c.shape[1:]), c.dtype) for c in self.caches]
+        device = self.caches[0].device
+        n_rows = self.cfg.tiers.cpu_bytes // self.facts.unit_bytes
+        self.rows = BlockRows.allocate(templates, n_rows, pin=device.type == "cuda")
+        self.layout = f"{self._layer_tag}|{self.rows.layout_tag()}"
+        if self.cfg.tiers.disk_path:
+            self.disk = DiskStore(Path(self.cfg.tiers.disk_path), self.layout, rank=self.tp_rank,
+                                  fsync=self.cfg.tiers.disk_fsync)
+        logger.info("kvplug: %d layers, %d B per block, CPU tier %d blocks (%.2f GB), disk tier %s",
+                    len(self.caches), self.rows.row_bytes, n_rows, n_rows * self.rows.row_bytes / 1e9,
+                    self.cfg.tiers.disk_path or "off")
+
+    # ---- before the forward pass --------------------------------------------------------
+    def load(self, meta: KVPlugMetadata) -> None:
+        if meta.is_empty():
+            return
+        start = time.perf_counter()
+        for key, slot in meta.demotes:
+            self._disk_put(key, self.rows.row(slot).clone())
+        for key in meta.disk_deletes:
+            self.disk.delete(key)
+        cpu = [(slot, block) for _, block, slot, _ in meta.loads if slot >= 0]
+        self.rows.load([s for s, _ in cpu], self.caches, [b for _, b in cpu])
+        self._count(load_bytes=len(cpu) * self.rows.row_bytes)
+        disk = [(key, block, promote) for key, block, slot, promote in meta.loads if slot < 0]
+        if disk:
+            self._load_from_disk(disk)
+        if meta.loads:
+            self._count(load_seconds=time.perf_counter() - start)
+
+    def _load_from_disk(self, loads: list[tuple[bytes, int, int]]) -> None:
+        found, payloads = [], []
+        for key, block, promote in loads:
+            payload = self.disk.get(key) if self.disk else None
+            if payload is None or payload.numel() != self.rows.row_bytes:
+                self._errors.add(block)
+                continue
+            found.append((block, promote))
+            payloads.append(payload)
+        if not found:
+            return
+        batch = BlockRows(torch.stack(payloads), self.rows.templates)
+        idx = list(range(len(found)))
+        batch.load(idx, self.caches, [b for b, _ in found])
+        promoted = [(i, p) for i, (_, p) in enumerate(found) if p >= 0]
+        if promoted:
+            dst = torch.tensor([p for _, p in promoted])
+            self.rows.buffer.index_copy_(0, dst, batch.buffer[[i for i, _ in promoted]])
+        self._count(load_bytes=len(found) * self.rows.row_bytes, disk_read_bytes=len(found) * self.rows.row_bytes)
+
+    # ---- after the forward pass ---------------------------------------------------------
+    def save(self, meta: KVPlugMetadata) -> None:
+        if not meta.saves:
+            return
+        start = time.perf_counter()
+        to_rows = [(slot, block) for _, block, slot, _ in meta.saves if slot >= 0]
+        self.rows.store([s for s, _ in to_rows], self.caches, [b for _, b in to_rows])
+        direct = [(key, block) for key, block, slot, to_disk in meta.saves if slot < 0 and to_disk]
+        if direct:
+            staging = BlockRows.allocate(self.rows.templates, len(direct))
+            staging.store(list(range(len(direct))), self.caches, [b for _, b in direct])
+            for i, (key, _) in enumerate(direct):
+                self._disk_put(key, staging.row(i))
+        for key, _, slot, to_disk in meta.saves:
+            if slot >= 0 and to_disk:
+                # The row can be reused by a later step before the write ends: write a copy.
+                self._disk_put(key, self.rows.row(slot).clone())
+        self._count(save_bytes=len(meta.saves) * self.rows.row_bytes, save_seconds=time.perf_counter() - start)
+
+    def _disk_put(self, key: bytes, payload: torch.Tensor) -> None:
+        if self.disk is not None:
+            self.disk.put(key, payload)
+
+    # ---- reporting ----------------------------------------------------------------------
+    def take_load_errors(self) -> set[int]:
+        errors, self._errors = self._errors, set()
+        if errors:
+            self._count(load_errors=len(errors))
+        return errors
+
+    def _count(self, **counts: float) -> None:
+        for k, v in counts.items():
+            self._stats[k] = self._stats.get(k, 0) + v
+
+    def take_stats(self) -> KVPlugStats | None:
+        if self.disk is not None:
+            d = self.disk.stats.take()
+            self._count(disk_write_bytes=d.bytes_written, disk_corrupt=d.corrupt, disk_write_errors=d.write_errors)
+        stats, self._stats = KVPlugStats.new(**self._stats), {}
+        return None if stats.is_empty() else stats
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.flush()
+            self.disk.close()

@@ -1,0 +1,146 @@
+"""TierManager over in-memory 'disk' (a dict standing in for the files), no vLLM, no tensors."""
+import pytest
+
+from kvplug.tiers.manager import TierManager
+
+U = 100  # unit bytes
+
+
+def k(i: int) -> bytes:
+    return i.to_bytes(32, "little")
+
+
+class FakeDisk(dict):
+    def probe(self, key):
+        return self.get(key)
+
+    def apply(self, mgr: TierManager, saves=(), ops=None):
+        """Do what the worker does with a step's plans."""
+        for s in saves:
+            if s.to_disk:
+                self[s.key] = U
+        if ops:
+            for key, _slot in ops.demotes:
+                self[key] = U
+            for key in ops.disk_deletes:
+                self.pop(key, None)
+
+
+def test_cpu_only_save_lookup_load_and_lru_eviction():
+    m = TierManager(unit_bytes=U, cpu_bytes=3 * U, policy="lru")
+    saves = m.plan_saves([k(1), k(2), k(3)])
+    assert [s.cpu_slot for s in saves] == [0, 1, 2] and not any(s.to_disk for s in saves)
+    m.end_step()
+    assert m.lookup([k(1), k(2), k(3), k(4)]) == (3, 0)
+    loads = m.plan_loads([k(1)])  # k1 becomes most recent
+    assert loads[0].cpu_slot == 0
+    m.end_step()
+    (s4,) = m.plan_saves([k(4)])  # evicts the LRU: k2, and takes its slot
+    assert s4.cpu_slot == 1
+    m.end_step()
+    assert m.lookup([k(2)]) == (0, 0)
+    assert m.lookup([k(1), k(3), k(4)]) == (3, 0)
+    assert m.counters.take()["cpu_evictions"] == 1
+
+
+def test_lookup_stops_at_first_gap_and_has_no_side_effects():
+    m = TierManager(unit_bytes=U, cpu_bytes=4 * U)
+    m.plan_saves([k(1), k(3)])
+    m.end_step()
+    before = m.counters.take()
+    assert m.lookup([k(1), k(2), k(3)]) == (1, 0)
+    assert m.counters.take() == {k_: 0 for k_ in before}
+
+
+def test_pinned_keys_are_never_evicted_in_their_step():
+    m = TierManager(unit_bytes=U, cpu_bytes=2 * U)
+    m.plan_saves([k(1), k(2)])
+    m.end_step()
+    m.plan_loads([k(1), k(2)])  # both pinned this step
+    assert m.plan_saves([k(3)]) == []  # no slot can be freed: save dropped, not an error
+    m.end_step()
+    assert [s.key for s in m.plan_saves([k(3)])] == [k(3)]
+
+
+def test_write_through_then_cpu_eviction_leaves_disk_copy_and_disk_hit_promotes():
+    disk = FakeDisk()
+    m = TierManager(unit_bytes=U, cpu_bytes=2 * U, disk_bytes=10 * U, disk_probe=disk.probe)
+    disk.apply(m, m.plan_saves([k(1), k(2)]), m.end_step())
+    assert set(disk) == {k(1), k(2)}
+    disk.apply(m, m.plan_saves([k(3)]), m.end_step())  # evicts k1 from CPU
+    assert m.lookup([k(1), k(2), k(3)]) == (2, 1)  # k1 only on disk now, k2 and k3 in CPU
+    assert m.lookup([k(2), k(3)]) == (2, 0)
+    (load,) = m.plan_loads([k(1)])
+    assert load.cpu_slot == -1 and load.promote_slot >= 0  # disk hit, promoted into CPU
+    m.end_step()
+    assert m.lookup([k(1)]) == (1, 0)
+    c = m.counters.take()
+    assert c["disk_hits"] == 1 and c["cpu_evictions"] == 2
+
+
+def test_on_evict_mode_demotes_only_when_cpu_evicts():
+    disk = FakeDisk()
+    m = TierManager(unit_bytes=U, cpu_bytes=1 * U, disk_bytes=10 * U, disk_write="on_evict", disk_probe=disk.probe)
+    saves = m.plan_saves([k(1)])
+    ops = m.end_step()
+    assert not saves[0].to_disk and ops.demotes == []
+    m.plan_saves([k(2)])
+    ops = m.end_step()
+    assert ops.demotes == [(k(1), 0)]  # k1's slot is written to disk before k2 reuses it
+    disk.apply(m, (), ops)
+    assert m.lookup([k(1)]) == (0, 1)
+
+
+def test_disk_bytes_enforced_by_deleting_victims():
+    disk = FakeDisk()
+    m = TierManager(unit_bytes=U, cpu_bytes=0, disk_bytes=3 * U, disk_probe=disk.probe, policy="fifo")
+    for i in range(1, 6):
+        saves = m.plan_saves([k(i)])
+        assert saves[0].cpu_slot == -1 and saves[0].to_disk
+        disk.apply(m, saves, m.end_step())
+    assert set(disk) == {k(3), k(4), k(5)}
+    assert m.disk_used == 3 * U
+
+
+def test_files_written_by_another_engine_are_found_and_deleted_files_miss():
+    disk = FakeDisk({k(7): U})
+    m = TierManager(unit_bytes=U, cpu_bytes=2 * U, disk_bytes=5 * U, disk_probe=disk.probe)
+    assert m.lookup([k(7)]) == (0, 1)
+    assert m.plan_saves([k(7)]) == []  # already there: not written again
+    m.end_step()
+    del disk[k(7)]  # removed by the other engine (or found corrupt)
+    assert m.lookup([k(7)]) == (0, 0)
+    assert [s.key for s in m.plan_saves([k(7)])] == [k(7)]  # stale index entry dropped, saved anew
+
+
+def test_restore_disk_index_respects_disk_bytes():
+    disk = FakeDisk({k(i): U for i in range(5)})
+    m = TierManager(unit_bytes=U, cpu_bytes=U, disk_bytes=3 * U, disk_probe=disk.probe, policy="lru")
+    assert m.restore_disk_index([k(i) for i in range(5)]) == 5
+    ops = m.end_step()
+    assert ops.disk_deletes == [k(0), k(1)]  # oldest first
+    assert m.disk_used == 3 * U
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "arc", "s3fifo", "cost_aware"])
+def test_every_policy_runs_a_mixed_trace_within_capacity(policy):
+    import random
+
+    rng = random.Random(0)
+    disk = FakeDisk()
+    m = TierManager(unit_bytes=U, cpu_bytes=4 * U, disk_bytes=8 * U, policy=policy, disk_probe=disk.probe)
+    for _ in range(300):
+        keys = [k(rng.randrange(20)) for _ in range(rng.randrange(1, 4))]
+        n_cpu, n_disk = m.lookup(keys)
+        if n_cpu + n_disk:
+            m.plan_loads(keys[: n_cpu + n_disk])
+        saves = m.plan_saves(keys[n_cpu + n_disk :], costs=[rng.random() * 10 for _ in keys])
+        disk.apply(m, saves, m.end_step())
+        assert m.cpu_used_slots <= 4 and m.disk_used <= 8 * U and len(disk) <= 8
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unit_bytes"):
+        TierManager(unit_bytes=0, cpu_bytes=10)
+    with pytest.raises(ValueError, match="eviction_policy"):
+        TierManager(unit_bytes=U, cpu_bytes=10 * U, policy="random")
