@@ -91,6 +91,10 @@ class ARCPolicy(EvictionPolicy):
         """(B1, B2) keys, LRU first - for stats and tests."""
         return list(self._b1), list(self._b2)
 
+    def list_bytes(self) -> dict[str, int]:
+        """Bytes in T1, T2, B1, B2 (ghosts at their recorded sizes) - for stats and tests."""
+        return {"t1": self._t1.nbytes, "t2": self._t2.nbytes, "b1": self._b1.nbytes, "b2": self._b2.nbytes}
+
     def resident_lists(self) -> tuple[list[Key], list[Key]]:
         """(T1, T2) keys, LRU first - for stats and tests."""
         return list(self._t1), list(self._t2)

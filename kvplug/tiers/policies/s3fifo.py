@@ -22,8 +22,10 @@ oldest dropped first). Each resident entry has a frequency capped at 3.
   * remove(evicted=True) of an S entry adds its key to G; evictions from M and every
     remove(evicted=False) (deletions, moves) leave G alone.
 
-victim() moves entries (S -> M promotions, M rotations). It is memoised: called again with no
-insert/touch/remove in between, it returns the same key while that key is still evictable.
+victim() moves entries (S -> M promotions, M rotations) as the paper's eviction loop does, so
+call it once per eviction and remove() the key it names: a second call may name another key
+(promotions can drop S below its 10% and switch the scan to M). Cost: amortised O(1) per entry
+moved, plus O(pinned entries passed over).
 """
 
 from __future__ import annotations
@@ -39,11 +41,9 @@ class S3FIFOPolicy(EvictionPolicy):
         self.small_target = capacity_bytes / 10  # S's share, bytes
         self.ghost_limit = capacity_bytes - self.small_target  # M's share bounds G, bytes
         self._small, self._main, self._ghost = SizedQueue(), SizedQueue(), SizedQueue()
-        self._freq: dict[Key, int] = {}
-        self._pending: Key | None = None  # last victim named; cleared by every mutation
+        self._freq: dict[Key, int] = {}  # resident key -> 0..MAX_FREQ
 
     def _insert(self, key: Key, nbytes: int, cost: float) -> None:
-        self._pending = None
         if key in self._ghost:
             self._ghost.pop(key)
             self._main.push(key, nbytes)
@@ -52,11 +52,9 @@ class S3FIFOPolicy(EvictionPolicy):
         self._freq[key] = 0
 
     def _touch(self, key: Key) -> None:
-        self._pending = None  # a hit may earn the memoised victim a second chance
         self._freq[key] = min(self._freq[key] + 1, MAX_FREQ)
 
     def _remove(self, key: Key, evicted: bool) -> None:
-        self._pending = None
         del self._freq[key]
         if key not in self._small:
             self._main.pop(key)
@@ -68,9 +66,6 @@ class S3FIFOPolicy(EvictionPolicy):
                 self._ghost.pop_oldest()
 
     def _victim(self, can_evict: CanEvict) -> Key | None:
-        pending = self._pending
-        if pending is not None and can_evict(pending):
-            return pending
         small_bytes = self._queued_bytes(self._small)
         main_bytes = self._queued_bytes(self._main)
         if small_bytes >= self.small_target or main_bytes == 0:
@@ -80,7 +75,6 @@ class S3FIFOPolicy(EvictionPolicy):
         for scan in scans:
             found = scan(can_evict)
             if found is not None:
-                self._pending = found
                 return found
         return None
 
@@ -131,3 +125,7 @@ class S3FIFOPolicy(EvictionPolicy):
     def queues(self) -> tuple[list[Key], list[Key], list[Key]]:
         """(S, M, G) keys, tail (oldest) first - for stats and tests."""
         return list(self._small), list(self._main), list(self._ghost)
+
+    def queue_bytes(self) -> tuple[int, int, int]:
+        """(S, M, G) bytes, G at recorded sizes - for stats and tests."""
+        return self._small.nbytes, self._main.nbytes, self._ghost.nbytes
