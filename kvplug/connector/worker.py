@@ -88,7 +88,7 @@ class WorkerHalf:
         if promoted:
             dst = torch.tensor([p for _, p in promoted])
             self.rows.buffer.index_copy_(0, dst, batch.buffer[[i for i, _ in promoted]])
-        self._count(load_bytes=len(found) * self.rows.row_bytes, disk_read_bytes=len(found) * self.rows.row_bytes)
+        self._count(load_bytes=len(found) * self.rows.row_bytes)
 
     # ---- after the forward pass ---------------------------------------------------------
     def save(self, meta: KVPlugMetadata) -> None:
@@ -127,7 +127,8 @@ class WorkerHalf:
     def take_stats(self) -> KVPlugStats | None:
         if self.disk is not None:
             d = self.disk.stats.take()
-            self._count(disk_write_bytes=d.bytes_written, disk_corrupt=d.corrupt, disk_write_errors=d.write_errors)
+            self._count(disk_write_bytes=d.bytes_written, disk_read_bytes=d.bytes_read, disk_corrupt=d.corrupt,
+                        disk_write_errors=d.write_errors)
         stats, self._stats = KVPlugStats.new(**self._stats), {}
         return None if stats.is_empty() else stats
 
