@@ -69,6 +69,11 @@ def _paged_args(spec: PagedSpec) -> tuple[int, int, int, int]:
     return spec.block_size, spec.stride_block, spec.stride_token, spec.stride_head
 
 
+def _copy_args(spec: PagedSpec) -> tuple[int, ...]:
+    """The CUDA copies also take the base-address alignment to pick their vector width."""
+    return (*_paged_args(spec), spec.align)
+
+
 @torch.library.custom_op("kvplug::gather_chunks", mutates_args=("out",))
 def _gather_op(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], slots: torch.Tensor,
                out: torch.Tensor, backend: str) -> None:
@@ -79,7 +84,7 @@ def _gather_op(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], slots
     spec = paged_spec(k_caches, v_caches)
     table = pointer_table(k_caches, v_caches)
     if which == "cuda":
-        _backend.cuda_ops().gather_chunks(table, slots, out, *_paged_args(spec))
+        _backend.cuda_ops().gather_chunks(table, slots, out, *_copy_args(spec))
     else:
         from kvplug._triton import gather_scatter as tk
         tk.gather(table, slots, out, spec, interpret=envs.triton_interpret())
@@ -117,7 +122,7 @@ def _scatter_op(chunk: torch.Tensor, k_caches: list[torch.Tensor], v_caches: lis
     spec = paged_spec(k_caches, v_caches)
     table = pointer_table(k_caches, v_caches)
     if which == "cuda":
-        _backend.cuda_ops().scatter_chunks(chunk, table, slots, *_paged_args(spec))
+        _backend.cuda_ops().scatter_chunks(chunk, table, slots, *_copy_args(spec))
     else:
         from kvplug._triton import gather_scatter as tk
         tk.scatter(chunk, table, slots, spec, interpret=envs.triton_interpret())

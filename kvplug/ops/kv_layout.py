@@ -52,6 +52,7 @@ class PagedSpec:
     stride_head: int
     dtype: torch.dtype
     device: torch.device
+    align: int  # largest power of two (<= 16) dividing every view's base address, in bytes
 
     @property
     def num_slots(self) -> int:
@@ -78,8 +79,11 @@ def paged_spec(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> Pa
     if first.stride(3) != 1 and first.shape[3] > 1:
         raise ValueError(f"kv cache view of shape {tuple(first.shape)} strides {first.stride()}: head_dim must be contiguous")
     nb, bs, h, d = first.shape
+    align = 16
+    for view in [*k_caches, *v_caches]:
+        align = min(align, view.data_ptr() & -view.data_ptr() or 16)
     return PagedSpec(len(k_caches), nb, bs, h, d, first.stride(0), first.stride(1), first.stride(2),
-                     first.dtype, first.device)
+                     first.dtype, first.device, align)
 
 
 # Pointer tables are cached by (device, addresses): vLLM allocates its caches once, so
