@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -114,7 +115,9 @@ TRACES = [
 ]
 
 
-@pytest.mark.parametrize("name,capacity,trace,expected", TRACES, ids=[f"{t[0]}-{i}" for i, t in enumerate(TRACES)])
+@pytest.mark.parametrize(
+    "name,capacity,trace,expected", TRACES, ids=[f"{t[0]}-{i}" for i, t in enumerate(TRACES)]
+)
 def test_hand_worked_trace(name, capacity, trace, expected):
     assert evictions(name, capacity, trace) == expected
 
@@ -294,6 +297,15 @@ def test_bad_arguments_are_rejected(name):
     with pytest.raises(KeyError):
         p.remove(b"zz", evicted=True)
     assert len(p) == 1 and b"b" not in p
+    with pytest.raises(ValueError, match="capacity_bytes=True"):
+        make_policy(name, True)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_numpy_sizes_and_costs_are_accepted(name):
+    p = make_policy(name, np.int64(10))
+    p.insert(b"a", np.int64(3), np.float32(2.5))
+    assert p.resident_bytes == 3 and type(p.resident_bytes) is int
 
 
 # --- property test ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Eviction policy interface for one tier, plus a lazy min-heap the policies share.
+"""Eviction policy interface for one tier, plus the two containers the policies share.
 
 EvictionPolicy methods:
     insert(key, nbytes, cost)   a new entry entered the tier (key not present)
@@ -9,6 +9,7 @@ EvictionPolicy methods:
                                 does not remove it, but may reorder internal queues
     __contains__(key)           whether key is resident
     __len__()                   number of resident entries
+    resident_bytes              sum of the resident entries' sizes
 
 Contract with the tier manager (all policies):
   * Either order of calls works. Evict-first: while the new entry would not fit, victim() then
@@ -42,12 +43,22 @@ from __future__ import annotations
 
 import heapq
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from typing import Callable, Hashable
 
 Key = Hashable
 CanEvict = Callable[[Key], bool]
+
+
+def _is_int(value: object) -> bool:
+    # numpy ints count (sizes may come from array maths); bools are a config mistake.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def fmt_key(key: Key) -> str:
@@ -66,9 +77,9 @@ class EvictionPolicy(ABC):
     """
 
     def __init__(self, capacity_bytes: int):
-        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes < 0:
+        if not _is_int(capacity_bytes) or capacity_bytes < 0:
             raise ValueError(f"capacity_bytes={capacity_bytes!r}: allowed values are ints >= 0")
-        self.capacity_bytes = capacity_bytes
+        self.capacity_bytes = int(capacity_bytes)
         self._sizes: dict[Key, int] = {}  # resident key -> nbytes; the single source of membership
         self._resident_bytes = 0  # invariant: == sum(self._sizes.values())
         self._last_insert: Key | None = None  # latest insert, until removed or superseded
@@ -77,10 +88,11 @@ class EvictionPolicy(ABC):
     def insert(self, key: Key, nbytes: int, cost: float) -> None:
         if key in self._sizes:
             raise ValueError(f"insert: key {fmt_key(key)} is already present; allowed: keys not in the tier")
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+        if not _is_int(nbytes) or nbytes <= 0:
             raise ValueError(f"insert: nbytes={nbytes!r}: allowed values are ints > 0")
-        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(cost) or cost < 0:
+        if not _is_real(cost) or not math.isfinite(cost) or cost < 0:
             raise ValueError(f"insert: cost={cost!r}: allowed values are finite numbers >= 0")
+        nbytes = int(nbytes)
         self._sizes[key] = nbytes
         self._resident_bytes += nbytes
         self._last_insert = key
