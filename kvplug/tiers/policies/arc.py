@@ -21,6 +21,10 @@ LRU ordered. The paper counts pages; here every count is in bytes (c = capacity_
     whenever the resident bytes are <= c; while an insert has the tier over capacity the
     total may exceed 2c until the manager's evictions are done.
 
+Call order (see base.py): insert-first order reproduces the paper exactly (p adapts, then
+REPLACE runs for the newcomer). In evict-first order the policy cannot know the newcomer while
+it names victims, so p adapts only after the room is made and the B2 tie rule never fires.
+
 victim() has no side effects; repeated calls give the same key. All operations are O(1)
 except victim(), which is O(pinned entries skipped).
 """

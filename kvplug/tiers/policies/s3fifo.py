@@ -22,6 +22,9 @@ oldest dropped first). Each resident entry has a frequency capped at 3.
   * remove(evicted=True) of an S entry adds its key to G; evictions from M and every
     remove(evicted=False) (deletions, moves) leave G alone.
 
+Call order (see base.py): both work. In evict-first order a newcomer's ghost entry can be
+trimmed from G by the evictions made for it before insert() looks it up (then it goes to S).
+
 victim() moves entries (S -> M promotions, M rotations) as the paper's eviction loop does, so
 call it once per eviction and remove() the key it names: a second call may name another key
 (promotions can drop S below its 10% and switch the scan to M). Cost: amortised O(1) per entry
