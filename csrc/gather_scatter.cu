@@ -31,17 +31,18 @@ void check_common(const at::Tensor& chunk, const at::Tensor& table, const at::Te
   TORCH_CHECK_VALUE(chunk.size(0) <= 32767, "kvplug: chunk of shape ", chunk.sizes(), " has too many layers");
 }
 
-// Largest power-of-two byte width dividing the row, every stride and every address.
+// Largest power-of-two byte width (16 down to the element size) dividing the row, every
+// stride and every base address; strides are then exact in units of that vector.
 int vector_bytes(const at::Tensor& chunk, int64_t ptr_align, int64_t sb, int64_t st, int64_t sh) {
   const int64_t es = chunk.element_size();
   const int64_t row = chunk.size(4) * es;
   const auto addr = static_cast<int64_t>(reinterpret_cast<uintptr_t>(chunk.data_ptr()));
-  for (int w = 16; w > 1; w /= 2) {
+  for (int w = 16; w > es; w /= 2) {
     if (row % w == 0 && (sb * es) % w == 0 && (st * es) % w == 0 && (sh * es) % w == 0 && ptr_align % w == 0 &&
         addr % w == 0)
       return w;
   }
-  return 1;
+  return static_cast<int>(es);
 }
 
 template <typename V>
@@ -69,14 +70,16 @@ void copy_chunks(bool to_cache, const at::Tensor& chunk, const at::Tensor& table
                  int64_t block_size, int64_t sb, int64_t st, int64_t sh, int64_t ptr_align) {
   check_common(chunk, table, slots);
   TORCH_CHECK_VALUE(block_size > 0, "kvplug: block_size ", block_size, " must be positive");
+  const auto dtype = chunk.scalar_type();
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "kvplug: chunk dtype ",
+                    dtype, " is not fp16/bf16/fp32");
   if (chunk.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(chunk.device());
   switch (vector_bytes(chunk, ptr_align, sb, st, sh)) {
     case 16: launch_copy<uint4>(to_cache, chunk, table, slots, block_size, sb, st, sh); break;
     case 8: launch_copy<uint2>(to_cache, chunk, table, slots, block_size, sb, st, sh); break;
     case 4: launch_copy<uint32_t>(to_cache, chunk, table, slots, block_size, sb, st, sh); break;
-    case 2: launch_copy<uint16_t>(to_cache, chunk, table, slots, block_size, sb, st, sh); break;
-    default: launch_copy<uint8_t>(to_cache, chunk, table, slots, block_size, sb, st, sh); break;
+    default: launch_copy<uint16_t>(to_cache, chunk, table, slots, block_size, sb, st, sh); break;
   }
 }
 

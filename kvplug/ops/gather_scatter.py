@@ -19,7 +19,7 @@ import torch
 
 from kvplug import envs
 from kvplug.ops import _backend
-from kvplug.ops.kv_layout import PagedSpec, check_slots, paged_spec, pointer_table
+from kvplug.ops.kv_layout import PagedSpec, base_alignment, check_slots, paged_spec, pointer_table
 from kvplug.ops.rope import check_rope_args, rerotate_keys_ref
 
 
@@ -65,18 +65,26 @@ def _check_chunk(chunk: torch.Tensor, spec: PagedSpec, num_tokens: int, name: st
         raise ValueError(f"{name} of shape {tuple(chunk.shape)} strides {chunk.stride()}: must be contiguous")
 
 
+def _check_slots_meta(slots: torch.Tensor, spec: PagedSpec) -> None:
+    """Shape/dtype/device only; slot values are checked inside the ops (data dependent)."""
+    if slots.dim() != 1 or slots.dtype != torch.int64 or slots.device != spec.device:
+        raise ValueError(f"slots of shape {tuple(slots.shape)} {slots.dtype} on {slots.device}: "
+                         f"expected int64 [T] on {spec.device}")
+
+
 def _paged_args(spec: PagedSpec) -> tuple[int, int, int, int]:
     return spec.block_size, spec.stride_block, spec.stride_token, spec.stride_head
 
 
-def _copy_args(spec: PagedSpec) -> tuple[int, ...]:
+def _copy_args(spec: PagedSpec, k_caches, v_caches) -> tuple[int, ...]:
     """The CUDA copies also take the base-address alignment to pick their vector width."""
-    return (*_paged_args(spec), spec.align)
+    return (*_paged_args(spec), base_alignment(k_caches, v_caches))
 
 
 @torch.library.custom_op("kvplug::gather_chunks", mutates_args=("out",))
 def _gather_op(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], slots: torch.Tensor,
                out: torch.Tensor, backend: str) -> None:
+    check_slots(slots, paged_spec(k_caches, v_caches).num_slots, allow_skip=False)
     which = _backend.choose("gather_chunks", slots.device, backend)
     if which == "torch":
         out.copy_(gather_chunks_ref(list(zip(k_caches, v_caches)), slots))
@@ -84,7 +92,7 @@ def _gather_op(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], slots
     spec = paged_spec(k_caches, v_caches)
     table = pointer_table(k_caches, v_caches)
     if which == "cuda":
-        _backend.cuda_ops().gather_chunks(table, slots, out, *_copy_args(spec))
+        _backend.cuda_ops().gather_chunks(table, slots, out, *_copy_args(spec, k_caches, v_caches))
     else:
         from kvplug._triton import gather_scatter as tk
         tk.gather(table, slots, out, spec, interpret=envs.triton_interpret())
@@ -100,9 +108,8 @@ def gather_chunks(kv_caches, slots: torch.Tensor, out: torch.Tensor | None = Non
     """Dispatcher for gather_chunks_ref (see there); out, if given, is filled and returned."""
     k_caches, v_caches = _unzip(kv_caches)
     spec = paged_spec(k_caches, v_caches)
-    if slots.device != spec.device:
-        raise ValueError(f"slots on {slots.device}, caches on {spec.device}")
-    check_slots(slots, spec.num_slots, allow_skip=False)
+    _check_slots_meta(slots, spec)
+    slots = slots.contiguous()  # the kernels index slots[t] densely
     if out is None:
         out = torch.empty(spec.num_layers, 2, slots.numel(), spec.num_heads, spec.head_dim,
                           dtype=spec.dtype, device=spec.device)
@@ -115,6 +122,7 @@ def gather_chunks(kv_caches, slots: torch.Tensor, out: torch.Tensor | None = Non
 @torch.library.custom_op("kvplug::scatter_chunks", mutates_args=("k_caches", "v_caches"))
 def _scatter_op(chunk: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
                 slots: torch.Tensor, backend: str) -> None:
+    check_slots(slots, paged_spec(k_caches, v_caches).num_slots, allow_skip=True)
     which = _backend.choose("scatter_chunks", chunk.device, backend)
     if which == "torch":
         scatter_chunks_ref(chunk, list(zip(k_caches, v_caches)), slots)
@@ -122,7 +130,7 @@ def _scatter_op(chunk: torch.Tensor, k_caches: list[torch.Tensor], v_caches: lis
     spec = paged_spec(k_caches, v_caches)
     table = pointer_table(k_caches, v_caches)
     if which == "cuda":
-        _backend.cuda_ops().scatter_chunks(chunk, table, slots, *_copy_args(spec))
+        _backend.cuda_ops().scatter_chunks(chunk, table, slots, *_copy_args(spec, k_caches, v_caches))
     else:
         from kvplug._triton import gather_scatter as tk
         tk.scatter(chunk, table, slots, spec, interpret=envs.triton_interpret())
@@ -136,9 +144,7 @@ def _(chunk, k_caches, v_caches, slots, backend):
 def _check_scatter(chunk, kv_caches, slots) -> tuple[list, list]:
     k_caches, v_caches = _unzip(kv_caches)
     spec = paged_spec(k_caches, v_caches)
-    if slots.device != spec.device:
-        raise ValueError(f"slots on {slots.device}, caches on {spec.device}")
-    check_slots(slots, spec.num_slots, allow_skip=True)
+    _check_slots_meta(slots, spec)
     _check_chunk(chunk, spec, slots.numel(), "chunk")
     return k_caches, v_caches
 
@@ -147,13 +153,14 @@ def scatter_chunks(chunk: torch.Tensor, kv_caches, slots: torch.Tensor, backend:
     """Dispatcher for scatter_chunks_ref (see there): writes the caches in place."""
     k_caches, v_caches = _check_scatter(chunk, kv_caches, slots)
     if slots.numel() > 0:
-        _scatter_op(chunk, k_caches, v_caches, slots, backend)
+        _scatter_op(chunk, k_caches, v_caches, slots.contiguous(), backend)
 
 
 @torch.library.custom_op("kvplug::rerotate_and_scatter", mutates_args=("k_caches", "v_caches"))
 def _rerotate_scatter_op(chunk: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Tensor, inv_freq: torch.Tensor,
                          style: str, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
                          slots: torch.Tensor, backend: str) -> None:
+    check_slots(slots, paged_spec(k_caches, v_caches).num_slots, allow_skip=True)
     which = _backend.choose("rerotate_and_scatter", chunk.device, backend)
     if which == "torch":
         rerotate_and_scatter_ref(chunk, old_pos, new_pos, inv_freq, style, list(zip(k_caches, v_caches)), slots)
@@ -181,4 +188,5 @@ def rerotate_and_scatter(chunk: torch.Tensor, old_pos: torch.Tensor, new_pos: to
     k_caches, v_caches = _check_scatter(chunk, kv_caches, slots)
     check_rope_args(chunk[:, 0], old_pos, new_pos, inv_freq, style)
     if slots.numel() > 0:
-        _rerotate_scatter_op(chunk, old_pos, new_pos, inv_freq, style, k_caches, v_caches, slots, backend)
+        _rerotate_scatter_op(chunk, old_pos.contiguous(), new_pos.contiguous(), inv_freq.contiguous(), style,
+                             k_caches, v_caches, slots.contiguous(), backend)

@@ -10,6 +10,7 @@ Methods:
     split_kv_cache(tensor, layout)   one layer's vLLM cache tensor -> (k_view, v_view)
     paged_spec(k_caches, v_caches)   validate the views, return their shared PagedSpec
     pointer_table(k_caches, v_caches) int64 tensor [2L] of base addresses, K/V interleaved
+    base_alignment(k_caches, v_caches) byte alignment shared by all base addresses
     check_slots(slots, num_slots, allow_skip)  raise on out-of-range slots
 """
 from __future__ import annotations
@@ -52,7 +53,6 @@ class PagedSpec:
     stride_head: int
     dtype: torch.dtype
     device: torch.device
-    align: int  # largest power of two (<= 16) dividing every view's base address, in bytes
 
     @property
     def num_slots(self) -> int:
@@ -79,11 +79,18 @@ def paged_spec(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> Pa
     if first.stride(3) != 1 and first.shape[3] > 1:
         raise ValueError(f"kv cache view of shape {tuple(first.shape)} strides {first.stride()}: head_dim must be contiguous")
     nb, bs, h, d = first.shape
+    return PagedSpec(len(k_caches), nb, bs, h, d, first.stride(0), first.stride(1), first.stride(2),
+                     first.dtype, first.device)
+
+
+def base_alignment(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> int:
+    """Largest power of two <= 16 dividing every view's base address, in bytes (the CUDA
+    copies pick their vector width from it). Reads data_ptr: call it outside traced code."""
     align = 16
     for view in [*k_caches, *v_caches]:
-        align = min(align, view.data_ptr() & -view.data_ptr() or 16)
-    return PagedSpec(len(k_caches), nb, bs, h, d, first.stride(0), first.stride(1), first.stride(2),
-                     first.dtype, first.device, align)
+        ptr = view.data_ptr()
+        align = min(align, (ptr & -ptr) or 16)
+    return align
 
 
 # Pointer tables are cached by (device, addresses): vLLM allocates its caches once, so
@@ -113,7 +120,8 @@ def check_slots(slots: torch.Tensor, num_slots: int, allow_skip: bool) -> None:
     """Raise unless every slot is in [0, num_slots) (or -1 when allow_skip).
 
     On CPU this raises ValueError; on CUDA it is a device-side assert
-    (torch._assert_async) so the hot path never waits for the GPU."""
+    (torch._assert_async) so the hot path never waits for the GPU. Data dependent: the
+    dispatchers call it inside their custom ops, where torch.compile does not trace."""
     if slots.dim() != 1 or slots.dtype != torch.int64:
         raise ValueError(f"slots of shape {tuple(slots.shape)} dtype {slots.dtype}: expected int64 [T]")
     if slots.numel() == 0:

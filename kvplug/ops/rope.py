@@ -78,6 +78,8 @@ def check_rope_args(keys, old_pos, new_pos, inv_freq, style) -> None:
                          f"on {keys.device}")
     if not 1 <= 2 * inv_freq.numel() <= d:
         raise ValueError(f"inv_freq of shape {tuple(inv_freq.shape)}: rotary_dim must be in [2, head_dim={d}]")
+    if d % 2:
+        raise ValueError(f"keys of shape {tuple(keys.shape)}: head_dim must be even for RoPE")
     if keys.stride(-1) != 1 and d > 1:
         raise ValueError(f"keys of shape {tuple(keys.shape)} strides {keys.stride()}: head_dim must be contiguous")
 
@@ -139,6 +141,7 @@ def rerotate_keys(keys: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Tens
                   style: str = "neox", out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Dispatcher for rerotate_keys_ref (see there); out may be keys itself (in place)."""
     check_rope_args(keys, old_pos, new_pos, inv_freq, style)
+    old_pos, new_pos, inv_freq = old_pos.contiguous(), new_pos.contiguous(), inv_freq.contiguous()
     if out is None:
         out = torch.empty(keys.shape, dtype=keys.dtype, device=keys.device)
     elif out.shape != keys.shape or out.dtype != keys.dtype or out.device != keys.device:
