@@ -19,7 +19,7 @@ namespace ct = kvplug::centroid;
 void check_inputs(const at::Tensor& q, const at::Tensor& c) {
   TORCH_CHECK_VALUE(q.is_cuda() && c.is_cuda() && q.device() == c.device(),
                     "centroid_topk: queries and centroids must be CUDA tensors on one device");
-  TORCH_CHECK_VALUE(q.dim() == 3 && q.stride(2) == 1, "centroid_topk: queries shape ", q.sizes(), " strides ",
+  TORCH_CHECK_VALUE(q.dim() == 3 && (q.size(2) <= 1 || q.stride(2) == 1), "centroid_topk: queries shape ", q.sizes(), " strides ",
                     q.strides(), ": must be [Q, Hq, D] with unit stride along D");
   TORCH_CHECK_VALUE(c.dim() == 3 && c.is_contiguous() && c.size(2) == q.size(2) && c.size(0) > 0 &&
                         q.size(1) % c.size(0) == 0,

@@ -13,6 +13,11 @@
 
 namespace {
 
+// Each token's [H, D] is one dense row (any token stride); strides of size-1 dims are free.
+bool kvplug_rows_dense(const at::Tensor& t) {
+  return t.dim() == 3 && (t.size(1) <= 1 || t.stride(1) == t.size(2)) && (t.size(2) <= 1 || t.stride(2) == 1);
+}
+
 using kvplug::deviation::Rows;
 
 constexpr int kWarpsPerBlock = 8;
@@ -24,7 +29,7 @@ void check_rows(const char* name, const at::Tensor& t, const at::Tensor& like) {
                     "deviation_topk: ", name, " ", t.sizes(), " ", t.scalar_type(),
                     " does not match k_fresh ", like.sizes(), " ", like.scalar_type());
   TORCH_CHECK_VALUE(t.is_cuda(), "deviation_topk: ", name, " must be a CUDA tensor");
-  TORCH_CHECK_VALUE(t.stride(2) == 1 && t.stride(1) == t.size(2), "deviation_topk: ", name,
+  TORCH_CHECK_VALUE(kvplug_rows_dense(t), "deviation_topk: ", name,
                     " shape ", t.sizes(), " strides ", t.strides(), ": each token's [H, D] must be dense");
 }
 

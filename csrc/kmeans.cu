@@ -14,6 +14,11 @@
 
 namespace {
 
+// Each token's [H, D] is one dense row (any token stride); strides of size-1 dims are free.
+bool kvplug_rows_dense(const at::Tensor& t) {
+  return t.dim() == 3 && (t.size(1) <= 1 || t.stride(1) == t.size(2)) && (t.size(2) <= 1 || t.stride(2) == 1);
+}
+
 namespace km = kvplug::kmeans;
 
 constexpr int kMaxD = 256;  // assign_kernel stages D * 65 floats of keys in shared memory
@@ -21,7 +26,7 @@ constexpr int kMaxD = 256;  // assign_kernel stages D * 65 floats of keys in sha
 void check_inputs(const at::Tensor& keys, const at::Tensor& cen) {
   TORCH_CHECK_VALUE(keys.is_cuda() && cen.is_cuda() && keys.device() == cen.device(),
                     "kmeans_step: keys and centroids must be CUDA tensors on one device");
-  TORCH_CHECK_VALUE(keys.dim() == 3 && keys.stride(2) == 1 && keys.stride(1) == keys.size(2),
+  TORCH_CHECK_VALUE(keys.dim() == 3 && kvplug_rows_dense(keys),
                     "kmeans_step: keys shape ", keys.sizes(), " strides ", keys.strides(),
                     ": must be [T, H, D] with dense [H, D] rows");
   TORCH_CHECK_VALUE(keys.size(2) >= 1 && keys.size(2) <= kMaxD, "kmeans_step: keys shape ", keys.sizes(),
@@ -66,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_typed(const at::Tensor& keys
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor assign = at::empty({H, n}, keys.options().dtype(at::kLong));
   at::Tensor sizes = at::zeros({H, C}, keys.options().dtype(at::kLong));
-  if (n == 0) return {cen.clone(), assign, sizes};
+  if (n == 0 || H == 0) return {cen.clone(), assign, sizes};  // a zero-sized grid is a launch error
   launch_assign<T>(keys, cen, assign, stream);
   sizes.scatter_add_(1, assign, at::ones_like(assign));
   const at::Tensor order = at::argsort(assign, /*stable=*/true, /*dim=*/1, /*descending=*/false).contiguous();

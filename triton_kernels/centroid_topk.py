@@ -33,7 +33,7 @@ def _centroid_scores_kernel(q_ptr, c_ptr, out_ptr, C, D, Hq, group, s_qq, s_qh, 
 
 def centroid_scores(queries: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """queries [Q, Hq, D] (unit stride along D), centroids contiguous [Hkv, C, D]."""
-    if queries.dim() != 3 or queries.stride(2) != 1:
+    if queries.dim() != 3 or (queries.shape[2] > 1 and queries.stride(2) != 1):
         raise ValueError(f"centroid_scores: queries shape {tuple(queries.shape)} strides {queries.stride()}: "
                          "must be [Q, Hq, D] with unit stride along D")
     Q, Hq, D = queries.shape

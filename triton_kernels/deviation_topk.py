@@ -33,7 +33,7 @@ def _check(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
     if t.shape != like.shape or t.dtype != like.dtype or t.device != like.device:
         raise ValueError(f"deviation_score: {name} {tuple(t.shape)} {t.dtype} does not match "
                          f"{tuple(like.shape)} {like.dtype}")
-    if t.dim() != 3 or t.stride(2) != 1 or t.stride(1) != t.shape[2]:
+    if t.dim() != 3 or not ((t.shape[1] <= 1 or t.stride(1) == t.shape[2]) and (t.shape[2] <= 1 or t.stride(2) == 1)):
         raise ValueError(f"deviation_score: {name} shape {tuple(t.shape)} strides {t.stride()}: "
                          "each token's [H, D] must be dense")
 

@@ -64,7 +64,9 @@ def _segment_mean_kernel(src_ptr, order_ptr, off_ptr, size_ptr, old_ptr, out_ptr
 
 
 def _check_keys(name: str, keys: torch.Tensor) -> None:
-    if keys.dim() != 3 or keys.stride(2) != 1 or keys.stride(1) != keys.shape[2]:
+    dense = keys.dim() == 3 and (keys.shape[1] <= 1 or keys.stride(1) == keys.shape[2]) and (
+        keys.shape[2] <= 1 or keys.stride(2) == 1)  # strides of size-1 dims are free
+    if not dense:
         raise ValueError(f"kmeans: {name} shape {tuple(keys.shape)} strides {keys.stride()}: "
                          "must be [T, H, D] with dense [H, D] rows")
     if keys.dtype not in (torch.float16, torch.bfloat16, torch.float32):

@@ -56,7 +56,7 @@ def _centroid_topk_op(queries: torch.Tensor, centroids: torch.Tensor, k: int,
     if impl == "torch":
         scores, idx = centroid_topk_ref(queries, centroids, k)
         return scores.contiguous(), idx.contiguous()
-    if queries.stride(2) != 1:
+    if queries.shape[2] > 1 and queries.stride(2) != 1:
         queries = queries.contiguous()  # kernels need unit stride along D only
     centroids = centroids.contiguous()
     if impl == "cuda":

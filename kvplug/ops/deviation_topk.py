@@ -62,7 +62,8 @@ def _check_inputs(k_fresh, k_cached, v_fresh, v_cached) -> None:
 
 def _rows_dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Kernels read each token as one dense H*D row; any token stride is fine."""
-    if t is None or (t.stride(2) == 1 and t.stride(1) == t.shape[2]):
+    # strides of size-1 dims are free (and .contiguous() keeps them): ignore those
+    if t is None or ((t.shape[1] <= 1 or t.stride(1) == t.shape[2]) and (t.shape[2] <= 1 or t.stride(2) == 1)):
         return t
     return t.contiguous()
 

@@ -61,8 +61,9 @@ def _kmeans_step_op(keys: torch.Tensor, centroids: torch.Tensor, backend: str) -
     impl = _backend.choose(OP, keys.device, backend)
     if impl == "torch":
         return kmeans_step_ref(keys, centroids)
-    if keys.stride(2) != 1 or keys.stride(1) != keys.shape[2]:
-        keys = keys.contiguous()  # kernels read dense [H, D] rows; any token stride
+    T, H, D = keys.shape  # kernels read dense [H, D] rows (strides of size-1 dims are free)
+    if not ((H <= 1 or keys.stride(1) == D) and (D <= 1 or keys.stride(2) == 1)):
+        keys = keys.contiguous()
     centroids = centroids.float().contiguous()
     if impl == "cuda":
         return _backend.cuda_ops().kmeans_step(keys, centroids)

@@ -135,3 +135,13 @@ def test_fake_impl_under_compile():
     cen = kmeans_init(keys, 3, seed=0, init="random") + 0.1
     fn = torch.compile(lambda k, c: kmeans_step(k, c, backend="torch"), fullgraph=True, backend="eager")
     check_step(keys, cen, fn(keys, cen))
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_single_head_with_odd_head_stride(backend):
+    # [T, 1, D] view whose size-1 head dim has a large stride: .contiguous() is a no-op,
+    # so the kernels must accept it as dense rows
+    keys = make_keys(9, 2, 64, torch.float32, device_for(backend)).transpose(0, 1).contiguous().transpose(0, 1)[:, :1]
+    assert keys.is_contiguous() and keys.stride(1) != 64
+    cen = kmeans_init(keys, 3, seed=0, init="random") + 0.1
+    check_step(keys, cen, kmeans_step(keys, cen, backend=backend))
