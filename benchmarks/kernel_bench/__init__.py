@@ -1,0 +1,86 @@
+"""Benchmark cases for benchmarks/kernels.py, one module per op family.
+
+Module contract (a new module dropped into this folder is picked up, kernels.py is not edited):
+    cases(quick: bool) -> Iterable[Case]   (or a module-level CASES list of Case)
+        yield the cases lazily: kernels.py times each case and drops it before asking for the
+        next, so a generator bounds peak memory to one size. Allocate on `device()`.
+        quick=True: sizes that run on CPU in seconds; otherwise realistic Llama-3-8B shapes
+        (32 layers, 8 kv heads, head_dim 128, 4K-32K tokens).
+    Case(op, name, fns, ref, bytes=..., flops=..., reset=..., tol=...)
+        op     the kvplug op name (matches --ops and `_backend.has_cuda_op`)
+        name   short label of the shape, e.g. "L32 T4096 bf16"
+        fns    {backend: zero-arg callable running the op once and returning its output};
+               backends "torch", "triton", "cuda" (dispatcher with backend=...), or a peer name
+               ("lmcache"); kernels.py drops the ones not available on this device
+        ref    zero-arg callable computing the expected output with the torch spec (<op>_ref)
+        bytes  minimum bytes the op must move (reads + writes); flops its FLOP count. Rate
+               columns use bytes when > 0, else flops.
+        reset  zero-arg callable restoring in-place state before each checked run (optional)
+        tol    (rtol, atol) for --check; None: by output dtype (see TOL); ints compare exactly
+Outputs may be a tensor or a tuple/list of tensors.
+
+Methods:
+    device()          the torch.device the harness runs on
+    set_device(dev)   called once by kernels.py before any cases() call
+    compare(got, want, tol)   assert_close over tensors/tuples, exact for integer tensors
+    clone_outputs(x)  deep copy of a tensor/tuple output (in-place ops return live buffers)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+_DEVICE = torch.device("cpu")
+
+
+@dataclass
+class Case:
+    op: str
+    name: str
+    fns: dict[str, Callable[[], Any]]
+    ref: Callable[[], Any]
+    bytes: int = 0
+    flops: int = 0
+    reset: Callable[[], None] | None = None
+    tol: tuple[float, float] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def device() -> torch.device:
+    return _DEVICE
+
+
+def set_device(dev: torch.device | str) -> None:
+    global _DEVICE
+    _DEVICE = torch.device(dev)
+
+
+def clone_outputs(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, (tuple, list)):
+        return type(x)(clone_outputs(v) for v in x)
+    return x
+
+
+def compare(got, want, tol: tuple[float, float] | None = None) -> None:
+    if isinstance(want, (tuple, list)):
+        if not isinstance(got, (tuple, list)) or len(got) != len(want):
+            raise AssertionError(f"output structure differs: {type(got)} vs {len(want)} items")
+        for g, w in zip(got, want):
+            compare(g, w, tol)
+        return
+    if not isinstance(want, torch.Tensor):
+        if got != want:
+            raise AssertionError(f"{got!r} != {want!r}")
+        return
+    if not want.is_floating_point():
+        if not torch.equal(got.cpu(), want.cpu()):
+            raise AssertionError(f"integer output differs ({tuple(got.shape)})")
+        return
+    rtol, atol = tol or TOL.get(want.dtype, (1e-4, 1e-4))
+    torch.testing.assert_close(got.float().cpu(), want.float().cpu(), rtol=rtol, atol=atol)
