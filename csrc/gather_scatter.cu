@@ -15,9 +15,7 @@ namespace {
 
 using kvplug::PagedView;
 using kvplug::gather_scatter::Tile;
-
-constexpr int kCopyThreads = 256;
-constexpr int kVectorsPerBlock = 2048;  // a block moves up to 32 KiB with 16-byte vectors
+using kvplug::gather_scatter::kCopyThreads;
 
 void check_common(const at::Tensor& chunk, const at::Tensor& table, const at::Tensor& slots) {
   TORCH_CHECK_VALUE(chunk.is_cuda() && table.device() == chunk.device() && slots.device() == chunk.device(),
@@ -31,27 +29,13 @@ void check_common(const at::Tensor& chunk, const at::Tensor& table, const at::Te
   TORCH_CHECK_VALUE(chunk.size(0) <= 32767, "kvplug: chunk of shape ", chunk.sizes(), " has too many layers");
 }
 
-// Largest power-of-two byte width (16 down to the element size) dividing the row, every
-// stride and every base address; strides are then exact in units of that vector.
-int vector_bytes(const at::Tensor& chunk, int64_t ptr_align, int64_t sb, int64_t st, int64_t sh) {
-  const int64_t es = chunk.element_size();
-  const int64_t row = chunk.size(4) * es;
-  const auto addr = static_cast<int64_t>(reinterpret_cast<uintptr_t>(chunk.data_ptr()));
-  for (int w = 16; w > es; w /= 2) {
-    if (row % w == 0 && (sb * es) % w == 0 && (st * es) % w == 0 && (sh * es) % w == 0 && ptr_align % w == 0 &&
-        addr % w == 0)
-      return w;
-  }
-  return static_cast<int>(es);
-}
-
 template <typename V>
 void launch_copy(bool to_cache, const at::Tensor& chunk, const at::Tensor& table, const at::Tensor& slots,
                  int64_t block_size, int64_t sb, int64_t st, int64_t sh) {
-  const int64_t per_elem = sizeof(V) / chunk.element_size();  // strides in units of V
-  const PagedView pv{block_size, sb / per_elem, st / per_elem, sh / per_elem};
-  Tile tile{chunk.size(2), static_cast<int>(chunk.size(3)), static_cast<int>(chunk.size(4) / per_elem), 1};
-  tile.tokens = static_cast<int>(std::max<int64_t>(1, kVectorsPerBlock / std::max(1, tile.heads * tile.row)));
+  const int64_t es = chunk.element_size();
+  const PagedView pv = kvplug::gather_scatter::in_vectors(PagedView{block_size, sb, st, sh}, es, sizeof(V));
+  const Tile tile = kvplug::gather_scatter::copy_tile_shape(chunk.size(2), static_cast<int>(chunk.size(3)),
+                                                            chunk.size(4), es, sizeof(V));
   const dim3 grid(static_cast<unsigned>(kvplug::ceil_div(tile.num_tokens, tile.tokens)),
                   static_cast<unsigned>(2 * chunk.size(0)));
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -75,7 +59,9 @@ void copy_chunks(bool to_cache, const at::Tensor& chunk, const at::Tensor& table
                     dtype, " is not fp16/bf16/fp32");
   if (chunk.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(chunk.device());
-  switch (vector_bytes(chunk, ptr_align, sb, st, sh)) {
+  const auto addr = static_cast<int64_t>(reinterpret_cast<uintptr_t>(chunk.data_ptr()));
+  switch (kvplug::gather_scatter::pick_vector_bytes(chunk.size(4), chunk.element_size(), sb, st, sh, ptr_align,
+                                                    addr)) {
     case 16: launch_copy<uint4>(to_cache, chunk, table, slots, block_size, sb, st, sh); break;
     case 8: launch_copy<uint2>(to_cache, chunk, table, slots, block_size, sb, st, sh); break;
     case 4: launch_copy<uint32_t>(to_cache, chunk, table, slots, block_size, sb, st, sh); break;
@@ -100,7 +86,7 @@ void launch_rerotate_scatter(const at::Tensor& chunk, const at::Tensor& old_pos,
   const int64_t T_ = chunk.size(2);
   const int H = static_cast<int>(chunk.size(3)), D = static_cast<int>(chunk.size(4));
   const int half = static_cast<int>(inv_freq.size(0));
-  const int threads = static_cast<int>(std::min<int64_t>(256, kvplug::ceil_div(H * D / 2, 32) * 32));
+  const int threads = kvplug::rope::pair_threads(H, D);
   const dim3 grid(static_cast<unsigned>(T_), static_cast<unsigned>(2 * chunk.size(0)));
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto* tab = table.data_ptr<int64_t>();

@@ -48,7 +48,7 @@ void launch(const at::Tensor& keys, const at::Tensor& old_pos, const at::Tensor&
   const Strided4 os{out.stride(0), out.stride(1), out.stride(2)};
   // In place, the pass-through dims already hold their value: skip them.
   const bool copy_rest = keys.data_ptr() != out.data_ptr();
-  const int threads = static_cast<int>(std::min<int64_t>(256, kvplug::ceil_div(H * D / 2, 32) * 32));
+  const int threads = kvplug::rope::pair_threads(H, D);
   const dim3 grid(static_cast<unsigned>(keys.size(1)), static_cast<unsigned>(keys.size(0)));
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto* k = reinterpret_cast<const T*>(keys.data_ptr());

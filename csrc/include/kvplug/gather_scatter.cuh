@@ -6,6 +6,8 @@
 //   rerotate_scatter_kernel<T, NEOX>  caches <- chunk with K re-rotated by (new - old) * inv_freq
 // Grid of the copies: (token tiles, 2L); blockIdx.y = 2l + kv. The launcher chooses V so
 // that head_dim bytes, all strides and all base addresses are multiples of sizeof(V).
+// Launch geometry (pick_vector_bytes, copy_tile_shape, ...) is host code here, shared by the
+// torch launcher and the host emulation in tests/ops/test_cuda_compile.py.
 #pragma once
 #include "kvplug/common.cuh"
 #include "kvplug/rope.cuh"
@@ -22,6 +24,35 @@ struct Tile {
   int row;             // vectors per head (head_dim * elem_size / sizeof(V))
   int tokens;          // tokens per block
 };
+
+constexpr int kCopyThreads = 256;
+constexpr int kVectorsPerBlock = 2048;  // a block moves up to 32 KiB with 16-byte vectors
+
+// Largest power-of-two byte width (16 down to the element size) dividing the head row, every
+// stride (elements) and every base address; strides are then exact in units of that vector.
+inline int pick_vector_bytes(int64_t head_dim, int64_t elem_size, int64_t sb, int64_t st, int64_t sh,
+                             int64_t ptr_align, int64_t chunk_addr) {
+  const int64_t row = head_dim * elem_size;
+  for (int w = 16; w > elem_size; w /= 2) {
+    if (row % w == 0 && (sb * elem_size) % w == 0 && (st * elem_size) % w == 0 && (sh * elem_size) % w == 0 &&
+        ptr_align % w == 0 && chunk_addr % w == 0)
+      return w;
+  }
+  return static_cast<int>(elem_size);
+}
+
+// Element strides -> strides in vectors of vec_bytes (exact by pick_vector_bytes).
+inline PagedView in_vectors(const PagedView& elems, int64_t elem_size, int vec_bytes) {
+  const int64_t per = vec_bytes / elem_size;
+  return PagedView{elems.block_size, elems.stride_block / per, elems.stride_token / per, elems.stride_head / per};
+}
+
+inline Tile copy_tile_shape(int64_t num_tokens, int heads, int64_t head_dim, int64_t elem_size, int vec_bytes) {
+  Tile tile{num_tokens, heads, static_cast<int>(head_dim * elem_size / vec_bytes), 1};
+  const int per_token = heads * tile.row > 0 ? heads * tile.row : 1;
+  tile.tokens = per_token >= kVectorsPerBlock ? 1 : kVectorsPerBlock / per_token;
+  return tile;
+}
 
 template <typename V, bool TO_CACHE>
 __device__ __forceinline__ void copy_tile(const int64_t* __restrict__ table, const int64_t* __restrict__ slots,

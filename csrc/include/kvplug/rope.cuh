@@ -3,6 +3,7 @@
 //   pair_dims<NEOX>(j, half, a, b)     the two dims of rotation pair j (neox: j, j+half; gptj: 2j, 2j+1)
 //   rotate_row_pairs<T, NEOX>(...)     rotate (or copy) the pairs of one token row, block-strided
 //   rerotate_keys_kernel<T, NEOX>      keys/out [N, T, H, D] strided, D contiguous; grid (T, N)
+//   pair_threads(H, D)                 host: block size of the pair-wise kernels
 // Work item = one pair of dims of one head: j < half is a rotation pair, j >= half a
 // pass-through pair (R + 2(j - half), +1) of a partial rotary head. Each pair is read and
 // written by one thread, so in-place use (out == keys) is race-free.
@@ -11,6 +12,13 @@
 
 namespace kvplug {
 namespace rope {
+
+// Threads per block of the pair-wise RoPE kernels: one per pair of dims, at most 256.
+inline int pair_threads(int heads, int head_dim) {
+  const int pairs = heads * head_dim / 2;
+  const int warps = (pairs + 31) / 32;
+  return warps >= 8 ? 256 : (warps < 1 ? 32 : 32 * warps);
+}
 
 template <bool NEOX>
 __device__ __forceinline__ void pair_dims(int j, int half, int* a, int* b) {
