@@ -7,15 +7,26 @@ of view lkv. Triton's interpreter dereferences the table too (checked on CPU ten
 so the same single launch runs under TRITON_INTERPRET=1.
 
 Methods:
-    gather(table, slots, out, spec, interpret)              out[L,2,T,H,D] <- caches
-    scatter(chunk, table, slots, spec, interpret)           caches <- chunk (slot -1 skipped)
-    rerotate_and_scatter(chunk, old_pos, new_pos, inv_freq, neox, table, slots, spec, interpret)
+    gather(table, slots, out, spec, align, interpret)       out[L,2,T,H,D] <- caches
+    scatter(chunk, table, slots, spec, align, interpret)    caches <- chunk (slot -1 skipped)
+    rerotate_and_scatter(chunk, old_pos, new_pos, inv_freq, neox, table, slots, spec, align, interpret)
                                                             caches <- chunk, K re-rotated
 """
 import triton
 import triton.language as tl
 
 from .rope import block_t, rope_tile, rotate
+
+
+@triton.jit
+def _table_entry(table_ptr, lkv, like_ptr, ALIGN16: tl.constexpr):
+    """Base pointer of view lkv, typed like like_ptr. A pointer made from an integer has no
+    known alignment; ALIGN16 (every base 16-byte aligned, checked by the caller) says so,
+    letting the compiler vectorise (Triton already specialises strides divisible by 16)."""
+    base = tl.load(table_ptr + lkv).to(tl.pointer_type(like_ptr.dtype.element_ty))
+    if ALIGN16:
+        base = tl.multiple_of(base, 16)
+    return base
 
 
 @triton.jit
@@ -29,9 +40,9 @@ def _slot_rows(slots_ptr, t, tmask, block_size, stride_b, stride_t):
 
 @triton.jit
 def _gather_kernel(table_ptr, slots_ptr, out_ptr, T, H, block_size, stride_b, stride_t, stride_h,
-                   D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                   D: tl.constexpr, ALIGN16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     lkv = tl.program_id(1).to(tl.int64)
-    base = tl.load(table_ptr + lkv).to(tl.pointer_type(out_ptr.dtype.element_ty))
+    base = _table_entry(table_ptr, lkv, out_ptr, ALIGN16)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < T
     src, valid = _slot_rows(slots_ptr, t, tmask, block_size, stride_b, stride_t)
@@ -48,9 +59,9 @@ def _gather_kernel(table_ptr, slots_ptr, out_ptr, T, H, block_size, stride_b, st
 def _scatter_kernel(chunk_ptr, table_ptr, slots_ptr, old_ptr, new_ptr, inv_freq_ptr,
                     T, H, block_size, stride_b, stride_t, stride_h,
                     D: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr, ROTATE: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                    ALIGN16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     lkv = tl.program_id(1).to(tl.int64)
-    base = tl.load(table_ptr + lkv).to(tl.pointer_type(chunk_ptr.dtype.element_ty))
+    base = _table_entry(table_ptr, lkv, chunk_ptr, ALIGN16)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < T
     dst, valid = _slot_rows(slots_ptr, t, tmask, block_size, stride_b, stride_t)
@@ -77,17 +88,19 @@ def _grid(spec, num_tokens, interpret):
     return bt, (triton.cdiv(num_tokens, bt), 2 * spec.num_layers)
 
 
-def gather(table, slots, out, spec, interpret=False):
+def gather(table, slots, out, spec, align=1, interpret=False):
+    """align: byte alignment shared by all base addresses (kv_layout.base_alignment)."""
     t = slots.numel()
     if t == 0:
         return
     bt, grid = _grid(spec, t, interpret)
     _gather_kernel[grid](table, slots, out, t, spec.num_heads, spec.block_size,
                          spec.stride_block, spec.stride_token, spec.stride_head,
-                         D=spec.head_dim, BLOCK_T=bt, BLOCK_D=triton.next_power_of_2(spec.head_dim))
+                         D=spec.head_dim, ALIGN16=align % 16 == 0, BLOCK_T=bt,
+                         BLOCK_D=triton.next_power_of_2(spec.head_dim))
 
 
-def _scatter(chunk, table, slots, spec, interpret, rope):
+def _scatter(chunk, table, slots, spec, align, interpret, rope):
     t = slots.numel()
     if t == 0:
         return
@@ -96,12 +109,13 @@ def _scatter(chunk, table, slots, spec, interpret, rope):
     _scatter_kernel[grid](chunk, table, slots, old_pos, new_pos, inv_freq,
                           t, spec.num_heads, spec.block_size, spec.stride_block, spec.stride_token, spec.stride_head,
                           D=spec.head_dim, HALF=inv_freq.numel() if rope is not None else 1, NEOX=neox,
-                          ROTATE=rope is not None, BLOCK_T=bt, BLOCK_D=triton.next_power_of_2(spec.head_dim))
+                          ROTATE=rope is not None, ALIGN16=align % 16 == 0, BLOCK_T=bt,
+                          BLOCK_D=triton.next_power_of_2(spec.head_dim))
 
 
-def scatter(chunk, table, slots, spec, interpret=False):
-    _scatter(chunk, table, slots, spec, interpret, None)
+def scatter(chunk, table, slots, spec, align=1, interpret=False):
+    _scatter(chunk, table, slots, spec, align, interpret, None)
 
 
-def rerotate_and_scatter(chunk, old_pos, new_pos, inv_freq, neox, table, slots, spec, interpret=False):
-    _scatter(chunk, table, slots, spec, interpret, (old_pos, new_pos, inv_freq, neox))
+def rerotate_and_scatter(chunk, old_pos, new_pos, inv_freq, neox, table, slots, spec, align=1, interpret=False):
+    _scatter(chunk, table, slots, spec, align, interpret, (old_pos, new_pos, inv_freq, neox))

@@ -95,7 +95,8 @@ def _gather_op(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], slots
         _backend.cuda_ops().gather_chunks(table, slots, out, *_copy_args(spec, k_caches, v_caches))
     else:
         from kvplug._triton import gather_scatter as tk
-        tk.gather(table, slots, out, spec, interpret=envs.triton_interpret())
+        tk.gather(table, slots, out, spec, base_alignment(k_caches, v_caches),
+                  interpret=envs.triton_interpret())
 
 
 @_gather_op.register_fake
@@ -133,7 +134,8 @@ def _scatter_op(chunk: torch.Tensor, k_caches: list[torch.Tensor], v_caches: lis
         _backend.cuda_ops().scatter_chunks(chunk, table, slots, *_copy_args(spec, k_caches, v_caches))
     else:
         from kvplug._triton import gather_scatter as tk
-        tk.scatter(chunk, table, slots, spec, interpret=envs.triton_interpret())
+        tk.scatter(chunk, table, slots, spec, base_alignment(k_caches, v_caches),
+                   interpret=envs.triton_interpret())
 
 
 @_scatter_op.register_fake
@@ -174,7 +176,7 @@ def _rerotate_scatter_op(chunk: torch.Tensor, old_pos: torch.Tensor, new_pos: to
     else:
         from kvplug._triton import gather_scatter as tk
         tk.rerotate_and_scatter(chunk, old_pos, new_pos, inv_freq, neox, table, slots, spec,
-                                interpret=envs.triton_interpret())
+                                base_alignment(k_caches, v_caches), interpret=envs.triton_interpret())
 
 
 @_rerotate_scatter_op.register_fake

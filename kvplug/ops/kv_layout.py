@@ -75,9 +75,11 @@ def paged_spec(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> Pa
                 f"kv cache view {i} has shape {tuple(view.shape)} strides {view.stride()}, "
                 f"view 0 has {tuple(first.shape)} strides {first.stride()}: all layers must match")
         if view.dtype != first.dtype or view.device != first.device:
-            raise ValueError(f"kv cache view {i} is {view.dtype} on {view.device}, view 0 is {first.dtype} on {first.device}")
+            raise ValueError(f"kv cache view {i} is {view.dtype} on {view.device}, "
+                             f"view 0 is {first.dtype} on {first.device}")
     if first.stride(3) != 1 and first.shape[3] > 1:
-        raise ValueError(f"kv cache view of shape {tuple(first.shape)} strides {first.stride()}: head_dim must be contiguous")
+        raise ValueError(f"kv cache view of shape {tuple(first.shape)} strides {first.stride()}: "
+                         "head_dim must be contiguous")
     nb, bs, h, d = first.shape
     return PagedSpec(len(k_caches), nb, bs, h, d, first.stride(0), first.stride(1), first.stride(2),
                      first.dtype, first.device)
