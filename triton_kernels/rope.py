@@ -15,10 +15,11 @@ neox pairs d with d +- HALF (f(d) = d mod HALF, sign - on the first half); gptj 
 import triton
 import triton.language as tl
 
-# 2*pi split so that k * _TWO_PI_HI is exact in fp32 for |k| < 2**16 (Cody-Waite).
-_TWO_PI_HI = 6.28125
-_TWO_PI_LO = 0.0019353071795864769
-_INV_TWO_PI = 0.15915494309189535
+# 2*pi split so that k * _TWO_PI_HI is exact in fp32 for |k| < 2**16 (Cody-Waite). Globals
+# read by @triton.jit code must be tl.constexpr (the interpreter does not enforce it).
+_TWO_PI_HI = tl.constexpr(6.28125)
+_TWO_PI_LO = tl.constexpr(0.0019353071795864769)
+_INV_TWO_PI = tl.constexpr(0.15915494309189535)
 
 
 @triton.jit
