@@ -376,10 +376,12 @@ json.dump(out, sys.stdout)
 """
 
 
-def test_triton_kernels_compile_for_sm90():
+def test_triton_kernels_compile_for_sm90(tmp_path):
     pytest.importorskip("triton")
     # A fresh process: TRITON_INTERPRET (set by conftest) is read when kernels are decorated.
+    # A private cache dir, so the kernels really are compiled by this run.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
     proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], capture_output=True, text=True, env=env,
                           timeout=PER_FILE_TIMEOUT_S, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
