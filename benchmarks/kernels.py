@@ -1,7 +1,7 @@
 """Kernel benchmarks: time every op of benchmarks/kernel_bench/ per available backend against
 the measured device ceiling, print a table and write JSON.
 
-    python benchmarks/kernels.py [--json PATH] [--quick] [--check] [--ops a,b] [--device cpu|cuda]
+    python benchmarks/kernels.py [--json PATH] [--quick] [--check] [--ops a,b] [--device cpu|cuda] [--threads N]
 
 Ceilings are measured here, not looked up: copy bandwidth (a large device-to-device tensor
 copy on CUDA, memcpy on CPU; bytes read + written) and matmul throughput (bf16 on CUDA, fp32
@@ -49,7 +49,7 @@ def _sync(dev: torch.device) -> None:
 
 def time_fn(fn, dev: torch.device, quick: bool) -> float:
     """Median milliseconds of fn() after warm-up; fewer repetitions for slow calls."""
-    warmup, reps = (1, 5) if quick else (3, 20)
+    warmup, reps = (2, 15) if quick else (3, 20)
     for _ in range(warmup):
         fn()
     _sync(dev)
@@ -172,11 +172,15 @@ def parse_args(argv):
     p.add_argument("--check", action="store_true", help="verify each backend against the reference first")
     p.add_argument("--ops", help="comma-separated op or module names; also forces interpreted Triton on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (on a shared few-core machine, 1 avoids "
+                   "OpenMP oversubscription outliers of 100x)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     kernel_bench.set_device(dev)
     only = set(args.ops.split(",")) if args.ops else None
@@ -200,6 +204,7 @@ def main(argv=None) -> int:
     out = args.json or RESULTS / f"kernels_{device_label(dev)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device_label(dev), "torch": torch.__version__, "quick": args.quick,
+                               "cpu_threads": torch.get_num_threads(),
                                "ceilings": ceilings, "results": rows, "notes": sorted(notes)}, indent=1))
     print(f"wrote {out}")
     return 1 if any(r["check"].startswith("FAIL") for r in rows) else 0
