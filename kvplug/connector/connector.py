@@ -84,6 +84,14 @@ class KVPlugConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output) -> KVPlugMetadata:
         return self._scheduler.build_meta(scheduler_output)
 
+    def build_connector_worker_meta(self):
+        return self._worker.take_worker_meta()
+
+    def update_connector_output(self, connector_output) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if meta is not None and meta.redo:
+            self._scheduler.on_redo(meta.redo)
+
     def request_finished(self, request, block_ids):
         self._scheduler.finished(request)
         return False, None

@@ -5,17 +5,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
 
 @dataclass
 class KVPlugMetadata(KVConnectorMetadata):
     demotes: list[tuple[bytes, int]] = field(default_factory=list)  # (key, cpu slot): slot -> disk
     disk_deletes: list[bytes] = field(default_factory=list)
-    # (key, gpu block, cpu slot or -1 for disk, promote cpu slot or -1)
-    loads: list[tuple[bytes, int, int, int]] = field(default_factory=list)
-    # (key, gpu block, cpu slot or -1, write to disk)
-    saves: list[tuple[bytes, int, int, bool]] = field(default_factory=list)
+    # (request id, key, gpu block, cpu slot or -1 for disk, promote cpu slot or -1)
+    loads: list[tuple[str, bytes, int, int, int]] = field(default_factory=list)
+    # (request id, key, gpu block, cpu slot or -1, write to disk)
+    saves: list[tuple[str, bytes, int, int, bool]] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (self.demotes or self.disk_deletes or self.loads or self.saves)
+
+
+@dataclass
+class KVPlugWorkerMeta(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, per step: units to forget and save again once vLLM has recomputed
+    them - loads that failed, and every save of a step in which a load failed (its forward
+    pass attended to unloaded blocks, so none of its KV may be kept)."""
+
+    redo: list[tuple[str, bytes]] = field(default_factory=list)  # (request id, key)
+
+    def aggregate(self, other: "KVPlugWorkerMeta") -> "KVPlugWorkerMeta":
+        # Tensor-parallel ranks report the same units; keep each (request, key) once.
+        seen = set(self.redo)
+        self.redo += [r for r in other.redo if r not in seen]
+        return self

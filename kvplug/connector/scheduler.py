@@ -7,6 +7,7 @@ KVPlugMetadata for the workers.
     num_matched(request, num_computed)    tokens kvplug can load beyond vLLM's own hit
     after_alloc(request, blocks, n_ext)   plan the loads for the tokens vLLM accepted
     build_meta(scheduler_output)          plan saves of newly computed prompt blocks; emit metadata
+    on_redo(units)                        failed loads / refused saves: forget them, save again later
     finished(request)                     forget the request
     take_stats()                          counters since the last call
 """
@@ -35,6 +36,7 @@ _ATTN_EQUAL_CONTEXT = 4096
 
 @dataclass
 class _Request:
+    req_id: str
     keys: list[bytes]  # one per full prompt block
     prompt_len: int
     block_ids: list[int] = field(default_factory=list)
@@ -85,7 +87,7 @@ class SchedulerHalf:
         if st is None:
             tokens = request.prompt_token_ids or []
             keys = prefix_block_keys(self.facts.namespace, tokens, self.bs, request.cache_salt)
-            st = self._reqs[request.request_id] = _Request(keys=keys, prompt_len=len(tokens))
+            st = self._reqs[request.request_id] = _Request(request.request_id, keys, len(tokens))
         return st
 
     def num_matched(self, request, num_computed: int) -> int:
@@ -113,8 +115,7 @@ class SchedulerHalf:
             return
         keys = st.keys[first : first + n_load]
         for i, load in enumerate(self.manager.plan_loads(keys, self._costs(first, n_load))):
-            self._meta.loads.append((load.key, block_ids[first + i], load.cpu_slot, load.promote_slot))
-            self._count(**{"cpu_hit_tokens" if load.cpu_slot >= 0 else "disk_hit_tokens": self.bs})
+            self._meta.loads.append((st.req_id, load.key, block_ids[first + i], load.cpu_slot, load.promote_slot))
         st.saved_upto = max(st.saved_upto, first + n_load)
 
     def build_meta(self, so) -> KVPlugMetadata:
@@ -146,11 +147,20 @@ class SchedulerHalf:
         first = st.saved_upto
         by_key = {st.keys[i]: st.block_ids[i] for i in range(first, full)}
         for save in self.manager.plan_saves(st.keys[first:full], self._costs(first, full - first)):
-            self._meta.saves.append((save.key, by_key[save.key], save.cpu_slot, save.to_disk))
+            self._meta.saves.append((st.req_id, save.key, by_key[save.key], save.cpu_slot, save.to_disk))
         st.saved_upto = full
 
     def _costs(self, first: int, n: int) -> list[float]:
         return [self.bs * (1 + (i * self.bs) / _ATTN_EQUAL_CONTEXT) for i in range(first, first + n)]
+
+    def on_redo(self, redo: list[tuple[str, bytes]]) -> None:
+        """Units the worker could not load or refused to save: forget them, and save those
+        blocks again once vLLM has recomputed them."""
+        for req_id, key in redo:
+            self.manager.forget(key)
+            st = self._reqs.get(req_id)
+            if st is not None and key in st.keys:
+                st.saved_upto = min(st.saved_upto, st.keys.index(key))
 
     def finished(self, request) -> None:
         self._reqs.pop(request.request_id, None)
@@ -163,6 +173,6 @@ class SchedulerHalf:
 
     def take_stats(self) -> KVPlugStats | None:
         c = self.manager.counters.take()
-        self._count(cpu_evictions=c["cpu_evictions"], disk_evictions=c["disk_evictions"], saved_blocks=c["saves"])
+        self._count(cpu_evictions=c["cpu_evictions"], disk_evictions=c["disk_evictions"])
         stats, self._stats = KVPlugStats.new(**self._stats), {}
         return None if stats.is_empty() else stats

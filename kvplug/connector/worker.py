@@ -4,6 +4,7 @@
     load(meta)               before the forward pass: demotions, deletions, then loads
     save(meta)               after the forward pass: copy finished blocks out
     take_load_errors()       GPU block ids whose load failed this step (vLLM recomputes them)
+    take_worker_meta()       units to forget and save again: failed loads, refused saves
     take_stats()             counters since the last call
     close()                  drain disk writes
 """
@@ -18,7 +19,7 @@ from vllm.v1.kv_cache_interface import group_kernel_blocks
 
 from kvplug.config import KVPlugConfig
 from kvplug.connector.engine_facts import EngineFacts
-from kvplug.connector.metadata import KVPlugMetadata
+from kvplug.connector.metadata import KVPlugMetadata, KVPlugWorkerMeta
 from kvplug.connector.stats import KVPlugStats
 from kvplug.tiers.cpu import BlockRows
 from kvplug.tiers.disk import DiskStore
@@ -33,6 +34,7 @@ class WorkerHalf:
         self.rows: BlockRows | None = None
         self.disk: DiskStore | None = None
         self._errors: set[int] = set()
+        self._redo: list[tuple[str, bytes]] = []
         self._stats: dict[str, float] = {}
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -44,6 +46,10 @@ class WorkerHalf:
         device = self.caches[0].device
         n_rows = self.cfg.tiers.cpu_bytes // self.facts.unit_bytes
         self.rows = BlockRows.allocate(templates, n_rows, pin=device.type == "cuda")
+        # Which unit each row holds. The scheduler's index should always agree; checking costs
+        # nothing and turns any disagreement (e.g. a failed promotion) into a recompute, never
+        # wrong KV.
+        self._row_keys: list[bytes | None] = [None] * n_rows
         self.layout = f"{self._layer_tag}|{self.rows.layout_tag()}"
         if self.cfg.tiers.disk_path:
             self.disk = DiskStore(Path(self.cfg.tiers.disk_path), self.layout, rank=self.tp_rank,
@@ -58,27 +64,43 @@ class WorkerHalf:
             return
         start = time.perf_counter()
         for key, slot in meta.demotes:
-            self._disk_put(key, self.rows.row(slot).clone())
+            if self._row_keys[slot] == key:
+                self._disk_put(key, self.rows.row(slot).clone())
         for key in meta.disk_deletes:
             self.disk.delete(key)
-        cpu = [(slot, block) for _, block, slot, _ in meta.loads if slot >= 0]
-        self.rows.load([s for s, _ in cpu], self.caches, [b for _, b in cpu])
-        self._count(load_bytes=len(cpu) * self.rows.row_bytes)
-        disk = [(key, block, promote) for key, block, slot, promote in meta.loads if slot < 0]
+        # Disk loads first: a unit promoted this step may also be read from its new row by a
+        # request planned after the promotion. (Rows read this step are pinned, never reused.)
+        disk = [(req, key, block, promote) for req, key, block, slot, promote in meta.loads if slot < 0]
         if disk:
             self._load_from_disk(disk)
+        cpu = []
+        for req, key, block, slot, _ in meta.loads:
+            if slot >= 0 and self._row_keys[slot] == key:
+                cpu.append((slot, block))
+            elif slot >= 0:
+                self._fail(req, key, block)
+        self.rows.load([s for s, _ in cpu], self.caches, [b for _, b in cpu])
+        self._count(load_bytes=len(cpu) * self.rows.row_bytes, cpu_hit_tokens=len(cpu) * self.facts.block_size)
         if meta.loads:
             self._count(load_seconds=time.perf_counter() - start)
 
-    def _load_from_disk(self, loads: list[tuple[bytes, int, int]]) -> None:
+    def _fail(self, req: str, key: bytes, block: int) -> None:
+        self._errors.add(block)
+        self._redo.append((req, key))
+
+    def _load_from_disk(self, loads: list[tuple[str, bytes, int, int]]) -> None:
         found, payloads = [], []
-        for key, block, promote in loads:
+        for req, key, block, promote in loads:
             payload = self.disk.get(key) if self.disk else None
+            if promote >= 0:
+                self._row_keys[promote] = None  # holds nothing valid unless the copy below happens
             if payload is None or payload.numel() != self.rows.row_bytes:
-                self._errors.add(block)
+                self._fail(req, key, block)
                 continue
             found.append((block, promote))
             payloads.append(payload)
+            if promote >= 0:
+                self._row_keys[promote] = key
         if not found:
             return
         batch = BlockRows(torch.stack(payloads), self.rows.templates)
@@ -88,32 +110,44 @@ class WorkerHalf:
         if promoted:
             dst = torch.tensor([p for _, p in promoted])
             self.rows.buffer.index_copy_(0, dst, batch.buffer[[i for i, _ in promoted]])
-        self._count(load_bytes=len(found) * self.rows.row_bytes)
+        self._count(load_bytes=len(found) * self.rows.row_bytes, disk_hit_tokens=len(found) * self.facts.block_size)
 
     # ---- after the forward pass ---------------------------------------------------------
     def save(self, meta: KVPlugMetadata) -> None:
         if not meta.saves:
             return
+        if self._errors:
+            # This step's forward attended to blocks that failed to load: its KV is wrong.
+            self._redo += [(req, key) for req, key, *_ in meta.saves]
+            return
         start = time.perf_counter()
-        to_rows = [(slot, block) for _, block, slot, _ in meta.saves if slot >= 0]
+        to_rows = [(slot, block) for _, _, block, slot, _ in meta.saves if slot >= 0]
         self.rows.store([s for s, _ in to_rows], self.caches, [b for _, b in to_rows])
-        direct = [(key, block) for key, block, slot, to_disk in meta.saves if slot < 0 and to_disk]
+        direct = [(key, block) for _, key, block, slot, to_disk in meta.saves if slot < 0 and to_disk]
         if direct:
             staging = BlockRows.allocate(self.rows.templates, len(direct))
             staging.store(list(range(len(direct))), self.caches, [b for _, b in direct])
             for i, (key, _) in enumerate(direct):
                 self._disk_put(key, staging.row(i))
-        for key, _, slot, to_disk in meta.saves:
-            if slot >= 0 and to_disk:
+        for _, key, _, slot, to_disk in meta.saves:
+            if slot < 0:
+                continue
+            self._row_keys[slot] = key
+            if to_disk:
                 # The row can be reused by a later step before the write ends: write a copy.
                 self._disk_put(key, self.rows.row(slot).clone())
-        self._count(save_bytes=len(meta.saves) * self.rows.row_bytes, save_seconds=time.perf_counter() - start)
+        self._count(saved_blocks=len(meta.saves), save_bytes=len(meta.saves) * self.rows.row_bytes,
+                    save_seconds=time.perf_counter() - start)
 
     def _disk_put(self, key: bytes, payload: torch.Tensor) -> None:
         if self.disk is not None:
             self.disk.put(key, payload)
 
     # ---- reporting ----------------------------------------------------------------------
+    def take_worker_meta(self) -> KVPlugWorkerMeta | None:
+        redo, self._redo = self._redo, []
+        return KVPlugWorkerMeta(redo) if redo else None
+
     def take_load_errors(self) -> set[int]:
         errors, self._errors = self._errors, set()
         if errors:

@@ -3,7 +3,7 @@
 It holds keys, sizes and slot numbers, never tensors (it runs in vLLM's scheduler). The
 worker carries out the moves it plans, in this order within one engine step:
     1. demotions (CPU slot -> disk) and disk deletions are queued, before any slot is reused
-    2. loads: CPU slot -> GPU block; disk -> GPU block (and into a CPU slot when promoted)
+    2. loads: disk -> GPU block (and into a CPU slot when promoted), then CPU slot -> GPU block
     3. the forward pass
     4. saves: GPU block -> CPU slot (and -> disk when written through)
 Every key touched in the current step is pinned until end_step(), so nothing this step
@@ -15,7 +15,7 @@ Methods:
     plan_loads(keys)           Loads for keys lookup() found; counts hits, may promote to CPU
     plan_saves(keys, costs)    Saves for new units (already-cached keys are skipped); may evict
     end_step()                 the demotions and deletions planned this step; unpins
-    forget(key)                drop a unit the worker could not read
+    forget(key)                drop every copy of a unit the worker could not read
     counters                   hit/miss/eviction counters since the last take_counters()
 """
 from __future__ import annotations
@@ -164,6 +164,11 @@ class TierManager:
         return ops
 
     def forget(self, key: bytes) -> None:
+        """Drop every copy of `key` from the index (the worker found it unreadable)."""
+        slot = self._cpu.pop(key, None)
+        if slot is not None:
+            self._cpu_policy.remove(key, evicted=False)
+            self._free_slots.append(slot)
         if key in self._disk:
             self._disk_used -= self._disk.pop(key)
             self._disk_policy.remove(key, evicted=False)

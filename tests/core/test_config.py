@@ -43,3 +43,14 @@ def test_unusable_disk_path(tmp_path):
         KVPlugConfig.from_dict({"disk_path": str(f / "sub")})
     with pytest.raises(ValueError, match="disk_bytes=0"):
         KVPlugConfig.from_dict({"disk_path": str(tmp_path / "d"), "disk_bytes": 0})
+
+
+def test_every_key_is_documented_in_the_readme():
+    import dataclasses
+    from pathlib import Path
+
+    from kvplug.config import TierConfig
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name in [f.name for f in dataclasses.fields(TierConfig)] + ["model_id"]:
+        assert f"| `{name}` |" in readme, name

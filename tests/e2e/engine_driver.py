@@ -1,0 +1,54 @@
+"""Runs one vLLM engine (offline `LLM`) in its own process for the end-to-end tests.
+
+    python engine_driver.py SPEC.json OUT.json
+
+SPEC: {"model": path, "extra": kv_connector_extra_config or null (no connector),
+       "steps": [{"prompts": [...], "reset_prefix_cache": bool}], "max_tokens": n,
+       "enable_prefix_caching": bool}
+OUT:  {"steps": [{"texts": [...], "logprobs": [[{token: logprob}...]...], "counters": {name: delta}}]}
+A separate process per engine: vLLM's engine core uses spawn, and each test needs a fresh engine.
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def kvplug_counters(llm) -> dict[str, float]:
+    return {m.name.removeprefix("vllm:kvplug_"): m.value for m in llm.get_metrics() if m.name.startswith("vllm:kvplug_")}
+
+
+def run(spec: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    kwargs = {}
+    if spec.get("extra") is not None:
+        kwargs["kv_transfer_config"] = {"kv_connector": "KVPlugConnector", "kv_role": "kv_both",
+                                        "kv_connector_extra_config": spec["extra"]}
+    llm = LLM(model=spec["model"], enforce_eager=True, max_model_len=2048, dtype="float32", seed=0,
+              enable_prefix_caching=spec.get("enable_prefix_caching", True), disable_log_stats=False, **kwargs)
+    sp = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 12), logprobs=3)
+    out = []
+    before = kvplug_counters(llm)
+    for step in spec["steps"]:
+        if step.get("reset_prefix_cache"):
+            llm.reset_prefix_cache()
+        results = llm.generate(step["prompts"], sp, use_tqdm=False)
+        after = kvplug_counters(llm)
+        out.append({
+            "texts": [r.outputs[0].text for r in results],
+            "token_ids": [list(r.outputs[0].token_ids) for r in results],
+            "logprobs": [[{str(t): lp.logprob for t, lp in pos.items()} for pos in r.outputs[0].logprobs]
+                         for r in results],
+            "counters": {k: after.get(k, 0) - before.get(k, 0) for k in after},
+        })
+        before = after
+    return {"steps": out}
+
+
+if __name__ == "__main__":
+    spec = json.loads(open(sys.argv[1]).read())
+    result = run(spec)
+    with open(sys.argv[2], "w") as f:
+        json.dump(result, f)
