@@ -170,11 +170,13 @@ def run_config(name, extra, args, docs, tok, env, serve_args, log_dir) -> dict:
             rot += run_pass(url, args.model, docs, tok, rnd, args.max_tokens, name, client)
         rot_wall = time.monotonic() - t_rot
         c2 = settled(url)
-    kv_log = re.findall(r"KV cache size: ([\d,]+) tokens", (log_dir / f"{name}.log").read_text())
+    log_text = (log_dir / f"{name}.log").read_text(errors="replace")
+    kv_log = re.findall(r"KV cache size: ([\d,]+) tokens", log_text)
     return {"name": name, "extra_config": extra, "server_start_s": start_s, "cold": cold,
             "rotation": rot, "rotation_wall_s": rot_wall,
             "counters_warmup": delta(c1, c0), "counters_rotation": delta(c2, c1),
-            "vllm_log_kv_cache_tokens": kv_log[-1].replace(",", "") if kv_log else None}
+            "vllm_log_kv_cache_tokens": kv_log[-1].replace(",", "") if kv_log else None,
+            "omp_core_ids": serving.omp_binding(log_text)}
 
 
 # ---------------------------------------------------------------- analysis
@@ -243,6 +245,8 @@ def parse_args(argv):
                    help="vLLM's own KV cache in 128-token blocks (>= max-model-len/128)")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--configs", default="vllm,kvplug_cpu,kvplug_disk")
+    p.add_argument("--reserved-cpus", type=int, default=1,
+                   help="VLLM_CPU_NUM_OF_RESERVED_CPU for every configuration (same compute cores)")
     a = p.parse_args(argv)
     a.docs = a.docs or (6 if a.quick else 16)
     a.rounds = a.rounds or (1 if a.quick else 2)
@@ -282,6 +286,7 @@ def main(argv=None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VLLM_CPU_KVCACHE_SPACE")}
+    env = serving.same_cpu_threads_env(env, args.reserved_cpus)
     serve_args = ["--enforce-eager", "--dtype", "bfloat16", "--max-model-len", str(args.max_model_len),
                   "--enable-prefix-caching", "--seed", "0",
                   "--kv-cache-memory-bytes", str(sz["vllm_kv_bytes"])]
@@ -317,6 +322,8 @@ def build_report(args, runs, lengths, source, sz, serve_args, wall_s) -> dict:
         "counters": {n: {"warmup": r["counters_warmup"], "rotation": r["counters_rotation"]}
                      for n, r in runs.items()},
         "vllm_log_kv_cache_tokens": {n: r["vllm_log_kv_cache_tokens"] for n, r in runs.items()},
+        "omp_core_ids": {n: r["omp_core_ids"] for n, r in runs.items()},
+        "reserved_cpus": args.reserved_cpus,
         "target": {"ratio": TARGET_RATIO, "doc_tokens": LONG_DOC,
                    "met": {n: stats[n]["ratio_4k_vs_recompute"] <= TARGET_RATIO for n in tiers}},
         "requests": {n: r["cold"] + r["rotation"] for n, r in runs.items()},
@@ -337,6 +344,10 @@ def print_report(report: dict) -> None:
     serving.print_table(rows, COLUMNS)
     print("\nrotation-round counters (tokens)")
     serving.print_table(rows, COUNTER_COLUMNS)
+    cores = report["omp_core_ids"]
+    print(f"engine OpenMP cores per config: {cores}")
+    if len(set(cores.values())) > 1:
+        print("WARNING: configurations computed on different cores; TTFTs are not comparable")
     for n, met in report["target"]["met"].items():
         r = report["configs"][n]["ratio_4k_vs_recompute"]
         print(f"target {n}: 4K tier-hit TTFT p50 / recompute p50 = {r:.3f} "

@@ -274,6 +274,22 @@ def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
     print(format_table(rows, columns), flush=True)
 
 
+def omp_binding(log_text: str) -> str | None:
+    """The engine's OpenMP core ids as logged ("core ids=[0]"), or None."""
+    import re
+
+    found = re.findall(r"core ids=(\[[\d, ]*\])", log_text)
+    return found[-1] if found else None
+
+
+def same_cpu_threads_env(env: dict, reserved_cpus: int = 1) -> dict:
+    """Pin vLLM's CPU reservation so runs with and without a KV connector compute on the
+    same cores: vLLM reserves one more core whenever kv_transfer_config is set, and on a
+    2-core machine that reservation no longer fits and is dropped, so the engine with the
+    connector would get 2 OpenMP threads and the engine without it 1."""
+    return {**env, "VLLM_CPU_NUM_OF_RESERVED_CPU": str(reserved_cpus)}
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or platform.machine()
     try:

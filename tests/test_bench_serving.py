@@ -192,3 +192,11 @@ def test_expected_hit_tokens_counts_document_blocks_only():
     assert offload.expected_hit_tokens([_req(1, 0, 4096, 1.0, "", q=1)]) == 4096
     # no suffix: vLLM computes the last token itself, so the last block is not served
     assert offload.expected_hit_tokens([_req(1, 0, 4096, 1.0, "", q=0)]) == 4096 - 128
+
+
+def test_omp_binding_and_reserved_env():
+    log = "x\n(EngineCore pid=1) INFO [omp.py:185] \tlocal_rank=0, core ids=[0, 1]\n"
+    assert serving.omp_binding(log) == "[0, 1]"
+    assert serving.omp_binding("nothing") is None
+    env = serving.same_cpu_threads_env({"A": "1"}, 1)
+    assert env == {"A": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
