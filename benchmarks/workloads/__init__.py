@@ -1,0 +1,132 @@
+"""Synthetic serving workloads for kvplug benchmarks: pure Python, deterministic with a seed.
+
+Kinds (each a module with `generate(...) -> list[Request]`, sizes as arguments):
+    rag      queries over a document pool, Zipf popularity, top-k chunks joined by SEPARATOR
+    chat     multi-round sessions whose prompt grows by the previous answer and a new turn
+    longdoc  N long documents x M questions, prompt = document + question
+
+    Request(prompt, session, round, doc_ids, max_tokens)   one request, a frozen dataclass
+    generate(kind, **kwargs) -> list[Request]              dispatch to the kind's module
+    write_jsonl(requests, path) / read_jsonl(path)         one JSON object per request
+    main(argv)                                             `python -m benchmarks.workloads --kind rag ...`
+
+Same arguments and seed give identical requests (and byte-identical JSONL) on every machine.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+SEPARATOR = " # # "  # kvplug's default chunk_separator: blending splits prompts here
+KINDS = ("rag", "chat", "longdoc")
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    session: str  # requests of one session share a growing prefix (chat) or a document (longdoc)
+    round: int  # position of the request within its session, from 0
+    doc_ids: tuple[int, ...]  # documents in the prompt, in prompt order (empty for chat)
+    max_tokens: int
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "doc_ids": list(self.doc_ids)}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "Request":
+        return cls(prompt=obj["prompt"], session=obj["session"], round=int(obj["round"]),
+                   doc_ids=tuple(int(d) for d in obj["doc_ids"]), max_tokens=int(obj["max_tokens"]))
+
+
+def generate(kind: str, **kwargs) -> list[Request]:
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: allowed values are {', '.join(KINDS)}")
+    # Relative import at call time: the kind modules import Request from this package.
+    module = importlib.import_module(f".{kind}", __name__)
+    return module.generate(**kwargs)
+
+
+def write_jsonl(requests: Iterable[Request], path: str | os.PathLike) -> int:
+    """Write one sorted-key JSON line per request; returns the count."""
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for r in requests:
+            f.write(json.dumps(r.to_json(), sort_keys=True, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Request]:
+    with open(path, encoding="utf-8") as f:
+        return [Request.from_json(json.loads(line)) for line in f if line.strip()]
+
+
+def _hf_tokenizer(path: str):
+    from transformers import AutoTokenizer  # heavy: only when --tokenizer is given
+
+    tok = AutoTokenizer.from_pretrained(path)
+    return lambda text: tok.encode(text, add_special_tokens=False)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.workloads", description=__doc__.split("\n")[0])
+    p.add_argument("--kind", choices=KINDS, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=None,
+                   help="requests: rag queries (default 100); chat/longdoc: caps the total and sets "
+                        "sessions/questions to ceil(n / rounds|docs)")
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--tokenizer", help="HF tokenizer folder for exact token sizes (default: words)")
+    p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
+    p.add_argument("--docs", type=int, help="rag: pool size (50); longdoc: documents (4)")
+    p.add_argument("--doc-tokens", type=int, help="rag: chunk tokens (512); longdoc: tokens (4096)")
+    p.add_argument("--zipf-s", type=float, default=1.0, help="rag: Zipf exponent of popularity")
+    p.add_argument("--k-min", type=int, default=4, help="rag: fewest documents per query")
+    p.add_argument("--k-max", type=int, default=8, help="rag: most documents per query")
+    p.add_argument("--queries-per-session", type=int, default=1, help="rag: queries per session")
+    p.add_argument("--sessions", type=int, default=8, help="chat: sessions")
+    p.add_argument("--rounds", type=int, default=6, help="chat: rounds per session")
+    p.add_argument("--turn-tokens", type=int, default=64, help="chat: tokens per user turn")
+    p.add_argument("--answer-tokens", type=int, default=96, help="chat: tokens per answer placeholder")
+    p.add_argument("--questions", type=int, default=8, help="longdoc: questions per document")
+    return p
+
+
+def _kwargs(a: argparse.Namespace) -> dict:
+    common = {"seed": a.seed, "max_tokens": a.max_tokens}
+    if a.tokenizer:
+        common["tokenizer"] = _hf_tokenizer(a.tokenizer)
+    if a.kind == "rag":
+        return {**common, "n": 100 if a.n is None else a.n, "n_docs": a.docs or 50,
+                "chunk_tokens": a.doc_tokens or 512, "zipf_s": a.zipf_s, "k_min": a.k_min,
+                "k_max": a.k_max, "queries_per_session": a.queries_per_session}
+    if a.kind == "chat":
+        sessions = a.sessions if a.n is None else math.ceil(a.n / a.rounds)
+        return {**common, "n_sessions": sessions, "rounds": a.rounds,
+                "turn_tokens": a.turn_tokens, "answer_tokens": a.answer_tokens}
+    docs = a.docs or 4
+    questions = a.questions if a.n is None else math.ceil(a.n / docs)
+    return {**common, "n_docs": docs, "questions": questions, "doc_tokens": a.doc_tokens or 4096}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        requests = generate(a.kind, **_kwargs(a))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.n is not None:
+        requests = requests[:a.n]
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    n = write_jsonl(requests, a.out)
+    sessions = len({r.session for r in requests})
+    print(f"wrote {n} {a.kind} requests ({sessions} sessions) to {a.out}")
+    return 0
