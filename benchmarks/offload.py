@@ -27,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -158,8 +159,10 @@ def run_config(name, extra, args, docs, tok, env, serve_args, log_dir) -> dict:
 
     print(f"== {name}: starting vllm serve (log {log_dir / (name + '.log')})", flush=True)
     t0 = time.monotonic()
+    # cwd outside the repository: the server's sys.path[0] is its cwd, and /work/main/kvplug
+    # there would shadow a --kvplug-rev snapshot on PYTHONPATH.
     with serving.start_server(args.model, extra, env, None, log_dir / f"{name}.log",
-                              serve_args) as url:
+                              serve_args, cwd=log_dir) as url:
         start_s = time.monotonic() - t0
         client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=900)
         c0 = scrape_all(url)
@@ -230,6 +233,37 @@ def per_length(run: dict) -> dict:
                      "cold": serving.summarize(ttfts(run["cold"], n))} for n in lens}
 
 
+# ---------------------------------------------------------------- kvplug source
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _git(*args) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def kvplug_source(rev: str | None, work: Path, env: dict) -> tuple[dict, dict]:
+    """(env, description). rev None: the working tree (the editable install). Otherwise a
+    ``git archive`` of kvplug/ at ``rev`` laid out as installed (triton_kernels/ ->
+    kvplug/_triton) and put first on PYTHONPATH of the servers, so edits in progress in the
+    working tree do not leak into the measurement."""
+    head = _git("rev-parse", "HEAD")
+    if rev is None:
+        dirty = _git("status", "--porcelain", "--", "kvplug", "triton_kernels")
+        return env, {"source": "working tree", "head": head, "uncommitted_changes": dirty.splitlines()}
+    sha = _git("rev-parse", f"{rev}^{{commit}}")
+    dest = work / "kvplug_src" / sha
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "kvplug", "triton_kernels"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    if (dest / "triton_kernels").is_dir():
+        (dest / "triton_kernels").rename(dest / "kvplug" / "_triton")
+    pp = os.pathsep.join(filter(None, [str(dest), env.get("PYTHONPATH")]))
+    return {**env, "PYTHONPATH": pp}, {"source": f"git archive {rev}", "commit": sha, "path": str(dest)}
+
+
 # ---------------------------------------------------------------- main
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,6 +279,8 @@ def parse_args(argv):
                    help="vLLM's own KV cache in 128-token blocks (>= max-model-len/128)")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--configs", default="vllm,kvplug_cpu,kvplug_disk")
+    p.add_argument("--kvplug-rev", default=None,
+                   help="run the servers on kvplug as committed at this git revision (default: working tree)")
     p.add_argument("--reserved-cpus", type=int, default=1,
                    help="VLLM_CPU_NUM_OF_RESERVED_CPU for every configuration (same compute cores)")
     a = p.parse_args(argv)
@@ -270,6 +306,7 @@ def main(argv=None) -> int:
     if args.model is None:
         from models import ensure_default_model
         args.model = str(ensure_default_model(args.data_dir))
+    args.model = str(Path(args.model).resolve())
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -287,6 +324,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VLLM_CPU_KVCACHE_SPACE")}
     env = serving.same_cpu_threads_env(env, args.reserved_cpus)
+    env, args.kvplug_source = kvplug_source(args.kvplug_rev, work, env)
+    print(f"kvplug: {args.kvplug_source}", flush=True)
     serve_args = ["--enforce-eager", "--dtype", "bfloat16", "--max-model-len", str(args.max_model_len),
                   "--enable-prefix-caching", "--seed", "0",
                   "--kv-cache-memory-bytes", str(sz["vllm_kv_bytes"])]
@@ -310,6 +349,7 @@ def build_report(args, runs, lengths, source, sz, serve_args, wall_s) -> dict:
         "benchmark": "offload", "quick": args.quick,
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": wall_s, "machine": serving.machine_info(), "model": args.model,
+        "kvplug": args.kvplug_source,
         "documents": {"n": len(lengths), "source": source, "token_lengths": lengths,
                       "question": "distinct per (round, doc), ~15-20 tokens, appended after the document"},
         "protocol": {"rounds": args.rounds, "max_tokens": args.max_tokens, "sequential": True,

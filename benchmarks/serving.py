@@ -120,12 +120,13 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 30) -> None:
 @contextlib.contextmanager
 def start_server(model: str, extra_config: dict | None, env: dict | None, port: int | None,
                  log_path: str | os.PathLike, extra_args: Sequence[str] = (),
-                 timeout_s: float = 600) -> Iterator[str]:
+                 timeout_s: float = 600, cwd: str | os.PathLike | None = None) -> Iterator[str]:
     """Run ``vllm serve`` for the duration of the block; yields its base URL.
 
     ``extra_config`` None means vLLM alone (no connector); otherwise it is kvplug's
     ``kv_connector_extra_config``. ``env`` None inherits os.environ (minus TRITON_INTERPRET,
-    which is for kernel tests, never for engines).
+    which is for kernel tests, never for engines). ``cwd``: the server's working directory;
+    it is first on the server's sys.path, so a repository checkout there shadows PYTHONPATH.
     """
     port = port or free_port()
     env = dict(os.environ if env is None else env)
@@ -136,7 +137,7 @@ def start_server(model: str, extra_config: dict | None, env: dict | None, port: 
     base_url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(serve_command(model, port, extra_config, extra_args),
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         try:
             wait_healthy(proc, base_url, log_path, timeout_s)
             yield base_url
