@@ -30,7 +30,6 @@ def _iso(t: float | None) -> str:
 
 def _stats_text(s) -> str:
     rows = [("units", f"{s.units} ({human_bytes(s.bytes)})"),
-            *((f"layout {k}", str(v)) for k, v in sorted(s.layouts.items())),
             ("ranks", ", ".join(f"r{k}: {v}" for k, v in sorted(s.ranks.items())) or "-"),
             ("oldest", _iso(s.oldest_mtime)), ("newest", _iso(s.newest_mtime)),
             ("corrupt", f"{s.corrupt}" + (" (an engine deletes these when it reads them; "
@@ -38,7 +37,10 @@ def _stats_text(s) -> str:
             ("unreadable", str(s.unreadable)), ("temp files", str(s.tmp_files)),
             ("other files", f"{s.other_files}" + (" (not kvplug's; left alone)" if s.other_files else ""))]
     width = max(len(k) for k, _ in rows)
-    return "\n".join([f"kvplug cache {s.path}"] + [f"  {k.ljust(width)}  {v}" for k, v in rows])
+    lines = [f"kvplug cache {s.path}"] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    # Layout fingerprints are long (backend, block shapes, dtype): one line each, count first.
+    lines += ["  units per layout:"] + [f"    {v:>8}  {k}" for k, v in sorted(s.layouts.items())]
+    return "\n".join(lines)
 
 
 def cmd_stats(a: argparse.Namespace) -> int:
