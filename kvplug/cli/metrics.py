@@ -70,7 +70,7 @@ def parse_counters(text: str) -> dict[str, float]:
 def derived(c: dict[str, float]) -> dict[str, float]:
     """Ratios a reader wants first; omitted when their denominator is zero."""
     out = {}
-    hits = c.get("cpu_hit_tokens", 0.0) + c.get("disk_hit_tokens", 0.0)
+    hits = sum(v for k, v in c.items() if k.endswith("_hit_tokens"))  # every tier, remote too
     if c.get("lookup_tokens"):
         out["hit_ratio"] = hits / c["lookup_tokens"]
     if c.get("load_seconds") and c.get("load_bytes"):

@@ -19,6 +19,7 @@ from kvplug.cli.cache_dir import count_tmp, count_units
 from kvplug.cli.common import CliError, format_table
 
 COUNTER_PREFIX = "vllm:kvplug_"
+HIT_TIERS = ("cpu", "disk", "remote")  # <tier>_hit_tokens counters; absent ones count 0
 
 
 @dataclass
@@ -93,7 +94,7 @@ def _prefill(llm, sp, path: Path) -> DocResult:
     after = _counters(llm)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     res.stored_blocks = int(delta.get("saved_blocks", 0))
-    res.cached_tokens = int(delta.get("cpu_hit_tokens", 0) + delta.get("disk_hit_tokens", 0))
+    res.cached_tokens = int(sum(delta.get(f"{tier}_hit_tokens", 0) for tier in HIT_TIERS))
     return res
 
 
