@@ -457,7 +457,8 @@ class RemoteStore:
             client = self._writer.client()
             if kind == _PUT:
                 value = encode_value(key, self.layout, tensor)
-                client.set(self._rkey(key), value, px=self._ttl_ms)
+                # A memoryview: redis-py before 8 accepts bytes and memoryview but not bytearray.
+                client.set(self._rkey(key), memoryview(value), px=self._ttl_ms)
                 self.stats.add(bytes_written=len(value))
             else:
                 client.delete(self._rkey(key))

@@ -455,3 +455,17 @@ def test_cluster_round_trip(tmp_path):
             store.delete(keys[0])
             store.flush()
             assert index.exists_many(keys[:1]) == [False]
+
+
+def test_stale_pooled_connection_is_retried_not_an_outage(own_server):
+    """A server restarted between two calls: the pooled connection is dead, the call reconnects."""
+    with RemoteStore(own_server.url, LAYOUT, backoff_s=30.0) as store, \
+            RemoteIndex(own_server.url, backoff_s=30.0) as index:
+        key, _ = stored(store, 100)
+        assert store.get(key) is not None and index.exists_many([key]) == [True]
+        own_server.kill()
+        own_server.restart()
+        assert store.get(key) is None and index.exists_many([key]) == [False]  # nothing persisted
+        assert store.stats.take().timeouts == 0 and index.healthy
+        key, payload = stored(store, 100)
+        assert torch.equal(store.get(key), payload) and index.exists_many([key]) == [True]
