@@ -1,4 +1,4 @@
-"""Remote tier over the Redis protocol (Redis, Valkey, and their clusters): engines on several machines share KV.
+"""Remote tier over the Redis protocol (Redis, Valkey and their clusters): engines on many machines share KV.
 
 A unit of one tensor-parallel rank is one Redis string at redis_key(namespace, key, rank) =
 f"{namespace}:{key.hex()}:r{rank}", and its value is byte for byte the disk tier's unit file
@@ -48,13 +48,10 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-try:
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.cluster import RedisCluster
-    from redis.retry import Retry
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("the kvplug remote tier needs the redis package (pip install redis)") from e
+import redis  # redis-py, a dependency of kvplug; only this module imports it
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
 
 from kvplug.tiers.disk_format import KEY_BYTES, CorruptUnit, checksum, decode_unit, encode_header
 
@@ -129,28 +126,24 @@ class CircuitBreaker:
         self.what, self.backoff_s = what, backoff_s
         self._lock = threading.Lock()
         self._open_until = 0.0
-        self._down = False  # a failure happened and no success since: the outage is already logged
+        self.down = False  # a failure happened and no success since: the outage is already logged
 
     def allow(self) -> bool:
         return time.monotonic() >= self._open_until
 
-    @property
-    def down(self) -> bool:
-        return self._down
-
     def failed(self, exc: BaseException) -> None:
         with self._lock:
             self._open_until = time.monotonic() + self.backoff_s
-            first, self._down = not self._down, True
+            first, self.down = not self.down, True
         if first:
             logger.warning("kvplug remote tier: %s unreachable (%s: %s); every lookup is a miss, "
                            "retrying every %.1f s", self.what, type(exc).__name__, exc, self.backoff_s)
 
     def succeeded(self) -> None:
-        if not self._down:
+        if not self.down:
             return
         with self._lock:
-            was, self._down = self._down, False
+            was, self.down = self.down, False
         if was:
             logger.info("kvplug remote tier: %s reachable again", self.what)
 

@@ -469,3 +469,22 @@ def test_stale_pooled_connection_is_retried_not_an_outage(own_server):
         assert store.stats.take().timeouts == 0 and index.healthy
         key, payload = stored(store, 100)
         assert torch.equal(store.get(key), payload) and index.exists_many([key]) == [True]
+
+
+def test_cluster_outage_and_restart(tmp_path):
+    with RedisServer(tmp_path / "redis", cluster=True) as srv:
+        store = RemoteStore(srv.url, LAYOUT, backoff_s=BACKOFF_S)
+        index = RemoteIndex(srv.url, backoff_s=BACKOFF_S)
+        key, _ = stored(store, 1000)
+        srv.kill()
+        for _ in range(2):
+            assert bounded(store.get, key) is None
+            assert bounded(index.exists_many, [key]) == [False]
+            time.sleep(BACKOFF_S)
+        srv.restart()  # nodes.conf keeps the slot assignment; the data is gone
+        key, payload = rand_key(), rand_payload(1000)
+        wait_until(lambda: (store.put(key, payload), store.flush(), store.get(key))[2] is not None,
+                   10.0, "cluster store after the restart")
+        assert wait_until(lambda: index.exists_many([key]) == [True], 10.0, "cluster index back")
+        store.close()
+        index.close()
