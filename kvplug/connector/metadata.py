@@ -12,10 +12,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 class KVPlugMetadata(KVConnectorMetadata):
     demotes: list[tuple[bytes, int]] = field(default_factory=list)  # (key, cpu slot): slot -> disk
     disk_deletes: list[bytes] = field(default_factory=list)
-    # (request id, key, gpu block, cpu slot or -1 for disk, promote cpu slot or -1)
-    loads: list[tuple[str, bytes, int, int, int]] = field(default_factory=list)
-    # (request id, key, gpu block, cpu slot or -1, write to disk)
-    saves: list[tuple[str, bytes, int, int, bool]] = field(default_factory=list)
+    # (request id, key, gpu block, source tier "cpu"|"disk"|"remote",
+    #  cpu: the source slot; disk/remote: the CPU slot to promote into, or -1)
+    loads: list[tuple[str, bytes, int, str, int]] = field(default_factory=list)
+    # (request id, key, gpu block, cpu slot or -1, write to disk, write to remote)
+    saves: list[tuple[str, bytes, int, int, bool, bool]] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (self.demotes or self.disk_deletes or self.loads or self.saves)

@@ -39,6 +39,7 @@ class _Request:
     req_id: str
     keys: list[bytes]  # one per full prompt block
     prompt_len: int
+    namespace: str  # the tenant (cache_salt) owning the units, for quotas
     block_ids: list[int] = field(default_factory=list)
     saved_upto: int = 0  # blocks [0, saved_upto) are cached or planned
 
@@ -62,6 +63,7 @@ class SchedulerHalf:
         self._lookups: dict[str, tuple[int, int, int]] = {}  # req -> (local tokens, n_cpu, n_disk)
         self._meta = KVPlugMetadata()
         self._stats: dict[str, int] = {}
+        self._remote = False
         if self._disk_root:
             self._restore_disk_index()
 
@@ -87,7 +89,8 @@ class SchedulerHalf:
         if st is None:
             tokens = request.prompt_token_ids or []
             keys = prefix_block_keys(self.facts.namespace, tokens, self.bs, request.cache_salt)
-            st = self._reqs[request.request_id] = _Request(request.request_id, keys, len(tokens))
+            st = self._reqs[request.request_id] = _Request(request.request_id, keys, len(tokens),
+                                                              request.cache_salt or "")
         return st
 
     def num_matched(self, request, num_computed: int) -> int:
@@ -97,25 +100,26 @@ class SchedulerHalf:
         # vLLM must compute at least the last prompt token itself.
         usable = min(len(st.keys), (st.prompt_len - 1) // self.bs)
         first = num_computed // self.bs
-        n_cpu, n_disk = self.manager.lookup(st.keys[first:usable])
-        self._lookups[request.request_id] = (num_computed, n_cpu, n_disk)
-        return (n_cpu + n_disk) * self.bs
+        tiers = self.manager.lookup(st.keys[first:usable])
+        self._lookups[request.request_id] = (num_computed, tiers)
+        return len(tiers) * self.bs
 
     def after_alloc(self, request, block_ids: list[int], num_external: int) -> None:
         lookup = self._lookups.pop(request.request_id, None)
         st = self._reqs.get(request.request_id)
         if lookup is None or st is None:
             return
-        local, n_cpu, n_disk = lookup
+        local, tiers = lookup
         first = local // self.bs
         queried = min(len(st.keys), (st.prompt_len - 1) // self.bs) - first
-        n_load = -(-num_external // self.bs)
+        n_load = min(-(-num_external // self.bs), len(tiers))
         self._count(lookup_tokens=queried * self.bs, miss_tokens=(queried - n_load) * self.bs)
         if n_load <= 0:
             return
         keys = st.keys[first : first + n_load]
-        for i, load in enumerate(self.manager.plan_loads(keys, self._costs(first, n_load))):
-            self._meta.loads.append((st.req_id, load.key, block_ids[first + i], load.cpu_slot, load.promote_slot))
+        plan = self.manager.plan_loads(keys, tiers[:n_load], self._costs(first, n_load), st.namespace)
+        for i, load in enumerate(plan):
+            self._meta.loads.append((st.req_id, load.key, block_ids[first + i], load.tier, load.slot))
         st.saved_upto = max(st.saved_upto, first + n_load)
 
     def build_meta(self, so) -> KVPlugMetadata:
@@ -146,8 +150,11 @@ class SchedulerHalf:
             return
         first = st.saved_upto
         by_key = {st.keys[i]: st.block_ids[i] for i in range(first, full)}
-        for save in self.manager.plan_saves(st.keys[first:full], self._costs(first, full - first)):
-            self._meta.saves.append((st.req_id, save.key, by_key[save.key], save.cpu_slot, save.to_disk))
+        plan = self.manager.plan_saves(st.keys[first:full], self._costs(first, full - first), st.namespace,
+                                       to_remote=self._remote)
+        for save in plan:
+            self._meta.saves.append((st.req_id, save.key, by_key[save.key], save.cpu_slot, save.to_disk,
+                                     save.to_remote))
         st.saved_upto = full
 
     def _costs(self, first: int, n: int) -> list[float]:

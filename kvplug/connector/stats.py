@@ -18,6 +18,7 @@ FIELDS = {
     "lookup_tokens": "prompt tokens (beyond vLLM's own prefix cache) looked up in kvplug's tiers",
     "cpu_hit_tokens": "tokens loaded from the CPU tier instead of recomputed",
     "disk_hit_tokens": "tokens loaded from the disk tier instead of recomputed (a failed read counts in load_errors)",
+    "remote_hit_tokens": "tokens loaded from the remote store instead of recomputed",
     "miss_tokens": "looked-up tokens that no tier held",
     "cpu_evictions": "units evicted from the CPU tier",
     "disk_evictions": "units evicted (deleted) from the disk tier",

@@ -33,6 +33,7 @@ class WorkerHalf:
         self.caches: list[torch.Tensor] = []
         self.rows: BlockRows | None = None
         self.disk: DiskStore | None = None
+        self.remote = None  # RemoteStore when remote_url is configured
         self._errors: set[int] = set()
         self._redo: list[tuple[str, bytes]] = []
         self._stats: dict[str, float] = {}
@@ -65,19 +66,20 @@ class WorkerHalf:
         start = time.perf_counter()
         for key, slot in meta.demotes:
             if self._row_keys[slot] == key:
-                self._disk_put(key, self.rows.row(slot).clone())
+                self._put(key, self.rows.row(slot).clone(), to_disk=True, to_remote=False)
         for key in meta.disk_deletes:
             self.disk.delete(key)
-        # Disk loads first: a unit promoted this step may also be read from its new row by a
-        # request planned after the promotion. (Rows read this step are pinned, never reused.)
-        disk = [(req, key, block, promote) for req, key, block, slot, promote in meta.loads if slot < 0]
-        if disk:
-            self._load_from_disk(disk)
+        # Fetched units first: one promoted into a row this step may also be read from that row
+        # by a request planned after the promotion. (Rows read this step are pinned, never reused.)
+        for tier in ("disk", "remote"):
+            fetched = [(req, key, block, slot) for req, key, block, t, slot in meta.loads if t == tier]
+            if fetched:
+                self._load_fetched(tier, fetched)
         cpu = []
-        for req, key, block, slot, _ in meta.loads:
-            if slot >= 0 and self._row_keys[slot] == key:
+        for req, key, block, tier, slot in meta.loads:
+            if tier == "cpu" and self._row_keys[slot] == key:
                 cpu.append((slot, block))
-            elif slot >= 0:
+            elif tier == "cpu":
                 self._fail(req, key, block)
         self.rows.load([s for s, _ in cpu], self.caches, [b for _, b in cpu])
         self._count(load_bytes=len(cpu) * self.rows.row_bytes, cpu_hit_tokens=len(cpu) * self.facts.block_size)
@@ -88,29 +90,29 @@ class WorkerHalf:
         self._errors.add(block)
         self._redo.append((req, key))
 
-    def _load_from_disk(self, loads: list[tuple[str, bytes, int, int]]) -> None:
-        found, payloads = [], []
-        for req, key, block, promote in loads:
-            payload = self.disk.get(key) if self.disk else None
+    def _load_fetched(self, tier: str, loads: list[tuple[str, bytes, int, int]]) -> None:
+        store = self.disk if tier == "disk" else self.remote
+        payloads = store.get_many([key for _, key, _, _ in loads]) if store is not None else [None] * len(loads)
+        found, good = [], []
+        for (req, key, block, promote), payload in zip(loads, payloads):
             if promote >= 0:
                 self._row_keys[promote] = None  # holds nothing valid unless the copy below happens
             if payload is None or payload.numel() != self.rows.row_bytes:
                 self._fail(req, key, block)
                 continue
             found.append((block, promote))
-            payloads.append(payload)
+            good.append(payload)
             if promote >= 0:
                 self._row_keys[promote] = key
         if not found:
             return
-        batch = BlockRows(torch.stack(payloads), self.rows.templates)
-        idx = list(range(len(found)))
-        batch.load(idx, self.caches, [b for b, _ in found])
+        batch = BlockRows(torch.stack(good), self.rows.templates)
+        batch.load(list(range(len(found))), self.caches, [b for b, _ in found])
         promoted = [(i, p) for i, (_, p) in enumerate(found) if p >= 0]
         if promoted:
             dst = torch.tensor([p for _, p in promoted])
             self.rows.buffer.index_copy_(0, dst, batch.buffer[[i for i, _ in promoted]])
-        self._count(load_bytes=len(found) * self.rows.row_bytes, disk_hit_tokens=len(found) * self.facts.block_size)
+        self._count(load_bytes=len(found) * self.rows.row_bytes, **{f"{tier}_hit_tokens": len(found) * self.facts.block_size})
 
     # ---- after the forward pass ---------------------------------------------------------
     def save(self, meta: KVPlugMetadata) -> None:
@@ -121,27 +123,30 @@ class WorkerHalf:
             self._redo += [(req, key) for req, key, *_ in meta.saves]
             return
         start = time.perf_counter()
-        to_rows = [(slot, block) for _, _, block, slot, _ in meta.saves if slot >= 0]
+        to_rows = [(slot, block) for _, _, block, slot, _, _ in meta.saves if slot >= 0]
         self.rows.store([s for s, _ in to_rows], self.caches, [b for _, b in to_rows])
-        direct = [(key, block) for _, key, block, slot, to_disk in meta.saves if slot < 0 and to_disk]
-        if direct:
-            staging = BlockRows.allocate(self.rows.templates, len(direct))
-            staging.store(list(range(len(direct))), self.caches, [b for _, b in direct])
-            for i, (key, _) in enumerate(direct):
-                self._disk_put(key, staging.row(i))
-        for _, key, _, slot, to_disk in meta.saves:
-            if slot < 0:
-                continue
-            self._row_keys[slot] = key
-            if to_disk:
-                # The row can be reused by a later step before the write ends: write a copy.
-                self._disk_put(key, self.rows.row(slot).clone())
+        direct = [(block, d, r) for _, _, block, slot, d, r in meta.saves if slot < 0 and (d or r)]
+        staging = BlockRows.allocate(self.rows.templates, len(direct))
+        staging.store(list(range(len(direct))), self.caches, [b for b, _, _ in direct])
+        n_direct = 0
+        for _, key, _, slot, to_disk, to_remote in meta.saves:
+            if slot >= 0:
+                self._row_keys[slot] = key
+                if to_disk or to_remote:
+                    # The row can be reused by a later step before the write ends: write a copy.
+                    self._put(key, self.rows.row(slot).clone(), to_disk, to_remote)
+            elif to_disk or to_remote:
+                self._put(key, staging.row(n_direct), to_disk, to_remote)
+                n_direct += 1
         self._count(saved_blocks=len(meta.saves), save_bytes=len(meta.saves) * self.rows.row_bytes,
                     save_seconds=time.perf_counter() - start)
 
-    def _disk_put(self, key: bytes, payload: torch.Tensor) -> None:
-        if self.disk is not None:
+    def _put(self, key: bytes, payload: torch.Tensor, to_disk: bool, to_remote: bool) -> None:
+        """Queue asynchronous writes; the stores only read `payload`, which nobody modifies."""
+        if to_disk and self.disk is not None:
             self.disk.put(key, payload)
+        if to_remote and self.remote is not None:
+            self.remote.put(key, payload)
 
     # ---- reporting ----------------------------------------------------------------------
     def take_worker_meta(self) -> KVPlugWorkerMeta | None:

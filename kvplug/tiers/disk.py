@@ -12,6 +12,7 @@ DiskStore(root, layout, rank=0, on_error=logger, fsync=False, ...) methods:
     put(key, payload)    enqueue an asynchronous write of a contiguous CPU uint8 tensor; returns at once
     delete(key)          enqueue a delete, ordered after earlier puts of the same store
     get(key)             the payload tensor, or None on a miss; corrupt files are removed, never raised
+    get_many(keys)       get() of each key, in order
     exists(key)          whether get would find the unit (queued ops first, then the file)
     flush()              block until every queued op is done
     close()              flush and stop the writer thread (also on leaving a `with` block)
@@ -176,6 +177,10 @@ class DiskStore:
         out = self._read(path, key)
         self.stats.add(gets=1, hits=int(out is not None))
         return out
+
+    def get_many(self, keys: list[bytes]) -> list[torch.Tensor | None]:
+        """get() of each key, in order (the remote store batches this; files need not)."""
+        return [self.get(key) for key in keys]
 
     def exists(self, key: bytes) -> bool:
         path = unit_path(self.root, key, self.rank)

@@ -1,46 +1,51 @@
 """Scheduler-side tier manager: where each cached unit lives, what to evict, what to move.
 
-It holds keys, sizes and slot numbers, never tensors (it runs in vLLM's scheduler). The
-worker carries out the moves it plans, in this order within one engine step:
+It holds keys, sizes and slot numbers, never tensors (it runs in vLLM's scheduler). Tiers:
+CPU rows (slots), a disk directory (bytes), and optionally a remote store (capacity and
+expiry are the store's own). The worker carries out the moves planned here, in this order
+within one engine step:
     1. demotions (CPU slot -> disk) and disk deletions are queued, before any slot is reused
-    2. loads: disk -> GPU block (and into a CPU slot when promoted), then CPU slot -> GPU block
+    2. loads: disk/remote -> GPU block (and into a CPU slot when promoted), then CPU -> GPU
     3. the forward pass
-    4. saves: GPU block -> CPU slot (and -> disk when written through)
+    4. saves: GPU block -> CPU slot (and -> disk / remote when written through)
 Every key touched in the current step is pinned until end_step(), so nothing this step
 still reads or writes is evicted or deleted under it.
 
 Methods:
-    lookup(keys)               how many leading keys are cached, per tier; no side effects
-    restore_disk_index(keys)   account units found on disk at start-up
-    plan_loads(keys)           Loads for keys lookup() found; counts hits, may promote to CPU
-    plan_saves(keys, costs)    Saves for new units (already-cached keys are skipped); may evict
-    end_step()                 the demotions and deletions planned this step; unpins
-    forget(key)                drop every copy of a unit the worker could not read
-    counters                   hit/miss/eviction counters since the last take_counters()
+    lookup(keys)                   the tier of each leading cached key; no side effects on the index
+    plan_loads(keys, costs, ns)    Loads for keys lookup() found; counts hits, may promote to CPU
+    plan_saves(keys, costs, ns)    Saves for new units (already-cached keys are skipped); may evict
+    end_step()                     the demotions and deletions planned this step; unpins
+    forget(key)                    drop every copy of a unit the worker could not read
+    restore_disk_index(keys)       account units found on disk at start-up
+    counters                       hit/eviction counters since the last counters.take()
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from kvplug.tiers.policies import make_policy
+from kvplug.tiers.index import TierIndex
 
 DiskProbe = Callable[[bytes], "int | None"]
+RemoteProbe = Callable[[Sequence[bytes]], Sequence[bool]]
+CPU, DISK, REMOTE = "cpu", "disk", "remote"
 
 
 @dataclass(frozen=True)
 class Load:
     key: bytes
-    cpu_slot: int  # source slot, or -1 when the unit comes from disk
-    promote_slot: int = -1  # disk loads only: also copy the unit into this CPU slot
+    tier: str  # where the unit comes from: cpu, disk or remote
+    slot: int  # cpu: the source slot; disk/remote: the CPU slot it is promoted into, or -1
 
 
 @dataclass(frozen=True)
 class Save:
     key: bytes
-    cpu_slot: int  # -1 when there is no CPU tier
+    cpu_slot: int  # -1 when the CPU tier cannot hold it
     to_disk: bool
+    to_remote: bool = False
 
 
 @dataclass
@@ -53,6 +58,7 @@ class StepOps:
 class Counters:
     cpu_hits: int = 0
     disk_hits: int = 0
+    remote_hits: int = 0
     cpu_evictions: int = 0
     disk_evictions: int = 0
     saves: int = 0
@@ -65,6 +71,12 @@ class Counters:
         return out
 
 
+@dataclass(frozen=True)
+class Quota:
+    cpu_bytes: int | None = None
+    disk_bytes: int | None = None
+
+
 class TierManager:
     def __init__(
         self,
@@ -75,87 +87,100 @@ class TierManager:
         policy: str = "lru",
         disk_write: str = "through",
         disk_probe: DiskProbe | None = None,
+        remote_probe: RemoteProbe | None = None,
+        quotas: Mapping[str, Quota] | None = None,
     ):
         if unit_bytes <= 0:
             raise ValueError(f"unit_bytes={unit_bytes}: must be > 0")
+        quotas = quotas or {}
         self.unit_bytes = unit_bytes
         self.num_slots = cpu_bytes // unit_bytes
         self.disk_enabled = disk_probe is not None and disk_bytes >= unit_bytes
-        self.disk_bytes = disk_bytes
         self.write_through = disk_write == "through"
-        self._probe = disk_probe
-        self._cpu: dict[bytes, int] = {}  # key -> slot
+        self._probe, self._remote_probe = disk_probe, remote_probe
+        self._slots: dict[bytes, int] = {}
         self._free_slots = list(range(self.num_slots - 1, -1, -1))
-        self._cpu_policy = make_policy(policy, self.num_slots * unit_bytes)
-        self._disk: dict[bytes, int] = {}  # key -> bytes accounted
-        self._disk_used = 0
-        self._disk_policy = make_policy(policy, max(disk_bytes, 1))
+        self._cpu = TierIndex(self.num_slots * unit_bytes, unit_bytes, policy,
+                              {ns: q.cpu_bytes for ns, q in quotas.items() if q.cpu_bytes is not None})
+        self._disk = TierIndex(disk_bytes if self.disk_enabled else 0, unit_bytes, policy,
+                               {ns: q.disk_bytes for ns, q in quotas.items() if q.disk_bytes is not None})
         self._pinned: set[bytes] = set()
         self._ops = StepOps()
         self.counters = Counters()
 
     # ---- queries -------------------------------------------------------------------------
-    def lookup(self, keys: Sequence[bytes]) -> tuple[int, int]:
-        """(n_cpu, n_disk): the first n_cpu + n_disk keys are all cached, each in CPU or disk."""
-        n_cpu = n_disk = 0
+    def lookup(self, keys: Sequence[bytes]) -> list[str]:
+        """The tier of each of the leading keys that are cached; the remote store is asked
+        once, in a batch, for the keys after the local run."""
+        tiers = []
         for key in keys:
-            if key in self._cpu:
-                n_cpu += 1
+            if key in self._slots:
+                tiers.append(CPU)
             elif self._on_disk(key):
-                n_disk += 1
+                tiers.append(DISK)
             else:
                 break
-        return n_cpu, n_disk
+        rest = keys[len(tiers) :]
+        if rest and self._remote_probe is not None:
+            for found in self._remote_probe(rest):
+                if not found:
+                    break
+                tiers.append(REMOTE)
+        return tiers
 
     def _on_disk(self, key: bytes) -> bool:
         # The file system is the truth: another engine may have written or deleted it.
         return self.disk_enabled and self._probe(key) is not None
 
-    def _present(self, key: bytes) -> bool:
+    def _present(self, key: bytes, ns: str) -> bool:
         """Whether a save of `key` would be redundant; syncs the disk index with the files."""
-        if key in self._cpu:
+        if key in self._slots:
             return True
         if not self.disk_enabled:
             return False
         if self._probe(key) is None:
             self.forget(key)  # deleted by another engine, or removed as corrupt
             return False
-        return self._admit_disk(key, 1.0)
+        return self._admit_disk(key, ns, 1.0)
 
     # ---- plans ---------------------------------------------------------------------------
-    def plan_loads(self, keys: Sequence[bytes], costs: Sequence[float] | None = None) -> list[Load]:
+    def plan_loads(self, keys: Sequence[bytes], tiers: Sequence[str], costs: Sequence[float], ns: str = "") -> list[Load]:
+        """Loads for keys that lookup() placed in `tiers` (one entry per key)."""
         loads = []
-        for i, key in enumerate(keys):
+        for key, tier, cost in zip(keys, tiers, costs, strict=True):
             self._pinned.add(key)
-            if key in self._cpu:
-                self._cpu_policy.touch(key)
+            if key in self._slots:  # also a unit promoted earlier in this same plan
+                self._cpu.touch(key)
                 self.counters.cpu_hits += 1
-                loads.append(Load(key, self._cpu[key]))
+                loads.append(Load(key, CPU, self._slots[key]))
                 continue
-            self._admit_disk(key, cost=costs[i] if costs else 1.0)
-            self._disk_policy.touch(key)
-            self.counters.disk_hits += 1
-            slot = self._allocate_slot(key, cost=costs[i] if costs else 1.0)
-            loads.append(Load(key, -1, slot))
+            if tier == CPU:
+                # Evicted since lookup: its disk copy, if any, serves; else the load fails
+                # and vLLM recomputes.
+                tier = DISK
+            if tier == DISK:
+                self._admit_disk(key, ns, cost)
+                self._disk.touch(key)
+                self.counters.disk_hits += 1
+            else:
+                self.counters.remote_hits += 1
+            loads.append(Load(key, tier, self._allocate_slot(key, ns, cost)))
         return loads
 
-    def plan_saves(self, keys: Sequence[bytes], costs: Sequence[float] | None = None) -> list[Save]:
+    def plan_saves(self, keys: Sequence[bytes], costs: Sequence[float], ns: str = "", to_remote: bool = False) -> list[Save]:
         saves = []
-        for i, key in enumerate(keys):
-            if key in self._pinned or self._present(key):
+        for key, cost in zip(keys, costs, strict=True):
+            if key in self._pinned or self._present(key, ns):
                 self.counters.save_skips += 1
                 continue
-            cost = costs[i] if costs else 1.0
             self._pinned.add(key)
-            slot = self._allocate_slot(key, cost)
-            to_disk = self.disk_enabled and (self.write_through or slot < 0)
-            if to_disk and not self._admit_disk(key, cost):
-                to_disk = False
-            if slot < 0 and not to_disk:
+            slot = self._allocate_slot(key, ns, cost)
+            to_disk = self.disk_enabled and (self.write_through or slot < 0) and self._admit_disk(key, ns, cost)
+            if slot < 0 and not to_disk and not to_remote:
                 self._pinned.discard(key)
                 continue
             self.counters.saves += 1
-            saves.append(Save(key, slot, to_disk))
+            saves.append(Save(key, slot, to_disk, to_remote))
         return saves
 
     def end_step(self) -> StepOps:
@@ -165,70 +190,52 @@ class TierManager:
 
     def forget(self, key: bytes) -> None:
         """Drop every copy of `key` from the index (the worker found it unreadable)."""
-        slot = self._cpu.pop(key, None)
-        if slot is not None:
-            self._cpu_policy.remove(key, evicted=False)
-            self._free_slots.append(slot)
-        if key in self._disk:
-            self._disk_used -= self._disk.pop(key)
-            self._disk_policy.remove(key, evicted=False)
-
-    # ---- CPU tier ------------------------------------------------------------------------
-    def _allocate_slot(self, key: bytes, cost: float) -> int:
-        """A CPU slot for `key` (now indexed there), or -1 if the CPU tier cannot take it."""
-        if self.num_slots == 0:
-            return -1
-        if not self._free_slots and not self._evict_cpu():
-            return -1
-        slot = self._free_slots.pop()
-        self._cpu[key] = slot
-        self._cpu_policy.insert(key, self.unit_bytes, cost)
-        return slot
-
-    def _evict_cpu(self) -> bool:
-        victim = self._cpu_policy.victim(lambda k: k not in self._pinned)
-        if victim is None:
-            return False
-        self._cpu_policy.remove(victim, evicted=True)
-        slot = self._cpu.pop(victim)
-        self.counters.cpu_evictions += 1
-        if self.disk_enabled and victim not in self._disk and self._admit_disk(victim, 1.0):
-            self._ops.demotes.append((victim, slot))
-        self._free_slots.append(slot)
-        return True
-
-    # ---- disk tier -----------------------------------------------------------------------
-    def _admit_disk(self, key: bytes, cost: float) -> bool:
-        """Account `key` in the disk tier (ours, another engine's or a past run's unit)."""
-        if key in self._disk:
-            return True
-        if not self._make_disk_room(self.unit_bytes):
-            return False
-        self._disk[key] = self.unit_bytes
-        self._disk_used += self.unit_bytes
-        self._disk_policy.insert(key, self.unit_bytes, cost)
-        return True
-
-    def _make_disk_room(self, nbytes: int) -> bool:
-        while self._disk_used + nbytes > self.disk_bytes:
-            victim = self._disk_policy.victim(lambda k: k not in self._pinned)
-            if victim is None:
-                return False
-            self._disk_policy.remove(victim, evicted=True)
-            self._disk_used -= self._disk.pop(victim)
-            self._ops.disk_deletes.append(victim)
-            self.counters.disk_evictions += 1
-        return True
+        if self._cpu.remove(key):
+            self._free_slots.append(self._slots.pop(key))
+        self._disk.remove(key)
 
     def restore_disk_index(self, keys: Sequence[bytes]) -> int:
         """Index units found on disk at start-up, oldest first; returns how many were kept.
         Past disk_bytes the oldest are deleted (queued for the first step)."""
-        return sum(self._admit_disk(key, 1.0) for key in keys)
+        return sum(self._admit_disk(key, "", 1.0) for key in keys)
+
+    # ---- tiers ---------------------------------------------------------------------------
+    def _allocate_slot(self, key: bytes, ns: str, cost: float) -> int:
+        """A CPU slot for `key` (now indexed there), or -1 if the CPU tier cannot take it."""
+        if self.num_slots == 0:
+            return -1
+        if key in self._slots:
+            return self._slots[key]
+        admitted, evicted = self._cpu.admit(key, ns, cost, self._pinned)
+        for victim, victim_ns in evicted:
+            slot = self._slots.pop(victim)
+            self._free_slots.append(slot)
+            self.counters.cpu_evictions += 1
+            if self.disk_enabled and victim not in self._disk and self._admit_disk(victim, victim_ns, 1.0):
+                self._ops.demotes.append((victim, slot))
+        if not admitted:
+            return -1
+        slot = self._free_slots.pop()
+        self._slots[key] = slot
+        return slot
+
+    def _admit_disk(self, key: bytes, ns: str, cost: float) -> bool:
+        """Account `key` in the disk tier (ours, another engine's or a past run's unit)."""
+        if not self.disk_enabled:
+            return False
+        admitted, evicted = self._disk.admit(key, ns, cost, self._pinned)
+        self._ops.disk_deletes += [victim for victim, _ in evicted]
+        self.counters.disk_evictions += len(evicted)
+        return admitted
 
     @property
     def disk_used(self) -> int:
-        return self._disk_used
+        return self._disk.used
 
     @property
     def cpu_used_slots(self) -> int:
-        return len(self._cpu)
+        return len(self._slots)
+
+    def used_by(self, ns: str) -> tuple[int, int]:
+        """(CPU bytes, disk bytes) held by namespace `ns`."""
+        return self._cpu.used_by(ns), self._disk.used_by(ns)

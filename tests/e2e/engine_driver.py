@@ -3,7 +3,8 @@
     python engine_driver.py SPEC.json OUT.json
 
 SPEC: {"model": path, "extra": kv_connector_extra_config or null (no connector),
-       "steps": [{"prompts": [...], "reset_prefix_cache": bool}], "max_tokens": n,
+       "steps": [{"prompts": [str | {"prompt": str, "cache_salt": str}], "reset_prefix_cache": bool}],
+       "max_tokens": n,
        "enable_prefix_caching": bool}
 OUT:  {"steps": [{"texts": [...], "logprobs": [[{token: logprob}...]...], "counters": {name: delta}}]}
 A separate process per engine: vLLM's engine core uses spawn, and each test needs a fresh engine.

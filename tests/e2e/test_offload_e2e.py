@@ -145,6 +145,22 @@ def test_corrupt_disk_files_are_recomputed_not_served(model, n_blocks, unit_byte
     assert healed["counters"]["disk_hit_tokens"] == 3 * BLOCK
 
 
+def test_cache_salt_isolates_tenants(model, n_blocks, unit_bytes, baseline, tmp_path):
+    """Same prompt, other tenant: no tier hit (its keys differ from the root), same output."""
+    extra = {"cpu_bytes": 8 * unit_bytes, "disk_path": str(tmp_path / "disk"), "disk_bytes": 1e9}
+    a, b = {"prompt": P1, "cache_salt": "tenant-a"}, {"prompt": P1, "cache_salt": "tenant-b"}
+    first, other, again = drive(tmp_path, "salt", {"model": model, "extra": extra, "steps": [
+        {"prompts": [a]},
+        {"prompts": [b], "reset_prefix_cache": True},
+        {"prompts": [a], "reset_prefix_cache": True},
+    ]})
+    for step in (first, other, again):
+        assert_same_outputs(step, baseline["P1"])
+    assert other["counters"].get("cpu_hit_tokens", 0) == 0 and other["counters"].get("disk_hit_tokens", 0) == 0
+    assert other["counters"]["saved_blocks"] == 3  # tenant b's own copy
+    assert again["counters"]["cpu_hit_tokens"] == 3 * BLOCK
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,9 +1,19 @@
 """TierManager over in-memory 'disk' (a dict standing in for the files), no vLLM, no tensors."""
 import pytest
 
-from kvplug.tiers.manager import TierManager
+from kvplug.tiers.manager import CPU, DISK, Quota, TierManager
 
 U = 100  # unit bytes
+
+
+def plan_saves(m, keys, ns=""):
+    return m.plan_saves(keys, [1.0] * len(keys), ns)
+
+
+def plan_loads(m, keys, ns=""):
+    tiers = m.lookup(keys)
+    assert len(tiers) == len(keys), "plan loads only for keys lookup() found"
+    return m.plan_loads(keys, tiers, [1.0] * len(keys), ns)
 
 
 def k(i: int) -> bytes:
@@ -14,9 +24,9 @@ class FakeDisk(dict):
     def probe(self, key):
         return self.get(key)
 
-    def apply(self, mgr: TierManager, saves=(), ops=None):
+    def apply(self, mgr: TierManager, planned=(), ops=None):
         """Do what the worker does with a step's plans."""
-        for s in saves:
+        for s in planned:
             if s.to_disk:
                 self[s.key] = U
         if ops:
@@ -28,52 +38,52 @@ class FakeDisk(dict):
 
 def test_cpu_only_save_lookup_load_and_lru_eviction():
     m = TierManager(unit_bytes=U, cpu_bytes=3 * U, policy="lru")
-    saves = m.plan_saves([k(1), k(2), k(3)])
+    saves = plan_saves(m, [k(1), k(2), k(3)])
     assert [s.cpu_slot for s in saves] == [0, 1, 2] and not any(s.to_disk for s in saves)
     m.end_step()
-    assert m.lookup([k(1), k(2), k(3), k(4)]) == (3, 0)
-    loads = m.plan_loads([k(1)])  # k1 becomes most recent
-    assert loads[0].cpu_slot == 0
+    assert m.lookup([k(1), k(2), k(3), k(4)]) == [CPU] * 3
+    loads_ = plan_loads(m, [k(1)])  # k1 becomes most recent
+    assert loads_[0].tier == CPU and loads_[0].slot == 0
     m.end_step()
-    (s4,) = m.plan_saves([k(4)])  # evicts the LRU: k2, and takes its slot
+    (s4,) = plan_saves(m, [k(4)])  # evicts the LRU: k2, and takes its slot
     assert s4.cpu_slot == 1
     m.end_step()
-    assert m.lookup([k(2)]) == (0, 0)
-    assert m.lookup([k(1), k(3), k(4)]) == (3, 0)
+    assert m.lookup([k(2)]) == []
+    assert m.lookup([k(1), k(3), k(4)]) == [CPU] * 3
     assert m.counters.take()["cpu_evictions"] == 1
 
 
 def test_lookup_stops_at_first_gap_and_has_no_side_effects():
     m = TierManager(unit_bytes=U, cpu_bytes=4 * U)
-    m.plan_saves([k(1), k(3)])
+    plan_saves(m, [k(1), k(3)])
     m.end_step()
     before = m.counters.take()
-    assert m.lookup([k(1), k(2), k(3)]) == (1, 0)
+    assert m.lookup([k(1), k(2), k(3)]) == [CPU]
     assert m.counters.take() == {k_: 0 for k_ in before}
 
 
 def test_pinned_keys_are_never_evicted_in_their_step():
     m = TierManager(unit_bytes=U, cpu_bytes=2 * U)
-    m.plan_saves([k(1), k(2)])
+    plan_saves(m, [k(1), k(2)])
     m.end_step()
-    m.plan_loads([k(1), k(2)])  # both pinned this step
-    assert m.plan_saves([k(3)]) == []  # no slot can be freed: save dropped, not an error
+    plan_loads(m, [k(1), k(2)])  # both pinned this step
+    assert plan_saves(m, [k(3)]) == []  # no slot can be freed: save dropped, not an error
     m.end_step()
-    assert [s.key for s in m.plan_saves([k(3)])] == [k(3)]
+    assert [s.key for s in plan_saves(m, [k(3)])] == [k(3)]
 
 
 def test_write_through_then_cpu_eviction_leaves_disk_copy_and_disk_hit_promotes():
     disk = FakeDisk()
     m = TierManager(unit_bytes=U, cpu_bytes=2 * U, disk_bytes=10 * U, disk_probe=disk.probe)
-    disk.apply(m, m.plan_saves([k(1), k(2)]), m.end_step())
+    disk.apply(m, plan_saves(m, [k(1), k(2)]), m.end_step())
     assert set(disk) == {k(1), k(2)}
-    disk.apply(m, m.plan_saves([k(3)]), m.end_step())  # evicts k1 from CPU
-    assert m.lookup([k(1), k(2), k(3)]) == (2, 1)  # k1 only on disk now, k2 and k3 in CPU
-    assert m.lookup([k(2), k(3)]) == (2, 0)
-    (load,) = m.plan_loads([k(1)])
-    assert load.cpu_slot == -1 and load.promote_slot >= 0  # disk hit, promoted into CPU
+    disk.apply(m, plan_saves(m, [k(3)]), m.end_step())  # evicts k1 from CPU
+    assert m.lookup([k(1), k(2), k(3)]) == [DISK, CPU, CPU]  # k1 only on disk now
+    assert m.lookup([k(2), k(3)]) == [CPU, CPU]
+    (load,) = plan_loads(m, [k(1)])
+    assert load.tier == DISK and load.slot >= 0  # disk hit, promoted into CPU
     m.end_step()
-    assert m.lookup([k(1)]) == (1, 0)
+    assert m.lookup([k(1)]) == [CPU]
     c = m.counters.take()
     assert c["disk_hits"] == 1 and c["cpu_evictions"] == 2
 
@@ -81,21 +91,21 @@ def test_write_through_then_cpu_eviction_leaves_disk_copy_and_disk_hit_promotes(
 def test_on_evict_mode_demotes_only_when_cpu_evicts():
     disk = FakeDisk()
     m = TierManager(unit_bytes=U, cpu_bytes=1 * U, disk_bytes=10 * U, disk_write="on_evict", disk_probe=disk.probe)
-    saves = m.plan_saves([k(1)])
+    saves = plan_saves(m, [k(1)])
     ops = m.end_step()
     assert not saves[0].to_disk and ops.demotes == []
-    m.plan_saves([k(2)])
+    plan_saves(m, [k(2)])
     ops = m.end_step()
     assert ops.demotes == [(k(1), 0)]  # k1's slot is written to disk before k2 reuses it
     disk.apply(m, (), ops)
-    assert m.lookup([k(1)]) == (0, 1)
+    assert m.lookup([k(1)]) == [DISK]
 
 
 def test_disk_bytes_enforced_by_deleting_victims():
     disk = FakeDisk()
     m = TierManager(unit_bytes=U, cpu_bytes=0, disk_bytes=3 * U, disk_probe=disk.probe, policy="fifo")
     for i in range(1, 6):
-        saves = m.plan_saves([k(i)])
+        saves = plan_saves(m, [k(i)])
         assert saves[0].cpu_slot == -1 and saves[0].to_disk
         disk.apply(m, saves, m.end_step())
     assert set(disk) == {k(3), k(4), k(5)}
@@ -105,12 +115,12 @@ def test_disk_bytes_enforced_by_deleting_victims():
 def test_files_written_by_another_engine_are_found_and_deleted_files_miss():
     disk = FakeDisk({k(7): U})
     m = TierManager(unit_bytes=U, cpu_bytes=2 * U, disk_bytes=5 * U, disk_probe=disk.probe)
-    assert m.lookup([k(7)]) == (0, 1)
-    assert m.plan_saves([k(7)]) == []  # already there: not written again
+    assert m.lookup([k(7)]) == [DISK]
+    assert plan_saves(m, [k(7)]) == []  # already there: not written again
     m.end_step()
     del disk[k(7)]  # removed by the other engine (or found corrupt)
-    assert m.lookup([k(7)]) == (0, 0)
-    assert [s.key for s in m.plan_saves([k(7)])] == [k(7)]  # stale index entry dropped, saved anew
+    assert m.lookup([k(7)]) == []
+    assert [s.key for s in plan_saves(m, [k(7)])] == [k(7)]  # stale index entry dropped, saved anew
 
 
 def test_restore_disk_index_respects_disk_bytes():
@@ -131,11 +141,12 @@ def test_every_policy_runs_a_mixed_trace_within_capacity(policy):
     m = TierManager(unit_bytes=U, cpu_bytes=4 * U, disk_bytes=8 * U, policy=policy, disk_probe=disk.probe)
     for _ in range(300):
         keys = [k(rng.randrange(20)) for _ in range(rng.randrange(1, 4))]
-        n_cpu, n_disk = m.lookup(keys)
-        if n_cpu + n_disk:
-            m.plan_loads(keys[: n_cpu + n_disk])
-        saves = m.plan_saves(keys[n_cpu + n_disk :], costs=[rng.random() * 10 for _ in keys])
-        disk.apply(m, saves, m.end_step())
+        tiers = m.lookup(keys)
+        if tiers:
+            m.plan_loads(keys[: len(tiers)], tiers, [1.0] * len(tiers))
+        rest = keys[len(tiers) :]
+        planned = m.plan_saves(rest, [rng.random() * 10 for _ in rest])
+        disk.apply(m, planned, m.end_step())
         assert m.cpu_used_slots <= 4 and m.disk_used <= 8 * U and len(disk) <= 8
 
 
@@ -144,3 +155,32 @@ def test_bad_arguments():
         TierManager(unit_bytes=0, cpu_bytes=10)
     with pytest.raises(ValueError, match="eviction_policy"):
         TierManager(unit_bytes=U, cpu_bytes=10 * U, policy="random")
+
+
+def test_lookup_batches_the_remote_store_after_the_local_run():
+    asked = []
+
+    def remote(keys):
+        asked.append(list(keys))
+        return [key in (k(2), k(3)) for key in keys]
+
+    m = TierManager(unit_bytes=U, cpu_bytes=4 * U, remote_probe=remote)
+    plan_saves(m, [k(1)])
+    m.end_step()
+    assert m.lookup([k(1), k(2), k(3), k(4), k(2)]) == [CPU, "remote", "remote"]
+    assert asked == [[k(2), k(3), k(4), k(2)]]  # one batch for everything after the local run
+    (l2,) = m.plan_loads([k(2)], ["remote"], [1.0])
+    assert l2.tier == "remote" and l2.slot >= 0  # promoted into CPU
+    assert m.counters.take()["remote_hits"] == 1
+
+
+def test_namespace_quota_evicts_only_its_own_units():
+    m = TierManager(unit_bytes=U, cpu_bytes=6 * U, quotas={"greedy": Quota(cpu_bytes=2 * U)})
+    plan_saves(m, [k(1), k(2)], ns="quiet")
+    m.end_step()
+    for i in range(10, 16):  # the greedy tenant writes 6 units into its 2-unit quota
+        plan_saves(m, [k(i)], ns="greedy")
+        m.end_step()
+    assert m.lookup([k(1), k(2)]) == [CPU, CPU]  # the other tenant kept everything
+    assert m.used_by("greedy")[0] == 2 * U and m.used_by("quiet")[0] == 2 * U
+    assert m.lookup([k(15)]) == [CPU] and m.lookup([k(10)]) == []

@@ -75,7 +75,8 @@ class S3FIFOPolicy(EvictionPolicy):
             scans = (self._scan_small, self._scan_main)
         else:
             scans = (self._scan_main, self._scan_small)
-        for scan in scans:
+        # A last look at M: scanning S may have just promoted the only evictable entries there.
+        for scan in (*scans, self._scan_main):
             found = scan(can_evict)
             if found is not None:
                 return found
