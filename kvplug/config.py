@@ -34,11 +34,32 @@ class TierConfig:
     and restarts see it at once. `on_evict`: written only when the CPU tier evicts it."""
     disk_fsync: bool = False
     """fsync each disk file before it becomes visible (survives power loss, costs throughput)."""
+    remote_url: str | None = None
+    """Redis-protocol store shared across machines (redis://, rediss://, unix://, redis+cluster://;
+    Valkey works too). None disables the remote tier. Every saved block is written to it."""
+    remote_namespace: str = "kvplug"
+    """Prefix of every key kvplug writes in the remote store."""
+    remote_ttl_s: float = 0.0
+    """Expiry of remote entries in seconds (0 = none; the store's own eviction still applies)."""
+    remote_timeout_ms: float = 50.0
+    """A remote lookup or read slower than this is a miss; after a failure the store is left
+    alone for a few seconds (lookups miss at once) and then reconnected."""
+
+
+@dataclass(frozen=True)
+class NamespaceQuota:
+    """Byte caps for the units of one tenant (one cache_salt) in each tier."""
+    cpu_bytes: int | None = None
+    disk_bytes: int | None = None
 
 
 @dataclass(frozen=True)
 class KVPlugConfig:
     tiers: TierConfig = field(default_factory=TierConfig)
+    namespaces: dict[str, NamespaceQuota] = field(default_factory=dict)
+    """Per-tenant quotas, keyed by cache_salt ("" = requests without one):
+    {"tenant-a": {"cpu_bytes": 1e9, "disk_bytes": 1e10}}. A tenant at its quota evicts its own
+    units first, so it cannot push other tenants' KV out."""
     model_id: str | None = None
     """Name of the model in cache keys (default: the served model path). Engines that serve the
     same weights from different paths set the same model_id to share KV."""
@@ -46,7 +67,7 @@ class KVPlugConfig:
     @classmethod
     def from_dict(cls, extra: dict[str, Any] | None) -> "KVPlugConfig":
         extra = dict(extra or {})
-        known = _field_names(TierConfig) | {"model_id"}
+        known = _field_names(TierConfig) | {"model_id", "namespaces"}
         unknown = sorted(set(extra) - known)
         if unknown:
             raise ValueError(
@@ -59,10 +80,25 @@ class KVPlugConfig:
         model_id = extra.get("model_id")
         if model_id is not None and (not isinstance(model_id, str) or not model_id):
             raise ValueError(f"model_id={model_id!r}: must be a non-empty string")
-        return cls(tiers=tiers, model_id=model_id)
+        return cls(tiers=tiers, namespaces=_parse_namespaces(extra.get("namespaces")), model_id=model_id)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.tiers), "model_id": self.model_id}
+        namespaces = {ns: dataclasses.asdict(q) for ns, q in self.namespaces.items()}
+        return {**dataclasses.asdict(self.tiers), "namespaces": namespaces, "model_id": self.model_id}
+
+
+def _parse_namespaces(value: Any) -> dict[str, NamespaceQuota]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"namespaces={value!r}: must map cache_salt -> {{cpu_bytes, disk_bytes}}")
+    out = {}
+    allowed = _field_names(NamespaceQuota)
+    for ns, quota in value.items():
+        if not isinstance(quota, dict) or set(quota) - allowed:
+            raise ValueError(f"namespaces[{ns!r}]={quota!r}: allowed keys are {', '.join(sorted(allowed))}")
+        out[str(ns)] = NamespaceQuota(**{k: _parse_bytes(f"namespaces[{ns!r}].{k}", v) for k, v in quota.items()})
+    return out
 
 
 def _field_names(cls) -> set[str]:
@@ -78,6 +114,10 @@ def _coerce(cls, key: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"{key}={value!r}: allowed values are true, false")
         return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{key}={value!r}: must be a non-negative number")
+        return float(value)
     if value is not None and not isinstance(value, str):
         raise ValueError(f"{key}={value!r}: must be a string")
     return value
@@ -104,8 +144,19 @@ def _validate_tiers(t: TierConfig) -> None:
         if t.disk_bytes <= 0:
             raise ValueError(f"disk_bytes={t.disk_bytes}: must be > 0 when disk_path is set")
         _check_dir_usable(t.disk_path)
-    if t.cpu_bytes == 0 and t.disk_path is None:
-        raise ValueError("cpu_bytes=0 and no disk_path: at least one tier must be enabled")
+    if t.cpu_bytes == 0 and t.disk_path is None and t.remote_url is None:
+        raise ValueError("cpu_bytes=0 and no disk_path or remote_url: at least one tier must be enabled")
+    if t.remote_url is not None:
+        _check_remote_url(t.remote_url)
+    if not t.remote_namespace:
+        raise ValueError("remote_namespace='': must be a non-empty string")
+
+
+def _check_remote_url(url: str) -> None:
+    schemes = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "valkey", "valkeys")
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in schemes or not rest:
+        raise ValueError(f"remote_url={url!r}: must look like redis://host:6379/0 (schemes: {', '.join(schemes)})")
 
 
 def _check_dir_usable(path: str) -> None:

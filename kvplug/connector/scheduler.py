@@ -24,7 +24,7 @@ from kvplug.connector.metadata import KVPlugMetadata
 from kvplug.connector.stats import KVPlugStats
 from kvplug.core.hashing import prefix_block_keys
 from kvplug.tiers.disk import scan_units, unit_path
-from kvplug.tiers.manager import TierManager
+from kvplug.tiers.manager import Quota, TierManager
 
 logger = logging.getLogger("kvplug")
 
@@ -56,16 +56,26 @@ class SchedulerHalf:
             policy=tiers.eviction_policy,
             disk_write=tiers.disk_write,
             disk_probe=self._probe if self._disk_root else None,
+            remote_probe=self._remote_probe() if tiers.remote_url else None,
+            quotas={ns: Quota(q.cpu_bytes, q.disk_bytes) for ns, q in cfg.namespaces.items()},
         )
+        self._remote = tiers.remote_url is not None
         if tiers.cpu_bytes and self.manager.num_slots == 0:
             logger.warning("cpu_bytes=%d holds no %d-byte block: CPU tier disabled", tiers.cpu_bytes, facts.unit_bytes)
         self._reqs: dict[str, _Request] = {}
         self._lookups: dict[str, tuple[int, int, int]] = {}  # req -> (local tokens, n_cpu, n_disk)
         self._meta = KVPlugMetadata()
         self._stats: dict[str, int] = {}
-        self._remote = False
         if self._disk_root:
             self._restore_disk_index()
+
+    def _remote_probe(self):
+        from kvplug.tiers.remote import RemoteIndex  # redis is only needed when configured
+
+        t = self.cfg.tiers
+        self._remote_index = RemoteIndex(t.remote_url, namespace=t.remote_namespace,
+                                         timeout_s=t.remote_timeout_ms / 1000)
+        return lambda keys: self._remote_index.exists_many(list(keys), ranks=self.facts.tp_size)
 
     # ---- disk ----------------------------------------------------------------------------
     def _probe(self, key: bytes) -> int | None:

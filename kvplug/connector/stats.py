@@ -32,6 +32,10 @@ FIELDS = {
     "load_errors": "blocks that could not be loaded (recomputed instead)",
     "disk_corrupt": "disk files found corrupt, truncated or foreign and removed",
     "disk_write_errors": "failed disk writes (disk full, I/O error)",
+    "remote_write_bytes": "bytes written to the remote store",
+    "remote_read_bytes": "bytes read from the remote store",
+    "remote_errors": "remote timeouts, failed writes and writes dropped while the store was down",
+    "remote_corrupt": "remote values found corrupt or foreign and deleted",
 }
 
 

@@ -55,9 +55,15 @@ class WorkerHalf:
         if self.cfg.tiers.disk_path:
             self.disk = DiskStore(Path(self.cfg.tiers.disk_path), self.layout, rank=self.tp_rank,
                                   fsync=self.cfg.tiers.disk_fsync)
-        logger.info("kvplug: %d layers, %d B per block, CPU tier %d blocks (%.2f GB), disk tier %s",
+        t = self.cfg.tiers
+        if t.remote_url:
+            from kvplug.tiers.remote import RemoteStore, redact  # redis is only needed when configured
+
+            self.remote = RemoteStore(t.remote_url, self.layout, rank=self.tp_rank, namespace=t.remote_namespace,
+                                      ttl_s=t.remote_ttl_s, timeout_s=t.remote_timeout_ms / 1000)
+        logger.info("kvplug: %d layers, %d B per block, CPU tier %d blocks (%.2f GB), disk tier %s, remote %s",
                     len(self.caches), self.rows.row_bytes, n_rows, n_rows * self.rows.row_bytes / 1e9,
-                    self.cfg.tiers.disk_path or "off")
+                    t.disk_path or "off", redact(t.remote_url) if t.remote_url else "off")
 
     # ---- before the forward pass --------------------------------------------------------
     def load(self, meta: KVPlugMetadata) -> None:
@@ -168,10 +174,15 @@ class WorkerHalf:
             d = self.disk.stats.take()
             self._count(disk_write_bytes=d.bytes_written, disk_read_bytes=d.bytes_read, disk_corrupt=d.corrupt,
                         disk_write_errors=d.write_errors)
+        if self.remote is not None:
+            r = self.remote.stats.take()
+            self._count(remote_write_bytes=r.bytes_written, remote_read_bytes=r.bytes_read,
+                        remote_errors=r.timeouts + r.write_errors + r.dropped, remote_corrupt=r.corrupt)
         stats, self._stats = KVPlugStats.new(**self._stats), {}
         return None if stats.is_empty() else stats
 
     def close(self) -> None:
-        if self.disk is not None:
-            self.disk.flush()
-            self.disk.close()
+        for store in (self.disk, self.remote):
+            if store is not None:
+                store.flush()
+                store.close()

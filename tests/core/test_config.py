@@ -10,6 +10,8 @@ def test_defaults_and_json_numbers(tmp_path):
     assert (tmp_path / "c").is_dir()
     assert KVPlugConfig.from_dict(None).tiers.eviction_policy == "lru"
     assert KVPlugConfig.from_dict({}).to_dict()["disk_path"] is None
+    q = KVPlugConfig.from_dict({"namespaces": {"t": {"cpu_bytes": 1e9}}}).namespaces["t"]
+    assert q.cpu_bytes == 1_000_000_000 and q.disk_bytes is None
 
 
 @pytest.mark.parametrize(
@@ -26,7 +28,14 @@ def test_defaults_and_json_numbers(tmp_path):
         ({"disk_fsync": "yes"}, "disk_fsync='yes': allowed values are true, false"),
         ({"disk_path": ""}, "disk_path"),
         ({"cpu_bytes": 0}, "at least one tier"),
+        ({"remote_namespace": ""}, "remote_namespace"),
         ({"model_id": ""}, "model_id"),
+        ({"remote_url": "http://x"}, "remote_url='http://x': must look like redis://"),
+        ({"remote_ttl_s": -1}, "remote_ttl_s=-1"),
+        ({"remote_timeout_ms": "fast"}, "remote_timeout_ms='fast'"),
+        ({"namespaces": ["a"]}, "namespaces"),
+        ({"namespaces": {"a": {"cpu": 1}}}, r"namespaces\['a'\].*allowed keys are cpu_bytes, disk_bytes"),
+        ({"namespaces": {"a": {"cpu_bytes": -5}}}, r"namespaces\['a'\].cpu_bytes=-5"),
     ],
 )
 def test_bad_values_name_the_key_and_allowed_values(extra, match):
@@ -52,5 +61,5 @@ def test_every_key_is_documented_in_the_readme():
     from kvplug.config import TierConfig
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for name in [f.name for f in dataclasses.fields(TierConfig)] + ["model_id"]:
+    for name in [f.name for f in dataclasses.fields(TierConfig)] + ["model_id", "namespaces"]:
         assert f"| `{name}` |" in readme, name
