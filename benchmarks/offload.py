@@ -339,11 +339,56 @@ def main(argv=None) -> int:
         runs[name] = run_config(name, extra, args, docs, tok, env, serve_args, work)
         shutil.rmtree(work / "disk", ignore_errors=True)
     report = build_report(args, runs, lengths, source, sz, serve_args, time.monotonic() - t_all)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1) + "\n")  # kept if the replay fails
+    report["mismatch_replay"] = explain_mismatches(args, report["configs"], docs, tok, env, serve_args, work)
+    report["wall_s_with_replay"] = time.monotonic() - t_all
     print_report(report)
+    print_replay(report["mismatch_replay"])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.json} (wall {report['wall_s']:.0f} s)")
     return 0
+
+
+def explain_mismatches(args, stats, docs, tok, env, serve_args, log_dir) -> list[dict]:
+    """Replay each prompt whose kvplug output differs from vLLM alone's on a vLLM-alone
+    server with a cache big enough to keep it: first a recompute, then the same prompt again,
+    now a hit in vLLM's OWN prefix cache (the same split kvplug produces: cached prefix
+    blocks + computed tail). If kvplug's text equals vLLM's own prefix-hit text, the
+    difference is vLLM's numerics for that split (e.g. a bf16 tie), not kvplug's KV."""
+    from openai import OpenAI
+
+    keys = sorted({(m["round"], m["doc"]) for s in stats.values() for m in s["mismatch_detail"]})
+    if not keys:
+        return []
+    big = [a for a in serve_args]
+    big[big.index("--kv-cache-memory-bytes") + 1] = str(1 << 30)
+    out = []
+    print(f"== replaying {len(keys)} mismatched prompts on vLLM alone (prefix hit vs recompute)")
+    import requests
+
+    dev_env = {**env, "VLLM_SERVER_DEV_MODE": "1"}  # enables POST /reset_prefix_cache
+    with serving.start_server(args.model, None, dev_env, None, log_dir / "replay.log", big, cwd=log_dir) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=900)
+        for rnd, d in keys:
+            prompt = docs[d] + question_ids(tok, d, rnd)
+            res = {}
+            requests.post(f"{url}/reset_prefix_cache", timeout=60).raise_for_status()
+            for kind in ("recompute", "vllm_prefix_hit"):
+                r = client.completions.create(model=args.model, prompt=prompt, max_tokens=args.max_tokens,
+                                              temperature=0, logprobs=3)
+                c = r.choices[0]
+                res[kind] = {"text": c.text, "first_token_top3": c.logprobs.top_logprobs[0]
+                             if c.logprobs and c.logprobs.top_logprobs else None}
+            kv = {n: [m["got"] for m in s["mismatch_detail"] if (m["round"], m["doc"]) == (rnd, d)]
+                  for n, s in stats.items()}
+            res.update(round=rnd, doc=d, kvplug_texts=kv,
+                       kvplug_equals_vllm_prefix_hit=all(t == res["vllm_prefix_hit"]["text"]
+                                                         for ts in kv.values() for t in ts))
+            print(f"  round {rnd} doc {d}: {res}", flush=True)
+            out.append(res)
+    return out
 
 
 def build_report(args, runs, lengths, source, sz, serve_args, wall_s) -> dict:
@@ -403,6 +448,14 @@ def print_report(report: dict) -> None:
     for n, s in report["configs"].items():
         for m in s["mismatch_detail"]:
             print(f"MISMATCH {n} round {m['round']} doc {m['doc']}: got {m['got']!r} want {m['want']!r}")
+
+
+def print_replay(replay: list[dict]) -> None:
+    for r in replay:
+        print(f"replay round {r['round']} doc {r['doc']}: vLLM alone recompute "
+              f"{r['recompute']['text']!r} (top-3 {r['recompute']['first_token_top3']}), vLLM's own "
+              f"prefix hit {r['vllm_prefix_hit']['text']!r} (top-3 {r['vllm_prefix_hit']['first_token_top3']}); "
+              f"kvplug equals vLLM's own prefix hit: {r['kvplug_equals_vllm_prefix_hit']}")
 
 
 if __name__ == "__main__":
