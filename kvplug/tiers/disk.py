@@ -28,12 +28,13 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from kvplug.tiers.counters import Counters
 from kvplug.tiers.disk_format import (KEY_BYTES, CorruptUnit, Header, checksum, encode_header,
                                       read_header, verify)
 
@@ -57,7 +58,7 @@ def unit_path(root: Path, key: bytes, rank: int) -> Path:
 
 
 @dataclass
-class DiskStats:
+class DiskStats(Counters):
     """Counters of one DiskStore. Only add() and take() touch them, under the lock (two threads write).
 
     puts: put() calls; bytes_written: bytes of files written; write_errors: failed writes/deletes;
@@ -74,21 +75,6 @@ class DiskStats:
     bytes_read: int = 0
     corrupt: int = 0
     deletes: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **deltas: int) -> None:
-        with self._lock:
-            for name, d in deltas.items():
-                setattr(self, name, getattr(self, name) + d)
-
-    def take(self) -> "DiskStats":
-        """The counts since the previous take() (or creation), which are then reset to zero."""
-        with self._lock:
-            names = [f.name for f in fields(self) if not f.name.startswith("_")]
-            snap = DiskStats(**{n: getattr(self, n) for n in names})
-            for n in names:
-                setattr(self, n, 0)
-        return snap
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
+from kvplug.tiers.counters import Counters
 from kvplug.tiers.disk_format import KEY_BYTES, CorruptUnit, checksum, decode_unit, encode_header
 
 logger = logging.getLogger("kvplug")
@@ -177,7 +178,7 @@ class _Remote:
 
 
 @dataclass
-class RemoteStats:
+class RemoteStats(Counters):
     """Counters of one RemoteStore; only add() and take() touch them, under the lock.
 
     puts: put() calls; bytes_written: value bytes SET; write_errors: failed SETs/DELs; dropped: puts not
@@ -197,21 +198,6 @@ class RemoteStats:
     timeouts: int = 0
     skipped: int = 0
     deletes: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **deltas: int) -> None:
-        with self._lock:
-            for name, d in deltas.items():
-                setattr(self, name, getattr(self, name) + d)
-
-    def take(self) -> "RemoteStats":
-        """The counts since the previous take() (or creation), which are then reset to zero."""
-        with self._lock:
-            names = [f.name for f in fields(self) if not f.name.startswith("_")]
-            snap = RemoteStats(**{n: getattr(self, n) for n in names})
-            for n in names:
-                setattr(self, n, 0)
-        return snap
 
 
 def _check_payload(payload) -> None:
