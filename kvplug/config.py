@@ -10,8 +10,8 @@ start-up with a ValueError that names the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,7 +115,7 @@ def _coerce(cls, key: str, value: Any) -> Any:
             raise ValueError(f"{key}={value!r}: allowed values are true, false")
         return value
     if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= sys.float_info.max:
             raise ValueError(f"{key}={value!r}: must be a non-negative number")
         return float(value)
     if value is not None and not isinstance(value, str):
@@ -126,7 +126,7 @@ def _coerce(cls, key: str, value: Any) -> Any:
 def _parse_bytes(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{key}={value!r}: must be a number of bytes, e.g. 4e9")
-    if not math.isfinite(value) or value < 0 or value != int(value):
+    if not 0 <= value <= sys.float_info.max or value != int(value):  # also NaN, inf, ints past float range
         raise ValueError(f"{key}={value!r}: must be a whole, non-negative number of bytes")
     return int(value)
 
