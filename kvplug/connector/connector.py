@@ -31,7 +31,7 @@ class KVPlugConnector(KVConnectorBase_V1):
 
             # A cache is best-effort: a unit that cannot be read is recomputed, never a failed request.
             ktc.kv_load_failure_policy = "recompute"
-            self._scheduler = SchedulerHalf(self.cfg, self.facts)
+            self._scheduler = SchedulerHalf(self.cfg, self.facts, load=ktc.is_kv_consumer, save=ktc.is_kv_producer)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 

@@ -45,8 +45,10 @@ class _Request:
 
 
 class SchedulerHalf:
-    def __init__(self, cfg: KVPlugConfig, facts: EngineFacts):
+    def __init__(self, cfg: KVPlugConfig, facts: EngineFacts, *, load: bool = True, save: bool = True):
+        """load/save: the kv_role - kv_both does both, kv_producer only saves, kv_consumer only loads."""
         self.cfg, self.facts, self.bs = cfg, facts, facts.block_size
+        self._load_enabled, self._save_enabled = load, save
         tiers = cfg.tiers
         self._disk_root = Path(tiers.disk_path) if tiers.disk_path else None
         self.manager = TierManager(
@@ -63,7 +65,7 @@ class SchedulerHalf:
         if tiers.cpu_bytes and self.manager.num_slots == 0:
             logger.warning("cpu_bytes=%d holds no %d-byte block: CPU tier disabled", tiers.cpu_bytes, facts.unit_bytes)
         self._reqs: dict[str, _Request] = {}
-        self._lookups: dict[str, tuple[int, int, int]] = {}  # req -> (local tokens, n_cpu, n_disk)
+        self._lookups: dict[str, tuple[int, list[str]]] = {}  # req -> (local tokens, tier per hit block)
         self._meta = KVPlugMetadata()
         self._stats: dict[str, int] = {}
         if self._disk_root:
@@ -104,7 +106,7 @@ class SchedulerHalf:
         return st
 
     def num_matched(self, request, num_computed: int) -> int:
-        if num_computed % self.bs or request.prompt_token_ids is None:
+        if not self._load_enabled or num_computed % self.bs or request.prompt_token_ids is None:
             return 0
         st = self._request(request)
         # vLLM must compute at least the last prompt token itself.
@@ -155,6 +157,8 @@ class SchedulerHalf:
         return meta
 
     def _plan_saves(self, st: _Request, computed: int) -> None:
+        if not self._save_enabled:
+            return
         full = min(min(computed, st.prompt_len) // self.bs, len(st.keys), len(st.block_ids))
         if full <= st.saved_upto:
             return
