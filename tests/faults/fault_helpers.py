@@ -189,7 +189,7 @@ class StepDriver:
         self.n_steps, self.env = len(spec["steps"]), env
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "StepDriver":
+    def start(self) -> StepDriver:
         with open(self.log, "w") as f:
             # Own session: kill() takes the engine-core child with it.
             self.proc = subprocess.Popen([sys.executable, __file__, "drive", str(self.spec_path), str(self.ctrl)],
