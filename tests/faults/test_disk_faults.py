@@ -21,27 +21,9 @@ from kvplug.tiers.disk import DiskStore, ScanStats, scan_units
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from fault_helpers import (
-    LAYOUT,
-    mount_readonly,
-    mount_tmpfs,
-    shared_baseline,
-    unit_key,
-    unit_payload,
-)
-from test_offload_e2e import (  # noqa: F401
-    BLOCK,
-    DRIVER,
-    ENV,
-    P1,
-    P2,
-    P3,
-    assert_same_outputs,
-    drive,
-    model,
-    n_blocks,
-    unit_bytes,
-)
+from fault_helpers import LAYOUT, mount_readonly, mount_tmpfs, shared_baseline, unit_key, unit_payload
+from test_offload_e2e import (BLOCK, DRIVER, ENV, P1, P2, P3, assert_same_outputs, drive, model, n_blocks,  # noqa: F401
+                              unit_bytes)
 
 HELPERS = str(Path(__file__).with_name("fault_helpers.py"))
 REPO = Path(__file__).resolve().parents[2]

@@ -16,17 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from fault_helpers import StepDriver, shared_baseline
 from redis_server import RedisServer
-from test_offload_e2e import (  # noqa: F401
-    BLOCK,
-    ENV,
-    P1,
-    P2,
-    P3,
-    assert_same_outputs,
-    model,
-    n_blocks,
-    unit_bytes,
-)
+from test_offload_e2e import BLOCK, ENV, P1, P2, P3, assert_same_outputs, model, n_blocks, unit_bytes  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 BREAKER_S = 5.0  # RemoteStore / RemoteIndex default back-off after a failure
