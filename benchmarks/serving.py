@@ -131,6 +131,8 @@ def start_server(model: str, extra_config: dict | None, env: dict | None, port: 
     port = port or free_port()
     env = dict(os.environ if env is None else env)
     env.pop("TRITON_INTERPRET", None)
+    if "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env:
+        env = same_cpu_threads_env(env)  # every configuration computes on the same cores
     env.setdefault("PYTHONUNBUFFERED", "1")
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
