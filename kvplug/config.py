@@ -48,9 +48,10 @@ class TierConfig:
 
 @dataclass(frozen=True)
 class NamespaceQuota:
-    """Byte caps for the units of one tenant (one cache_salt) in each tier."""
+    """Byte caps for the units of one tenant (one cache_salt) in each tier, and their lifetime."""
     cpu_bytes: int | None = None
     disk_bytes: int | None = None
+    ttl_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,9 @@ class KVPlugConfig:
     tiers: TierConfig = field(default_factory=TierConfig)
     namespaces: dict[str, NamespaceQuota] = field(default_factory=dict)
     """Per-tenant quotas, keyed by cache_salt ("" = requests without one):
-    {"tenant-a": {"cpu_bytes": 1e9, "disk_bytes": 1e10}}. A tenant at its quota evicts its own
-    units first, so it cannot push other tenants' KV out."""
+    {"tenant-a": {"cpu_bytes": 1e9, "disk_bytes": 1e10, "ttl_s": 3600}}. A tenant at its quota
+    evicts its own units first, so it cannot push other tenants' KV out; past ttl_s its units are
+    not served (and expire in the remote store)."""
     model_id: str | None = None
     """Name of the model in cache keys (default: the served model path). Engines that serve the
     same weights from different paths set the same model_id to share KV."""
@@ -97,8 +99,16 @@ def _parse_namespaces(value: Any) -> dict[str, NamespaceQuota]:
     for ns, quota in value.items():
         if not isinstance(quota, dict) or set(quota) - allowed:
             raise ValueError(f"namespaces[{ns!r}]={quota!r}: allowed keys are {', '.join(sorted(allowed))}")
-        out[str(ns)] = NamespaceQuota(**{k: _parse_bytes(f"namespaces[{ns!r}].{k}", v) for k, v in quota.items()})
+        out[str(ns)] = NamespaceQuota(**{k: _parse_quota_value(f"namespaces[{ns!r}].{k}", v) for k, v in quota.items()})
     return out
+
+
+def _parse_quota_value(key: str, value: Any) -> int | float:
+    if not key.endswith(".ttl_s"):
+        return _parse_bytes(key, value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= sys.float_info.max:
+        raise ValueError(f"{key}={value!r}: must be a positive number of seconds")
+    return float(value)
 
 
 def _field_names(cls) -> set[str]:

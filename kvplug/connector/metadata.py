@@ -15,8 +15,9 @@ class KVPlugMetadata(KVConnectorMetadata):
     # (request id, key, gpu block, source tier "cpu"|"disk"|"remote",
     #  cpu: the source slot; disk/remote: the CPU slot to promote into, or -1)
     loads: list[tuple[str, bytes, int, str, int]] = field(default_factory=list)
-    # (request id, key, gpu block, cpu slot or -1, write to disk, write to remote)
-    saves: list[tuple[str, bytes, int, int, bool, bool]] = field(default_factory=list)
+    # (request id, key, gpu block, cpu slot or -1, write to disk, write to remote,
+    #  remote TTL in seconds: the tenant's own, or 0 for the store's default)
+    saves: list[tuple[str, bytes, int, int, bool, bool, float]] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (self.demotes or self.disk_deletes or self.loads or self.saves)

@@ -59,7 +59,7 @@ class SchedulerHalf:
             disk_write=tiers.disk_write,
             disk_probe=self._probe if self._disk_root else None,
             remote_probe=self._remote_probe() if tiers.remote_url else None,
-            quotas={ns: Quota(q.cpu_bytes, q.disk_bytes) for ns, q in cfg.namespaces.items()},
+            quotas={ns: Quota(q.cpu_bytes, q.disk_bytes, q.ttl_s) for ns, q in cfg.namespaces.items()},
         )
         self._remote = tiers.remote_url is not None
         if tiers.cpu_bytes and self.manager.num_slots == 0:
@@ -166,9 +166,10 @@ class SchedulerHalf:
         by_key = {st.keys[i]: st.block_ids[i] for i in range(first, full)}
         plan = self.manager.plan_saves(st.keys[first:full], self._costs(first, full - first), st.namespace,
                                        to_remote=self._remote)
+        ttl = self.manager.ttls.get(st.namespace, 0.0)
         for save in plan:
             self._meta.saves.append((st.req_id, save.key, by_key[save.key], save.cpu_slot, save.to_disk,
-                                     save.to_remote))
+                                     save.to_remote, ttl))
         st.saved_upto = full
 
     def _costs(self, first: int, n: int) -> list[float]:

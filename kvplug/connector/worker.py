@@ -129,30 +129,30 @@ class WorkerHalf:
             self._redo += [(req, key) for req, key, *_ in meta.saves]
             return
         start = time.perf_counter()
-        to_rows = [(slot, block) for _, _, block, slot, _, _ in meta.saves if slot >= 0]
+        to_rows = [(slot, block) for _, _, block, slot, *_ in meta.saves if slot >= 0]
         self.rows.store([s for s, _ in to_rows], self.caches, [b for _, b in to_rows])
-        direct = [(block, d, r) for _, _, block, slot, d, r in meta.saves if slot < 0 and (d or r)]
+        direct = [(block, d, r) for _, _, block, slot, d, r, _ in meta.saves if slot < 0 and (d or r)]
         staging = BlockRows.allocate(self.rows.templates, len(direct))
         staging.store(list(range(len(direct))), self.caches, [b for b, _, _ in direct])
         n_direct = 0
-        for _, key, _, slot, to_disk, to_remote in meta.saves:
+        for _, key, _, slot, to_disk, to_remote, ttl in meta.saves:
             if slot >= 0:
                 self._row_keys[slot] = key
                 if to_disk or to_remote:
                     # The row can be reused by a later step before the write ends: write a copy.
-                    self._put(key, self.rows.row(slot).clone(), to_disk, to_remote)
+                    self._put(key, self.rows.row(slot).clone(), to_disk, to_remote, ttl)
             elif to_disk or to_remote:
-                self._put(key, staging.row(n_direct), to_disk, to_remote)
+                self._put(key, staging.row(n_direct), to_disk, to_remote, ttl)
                 n_direct += 1
         self._count(saved_blocks=len(meta.saves), save_bytes=len(meta.saves) * self.rows.row_bytes,
                     save_seconds=time.perf_counter() - start)
 
-    def _put(self, key: bytes, payload: torch.Tensor, to_disk: bool, to_remote: bool) -> None:
+    def _put(self, key: bytes, payload: torch.Tensor, to_disk: bool, to_remote: bool, ttl: float = 0.0) -> None:
         """Queue asynchronous writes; the stores only read `payload`, which nobody modifies."""
         if to_disk and self.disk is not None:
             self.disk.put(key, payload)
         if to_remote and self.remote is not None:
-            self.remote.put(key, payload)
+            self.remote.put(key, payload, ttl_s=ttl or None)
 
     # ---- reporting ----------------------------------------------------------------------
     def take_worker_meta(self) -> KVPlugWorkerMeta | None:

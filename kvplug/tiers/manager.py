@@ -23,6 +23,7 @@ Methods:
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -75,6 +76,7 @@ class Counters:
 class Quota:
     cpu_bytes: int | None = None
     disk_bytes: int | None = None
+    ttl_s: float | None = None  # units of the namespace older than this are not served
 
 
 class TierManager:
@@ -89,6 +91,7 @@ class TierManager:
         disk_probe: DiskProbe | None = None,
         remote_probe: RemoteProbe | None = None,
         quotas: Mapping[str, Quota] | None = None,
+        clock=time.monotonic,
     ):
         if unit_bytes <= 0:
             raise ValueError(f"unit_bytes={unit_bytes}: must be > 0")
@@ -100,10 +103,13 @@ class TierManager:
         self._probe, self._remote_probe = disk_probe, remote_probe
         self._slots: dict[bytes, int] = {}
         self._free_slots = list(range(self.num_slots - 1, -1, -1))
+        self.ttls = {ns: q.ttl_s for ns, q in quotas.items() if q.ttl_s}
         self._cpu = TierIndex(self.num_slots * unit_bytes, unit_bytes, policy,
-                              {ns: q.cpu_bytes for ns, q in quotas.items() if q.cpu_bytes is not None})
+                              {ns: q.cpu_bytes for ns, q in quotas.items() if q.cpu_bytes is not None},
+                              self.ttls, clock)
         self._disk = TierIndex(disk_bytes if self.disk_enabled else 0, unit_bytes, policy,
-                               {ns: q.disk_bytes for ns, q in quotas.items() if q.disk_bytes is not None})
+                               {ns: q.disk_bytes for ns, q in quotas.items() if q.disk_bytes is not None},
+                               self.ttls, clock)
         self._pinned: set[bytes] = set()
         self._ops = StepOps()
         self.counters = Counters()
@@ -114,6 +120,8 @@ class TierManager:
         once, in a batch, for the keys after the local run."""
         tiers = []
         for key in keys:
+            if self._cpu.expired(key) or self._disk.expired(key):
+                break
             if key in self._slots:
                 tiers.append(CPU)
             elif self._on_disk(key):
@@ -134,6 +142,11 @@ class TierManager:
 
     def _present(self, key: bytes, ns: str) -> bool:
         """Whether a save of `key` would be redundant; syncs the disk index with the files."""
+        if self._cpu.expired(key) or self._disk.expired(key):
+            if key in self._disk:
+                self._ops.disk_deletes.append(key)
+            self.forget(key)  # past its tenant's TTL: drop it and save it afresh
+            return False
         if key in self._slots:
             return True
         if not self.disk_enabled:

@@ -281,8 +281,9 @@ class RemoteStore:
 
     # ---- caller side -------------------------------------------------------------------------
 
-    def put(self, key: bytes, payload: torch.Tensor) -> None:
-        """Queue a SET; `payload` is kept by reference, so the caller must not modify it again."""
+    def put(self, key: bytes, payload: torch.Tensor, ttl_s: float | None = None) -> None:
+        """Queue a SET; `payload` is kept by reference, so the caller must not modify it again.
+        `ttl_s` overrides the store's expiry for this unit (a tenant's own TTL)."""
         _check_key(key)
         _check_payload(payload)
         self.stats.add(puts=1)
@@ -293,7 +294,8 @@ class RemoteStore:
                 self.stats.add(dropped=1)
                 return
             self._pending_bytes += payload.nbytes
-            self._enqueue(_PUT, key, payload)
+            ttl_ms = self._ttl_ms if ttl_s is None else (max(1, round(ttl_s * 1000)) if ttl_s > 0 else None)
+            self._enqueue(_PUT, key, payload, ttl_ms)
 
     def delete(self, key: bytes) -> None:
         _check_key(key)
@@ -348,11 +350,11 @@ class RemoteStore:
         if self._closed:
             raise RuntimeError(f"RemoteStore of rank {self.rank} is closed")
 
-    def _enqueue(self, kind: str, key: bytes, tensor: torch.Tensor | None) -> None:
+    def _enqueue(self, kind: str, key: bytes, tensor: torch.Tensor | None, ttl_ms: int | None = None) -> None:
         # Under self._lock, so queue order and _inflight agree.
         self._seq += 1
         self._inflight[key] = (self._seq, tensor)
-        self._queue.put((kind, key, tensor, self._seq))
+        self._queue.put((kind, key, tensor, self._seq, ttl_ms))
 
     # ---- reads -------------------------------------------------------------------------------
 
@@ -409,9 +411,9 @@ class RemoteStore:
             try:
                 if op is None:
                     return
-                kind, key, tensor, seq = op
+                kind, key, tensor, seq, ttl_ms = op
                 try:
-                    self._carry_out(kind, key, tensor)
+                    self._carry_out(kind, key, tensor, ttl_ms)
                 finally:
                     self._release(key, seq, tensor)
             except Exception:  # a bug must not kill the writer, or flush() would wait forever
@@ -428,7 +430,7 @@ class RemoteStore:
             if tensor is not None:
                 self._pending_bytes -= tensor.nbytes
 
-    def _carry_out(self, kind: str, key: bytes, tensor: torch.Tensor | None) -> None:
+    def _carry_out(self, kind: str, key: bytes, tensor: torch.Tensor | None, ttl_ms: int | None) -> None:
         if not self.breaker.allow():  # the server went away after this op was queued
             self.stats.add(**({"dropped": 1} if kind == _PUT else {"write_errors": 1}))
             return
@@ -437,7 +439,7 @@ class RemoteStore:
             if kind == _PUT:
                 value = encode_value(key, self.layout, tensor)
                 # A memoryview: redis-py before 8 accepts bytes and memoryview but not bytearray.
-                client.set(self._rkey(key), memoryview(value), px=self._ttl_ms)
+                client.set(self._rkey(key), memoryview(value), px=ttl_ms)
                 self.stats.add(bytes_written=len(value))
             else:
                 client.delete(self._rkey(key))

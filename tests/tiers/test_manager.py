@@ -184,3 +184,22 @@ def test_namespace_quota_evicts_only_its_own_units():
     assert m.lookup([k(1), k(2)]) == [CPU, CPU]  # the other tenant kept everything
     assert m.used_by("greedy")[0] == 2 * U and m.used_by("quiet")[0] == 2 * U
     assert m.lookup([k(15)]) == [CPU] and m.lookup([k(10)]) == []
+
+
+def test_namespace_ttl_stops_serving_old_units_and_they_are_saved_afresh():
+    now = [0.0]
+    disk = FakeDisk()
+    m = TierManager(unit_bytes=U, cpu_bytes=4 * U, disk_bytes=8 * U, disk_probe=disk.probe,
+                    quotas={"short": Quota(ttl_s=10)}, clock=lambda: now[0])
+    disk.apply(m, plan_saves(m, [k(1)], ns="short"), m.end_step())
+    disk.apply(m, plan_saves(m, [k(2)], ns="long"), m.end_step())
+    now[0] = 5
+    assert m.lookup([k(1)]) == [CPU] and m.lookup([k(2)]) == [CPU]
+    now[0] = 11
+    assert m.lookup([k(1)]) == []  # past the tenant's TTL: a miss in every tier
+    assert m.lookup([k(2)]) == [CPU]  # other tenants unaffected
+    (again,) = plan_saves(m, [k(1)], ns="short")  # recomputed KV replaces it
+    ops = m.end_step()
+    assert k(1) in ops.disk_deletes and again.cpu_slot >= 0
+    disk.apply(m, [again], None)
+    assert m.lookup([k(1)]) == [CPU]

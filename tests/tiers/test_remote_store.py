@@ -204,6 +204,14 @@ def test_ttl_expires_units(server, ns, raw):
         assert raw.ttl(redis_key(ns, key, 0)) == -1  # ttl_s=0: no expiry
 
 
+def test_per_put_ttl_overrides_the_store_default(server, ns, raw):
+    with make_store(server, ns) as store:  # no default expiry
+        key, payload = rand_key(), rand_payload(3000)
+        store.put(key, payload, ttl_s=5)  # a tenant's own TTL
+        store.flush()
+        assert 0 < raw.pttl(redis_key(ns, key, 0)) <= 5000
+
+
 def test_namespaces_never_see_each_other(server, ns):
     with make_store(server, ns + "a") as a, make_store(server, ns + "b") as b:
         key = rand_key()
