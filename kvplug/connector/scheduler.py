@@ -32,6 +32,9 @@ logger = logging.getLogger("kvplug")
 # length at which attention costs as much as the block's own linear layers (a rough,
 # model-independent split, used only to rank units for the cost_aware policy).
 _ATTN_EQUAL_CONTEXT = 4096
+# Bytes charged per disk file on top of its payload: the header is a few hundred bytes to a
+# few KiB (it lists every layer's block shape). Overcharging keeps disk_bytes a true bound.
+DISK_HEADER_ALLOWANCE = 4096
 
 
 @dataclass
@@ -54,6 +57,7 @@ class SchedulerHalf:
         self.manager = TierManager(
             unit_bytes=facts.unit_bytes,
             cpu_bytes=tiers.cpu_bytes,
+            disk_unit_bytes=(facts.unit_bytes + DISK_HEADER_ALLOWANCE) * facts.tp_size,
             disk_bytes=tiers.disk_bytes if self._disk_root else 0,
             policy=tiers.eviction_policy,
             disk_write=tiers.disk_write,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,10 @@ from kvplug.tiers.index import TierIndex
 DiskProbe = Callable[[bytes], "int | None"]
 RemoteProbe = Callable[[Sequence[bytes]], Sequence[bool]]
 CPU, DISK, REMOTE = "cpu", "disk", "remote"
+# How long a unit we deleted is treated as gone even if its file is still seen: far longer
+# than the worker's asynchronous delete takes, short enough that another engine's rewrite
+# of the same unit is soon picked up.
+_DELETE_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ class TierManager:
         *,
         unit_bytes: int,
         cpu_bytes: int,
+        disk_unit_bytes: int | None = None,
         disk_bytes: int = 0,
         policy: str = "lru",
         disk_write: str = "through",
@@ -98,7 +104,10 @@ class TierManager:
         quotas = quotas or {}
         self.unit_bytes = unit_bytes
         self.num_slots = cpu_bytes // unit_bytes
-        self.disk_enabled = disk_probe is not None and disk_bytes >= unit_bytes
+        # On disk a unit also has a header (and one file per tensor-parallel rank): the caller
+        # says what a unit costs there, so that disk_bytes bounds the real directory size.
+        disk_unit = disk_unit_bytes or unit_bytes
+        self.disk_enabled = disk_probe is not None and disk_bytes >= disk_unit
         self.write_through = disk_write == "through"
         self._probe, self._remote_probe = disk_probe, remote_probe
         self._slots: dict[bytes, int] = {}
@@ -107,12 +116,16 @@ class TierManager:
         self._cpu = TierIndex(self.num_slots * unit_bytes, unit_bytes, policy,
                               {ns: q.cpu_bytes for ns, q in quotas.items() if q.cpu_bytes is not None},
                               self.ttls, clock)
-        self._disk = TierIndex(disk_bytes if self.disk_enabled else 0, unit_bytes, policy,
+        self._disk = TierIndex(disk_bytes if self.disk_enabled else 0, disk_unit, policy,
                                {ns: q.disk_bytes for ns, q in quotas.items() if q.disk_bytes is not None},
                                self.ttls, clock)
         self._pinned: set[bytes] = set()
         self._ops = StepOps()
         self.counters = Counters()
+        # Units whose deletion we queued: the worker deletes asynchronously, and until it has,
+        # the file is still there for the probe to find. key -> when the delete was planned.
+        self._clock = clock
+        self._deleted: OrderedDict[bytes, float] = OrderedDict()
 
     # ---- queries -------------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes]) -> list[str]:
@@ -137,8 +150,15 @@ class TierManager:
         return tiers
 
     def _on_disk(self, key: bytes) -> bool:
-        # The file system is the truth: another engine may have written or deleted it.
-        return self.disk_enabled and self._probe(key) is not None
+        # The file system is the truth (another engine may have written or deleted the unit),
+        # except for a unit we have just deleted ourselves.
+        return self.disk_enabled and not self._recently_deleted(key) and self._probe(key) is not None
+
+    def _recently_deleted(self, key: bytes) -> bool:
+        now = self._clock()
+        while self._deleted and now - next(iter(self._deleted.values())) > _DELETE_GRACE_S:
+            self._deleted.popitem(last=False)
+        return key in self._deleted
 
     def _present(self, key: bytes, ns: str) -> bool:
         """Whether a save of `key` would be redundant; syncs the disk index with the files."""
@@ -151,8 +171,8 @@ class TierManager:
             return True
         if not self.disk_enabled:
             return False
-        if self._probe(key) is None:
-            self.forget(key)  # deleted by another engine, or removed as corrupt
+        if self._recently_deleted(key) or self._probe(key) is None:
+            self.forget(key)  # deleted by us or another engine, or removed as corrupt
             return False
         return self._admit_disk(key, ns, 1.0)
 
@@ -160,8 +180,9 @@ class TierManager:
     def plan_loads(self, keys: Sequence[bytes], tiers: Sequence[str], costs: Sequence[float], ns: str = "") -> list[Load]:
         """Loads for keys that lookup() placed in `tiers` (one entry per key)."""
         loads = []
+        # Pin all first: admitting one unit into a full tier must not evict the next one.
+        self._pinned.update(keys)
         for key, tier, cost in zip(keys, tiers, costs, strict=True):
-            self._pinned.add(key)
             if key in self._slots:  # also a unit promoted earlier in this same plan
                 self._cpu.touch(key)
                 self.counters.cpu_hits += 1
@@ -172,8 +193,10 @@ class TierManager:
                 # and vLLM recomputes.
                 tier = DISK
             if tier == DISK:
-                self._admit_disk(key, ns, cost)
-                self._disk.touch(key)
+                # Not admitted when the tier is full of this step's pinned units: the file is
+                # still read, it just stays out of our accounting.
+                if self._admit_disk(key, ns, cost):
+                    self._disk.touch(key)
                 self.counters.disk_hits += 1
             else:
                 self.counters.remote_hits += 1
@@ -237,7 +260,12 @@ class TierManager:
         if not self.disk_enabled:
             return False
         admitted, evicted = self._disk.admit(key, ns, cost, self._pinned)
-        self._ops.disk_deletes += [victim for victim, _ in evicted]
+        for victim, _ in evicted:
+            self._ops.disk_deletes.append(victim)
+            self._deleted[victim] = self._clock()
+            self._deleted.move_to_end(victim)
+        if admitted:
+            self._deleted.pop(key, None)
         self.counters.disk_evictions += len(evicted)
         return admitted
 

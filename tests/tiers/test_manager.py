@@ -203,3 +203,38 @@ def test_namespace_ttl_stops_serving_old_units_and_they_are_saved_afresh():
     assert k(1) in ops.disk_deletes and again.cpu_slot >= 0
     disk.apply(m, [again], None)
     assert m.lookup([k(1)]) == [CPU]
+
+
+def test_a_unit_we_deleted_is_not_found_while_its_file_lingers():
+    """The worker deletes asynchronously: the file may outlive the plan that deleted it."""
+    now = [0.0]
+    disk = FakeDisk()
+    m = TierManager(unit_bytes=U, cpu_bytes=0, disk_bytes=2 * U, disk_probe=disk.probe, policy="fifo",
+                    clock=lambda: now[0])
+    for i in (1, 2, 3):
+        disk.apply(m, plan_saves(m, [k(i)]), None)  # deletes NOT applied: files linger
+        m.end_step()
+    assert k(1) in disk  # still on disk ...
+    assert m.lookup([k(1)]) == []  # ... but we evicted it: never plan a load of it
+    now[0] = 100.0  # long after: a file seen now was written again (e.g. by another engine)
+    assert m.lookup([k(1)]) == [DISK]
+
+
+def test_admitting_one_loaded_unit_never_evicts_another_of_the_same_request():
+    disk = FakeDisk({k(i): U for i in range(3)})
+    m = TierManager(unit_bytes=U, cpu_bytes=0, disk_bytes=2 * U, disk_probe=disk.probe, policy="fifo")
+    m.restore_disk_index([k(1), k(2)])  # the index is full with k1, k2; k0 is on disk too
+    m.end_step()
+    tiers = m.lookup([k(0), k(1), k(2)])
+    assert tiers == [DISK] * 3
+    m.plan_loads([k(0), k(1), k(2)], tiers, [1.0] * 3)
+    assert m.end_step().disk_deletes == []  # indexing k0 must not delete k1 or k2 being loaded
+
+
+def test_disk_accounting_uses_the_size_a_unit_has_on_disk():
+    disk = FakeDisk()
+    m = TierManager(unit_bytes=U, cpu_bytes=0, disk_unit_bytes=U + 50, disk_bytes=3 * U, disk_probe=disk.probe,
+                    policy="fifo")
+    for i in range(5):
+        disk.apply(m, plan_saves(m, [k(i)]), m.end_step())
+    assert m.disk_used == 2 * (U + 50) <= 3 * U  # a third unit would not fit with its header
