@@ -32,13 +32,16 @@ def prefix_block_keys(
     namespace: bytes, tokens: Sequence[int], block_size: int, cache_salt: str | None = None
 ) -> list[bytes]:
     """Keys of the len(tokens) // block_size full blocks; key i depends on tokens[: (i+1)*bs]."""
-    if block_size <= 0:
-        raise ValueError(f"block_size={block_size}: must be > 0")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size={block_size!r}: must be an int > 0")
     salt = (cache_salt or "").encode()
     parent = hashlib.sha256(namespace + b"salt\0" + len(salt).to_bytes(4, "little") + salt).digest()
     keys = []
     for start in range(0, len(tokens) - block_size + 1, block_size):
-        block = array("q", tokens[start : start + block_size]).tobytes()
+        try:
+            block = array("q", tokens[start : start + block_size]).tobytes()
+        except (OverflowError, TypeError) as e:
+            raise ValueError(f"token ids must be int64 values: {e}") from e
         parent = hashlib.sha256(parent + block).digest()
         keys.append(parent)
     return keys

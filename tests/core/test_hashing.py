@@ -39,3 +39,11 @@ def test_keys_are_stable_across_processes():
     # A golden value: keys name files on disk, so they must never change silently.
     assert prefix_block_keys(NS, [1, 2, 3, 4], 4)[0].hex()[:16] == "f8e1c4fe6b52cbcf"
     assert namespace_digest(a=1, b=2) == namespace_digest(b=2, a=1)
+
+
+def test_bad_token_ids_and_block_sizes_are_value_errors():
+    import pytest
+
+    for tokens, bs in [([2**63], 1), ([1.5], 1), ([1, 2], 1.0), ([1, 2], 0), ([1, 2], True)]:
+        with pytest.raises(ValueError):
+            prefix_block_keys(NS, tokens, bs)
