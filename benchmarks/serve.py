@@ -442,17 +442,8 @@ def main(argv=None) -> int:
     serve_args = ["--enforce-eager", "--dtype", "bfloat16", "--max-model-len", str(args.max_model_len),
                   "--enable-prefix-caching", "--seed", "0",
                   "--kv-cache-memory-bytes", str(args.vllm_kv_blocks * BLOCK * per_tok)]
-    runs, load_before = {}, os.getloadavg()
-    with LoadSampler() as load:
-        for cfg in cfgs:
-            t_cfg = time.monotonic() - t_all
-            sub = trace if cfg.group == "main" else trace[:args.evict_requests]
-            runs[cfg.name] = run_config(cfg, cfg.extra(plan), args, sub, env, serve_args, work)
-            runs[cfg.name]["load"] = load.summary(since_s=t_cfg)
-            shutil.rmtree(work / "disk", ignore_errors=True)
-        load_all = load.summary()
-    report = build_report(args, runs, workload, plan, per_tok, serve_args, time.monotonic() - t_all,
-                          {"before": load_before, "during": load_all})
+    runs, load = run_all(cfgs, args, trace, plan, env, serve_args, work)
+    report = build_report(args, runs, workload, plan, per_tok, serve_args, time.monotonic() - t_all, load)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
     print_report(report)
@@ -464,7 +455,36 @@ def main(argv=None) -> int:
     return 0
 
 
+def run_all(cfgs, args, trace, plan, env, serve_args, work) -> tuple[dict, dict]:
+    """Every configuration in turn (main group on the whole trace, eviction group on its
+    prefix); returns the runs and the load average seen before and during them."""
+    runs, before = {}, os.getloadavg()
+    with LoadSampler() as load:
+        for cfg in cfgs:
+            t_cfg = time.monotonic() - load._t0
+            sub = trace if cfg.group == "main" else trace[:args.evict_requests]
+            run = run_with_retry(cfg, plan, args, sub, env, serve_args, work)
+            if run is not None:
+                runs[cfg.name] = {**run, "load": load.summary(since_s=t_cfg)}
+    return runs, {"before": before, "during": load.summary()}
+
+
+def run_with_retry(cfg, plan, args, trace, env, serve_args, work) -> dict | None:
+    """A server that fails to start (e.g. the shared venv being reinstalled under it) is tried
+    once more; a second failure skips the configuration (listed in the report), never the run."""
+    for attempt in (1, 2):
+        shutil.rmtree(work / "disk", ignore_errors=True)
+        try:
+            return run_config(cfg, cfg.extra(plan), args, trace, env, serve_args, work)
+        except serving.ServerError as e:
+            print(f"  [{cfg.name}] server failed (attempt {attempt}): {str(e)[-600:]}", flush=True)
+            time.sleep(10)
+    return None
+
+
 def build_report(args, runs, workload, plan, per_tok, serve_args, wall_s, load) -> dict:
+    if "vllm" not in runs:
+        raise SystemExit("vLLM alone (the reference) did not run")
     base = runs["vllm"]["stats"]
     main_stats = {n: with_ratios(r["stats"], base) for n, r in runs.items() if r["stats"]["group"] == "main"}
     ev_stats = {r["stats"]["policy"]: r["stats"] for r in runs.values() if r["stats"]["group"] == "eviction"}
@@ -479,6 +499,7 @@ def build_report(args, runs, workload, plan, per_tok, serve_args, wall_s, load) 
                    "eviction_working_set_bytes": plan.evict_working_set_bytes,
                    "evict_cpu_frac": plan.evict_cpu_frac, "evict_disk": plan.evict_disk},
         "serve_args": serve_args, "reserved_cpus": args.reserved_cpus,
+        "failed_configs": [c.name for c in selected(args) if c.name not in runs],
         "configs": main_stats, "policies": ev_stats,
         "config_details": {n: {k: r[k] for k in ("description", "extra_config", "server_start_s",
                                                   "omp_core_ids", "load", "counters")} for n, r in runs.items()},
