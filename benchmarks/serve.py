@@ -28,6 +28,8 @@ Writes ``benchmarks/results/serve.json`` (the ``quick`` field says which mode) a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -62,6 +64,7 @@ class Plan:
     work_dir: str
     evict_cpu_frac: float = 0.35
     evict_disk: bool = False
+    remote_url: str | None = None  # a redis-server started for the run when a config needs one
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,16 @@ register(ServeConfig("vllm", "main", lambda p: None, "vLLM alone, its prefix cac
 register(ServeConfig("kvplug_cpu", "main", _cpu_all, "kvplug CPU tier sized 1.5x the working set"))
 register(ServeConfig("kvplug_cpu_disk", "main", _cpu_disk,
                      "kvplug CPU tier 0.5x the working set + disk tier 4x (write-through)"))
+
+
+def _cpu_remote(p: Plan) -> dict:
+    # A fresh namespace per server start: every configuration begins with an empty store.
+    return {"cpu_bytes": _mb(0.5 * p.working_set_bytes), "remote_url": p.remote_url,
+            "remote_namespace": f"bench-{time.monotonic_ns()}", "remote_timeout_ms": 200}
+
+
+register(ServeConfig("kvplug_cpu_remote", "main", _cpu_remote,
+                     "kvplug CPU tier 0.5x the working set + a Redis remote tier (loopback redis-server)"))
 # BLEND HOOK: when blending lands, each blend configuration is one entry, e.g.
 #   register(ServeConfig("kvplug_blend_0.15", "main",
 #            lambda p: {**_cpu_all(p), "blend": True, "recompute_ratio": 0.15}, "blend, fixed 0.15"))
@@ -366,7 +379,8 @@ def parse_args(argv):
     p.add_argument("--evict-cpu-frac", type=float, default=0.35,
                    help="eviction runs: CPU tier bytes / the eviction trace's working set")
     p.add_argument("--evict-disk", action="store_true", help="eviction runs: add a disk tier of 2x the CPU tier")
-    p.add_argument("--configs", default="vllm,kvplug_cpu,kvplug_cpu_disk", help="main-group configurations")
+    p.add_argument("--configs", default="vllm,kvplug_cpu,kvplug_cpu_disk,kvplug_cpu_remote",
+                   help="main-group configurations")
     p.add_argument("--policies", default=",".join(POLICIES), help="eviction policies ('' = skip)")
     p.add_argument("--reserved-cpus", type=int, default=1)
     p.add_argument("--kvplug-rev", default=None,
@@ -442,7 +456,10 @@ def main(argv=None) -> int:
     serve_args = ["--enforce-eager", "--dtype", "bfloat16", "--max-model-len", str(args.max_model_len),
                   "--enable-prefix-caching", "--seed", "0",
                   "--kv-cache-memory-bytes", str(args.vllm_kv_blocks * BLOCK * per_tok)]
-    runs, load = run_all(cfgs, args, trace, plan, env, serve_args, work)
+    with contextlib.ExitStack() as stack:
+        if any("remote_url" in (c.extra(plan) or {}) for c in cfgs):
+            plan = dataclasses.replace(plan, remote_url=stack.enter_context(serving.redis_server(work / "redis")))
+        runs, load = run_all(cfgs, args, trace, plan, env, serve_args, work)
     report = build_report(args, runs, workload, plan, per_tok, serve_args, time.monotonic() - t_all, load)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
@@ -518,7 +535,7 @@ def build_report(args, runs, workload, plan, per_tok, serve_args, wall_s, load) 
 
 MAIN_COLUMNS = ["config", "requests", "errors", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "itl_mean_s",
                 "requests_per_s", "output_tokens_per_s", "throughput_ratio_vs_vllm", "ttft_p90_ratio_vs_vllm"]
-HIT_COLUMNS = ["config", "lookup_tokens", "cpu_hit_rate", "disk_hit_rate", "kvplug_hit_rate",
+HIT_COLUMNS = ["config", "lookup_tokens", "cpu_hit_rate", "disk_hit_rate", "remote_hit_rate", "kvplug_hit_rate",
                "vllm_prefix_hit_rate"]
 POLICY_COLUMNS = ["policy", "requests", "kvplug_hit_rate", "vllm_prefix_hit_rate", "ttft_p50_s", "ttft_p90_s",
                   "ttft_p99_s", "requests_per_s"]

@@ -293,6 +293,39 @@ def same_cpu_threads_env(env: dict, reserved_cpus: int = 1) -> dict:
     return {**env, "VLLM_CPU_NUM_OF_RESERVED_CPU": str(reserved_cpus)}
 
 
+@contextlib.contextmanager
+def redis_server(work_dir: str | os.PathLike, timeout_s: float = 30) -> Iterator[str]:
+    """A throw-away redis-server on a free loopback port (no persistence); yields its URL."""
+    import shutil
+
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise ServerError("redis-server not found: apt-get install redis-server (make test installs it)")
+    port, work = free_port(), Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(work), "--logfile", str(work / "redis.log")])
+    try:
+        client, deadline = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1), time.monotonic() + timeout_s
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise ServerError(f"redis-server on port {port} did not start; see {work / 'redis.log'}")
+                time.sleep(0.1)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
