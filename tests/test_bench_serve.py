@@ -104,7 +104,7 @@ def test_selected_requires_vllm_and_known_names():
     with pytest.raises(SystemExit):
         serve.selected(serve.parse_args(["--policies", "mru"]))
     names = [c.name for c in serve.selected(serve.parse_args(["--quick"]))]
-    assert names[:3] == ["vllm", "kvplug_cpu", "kvplug_cpu_disk"] and len(names) == 9
+    assert names[:4] == ["vllm", "kvplug_cpu", "kvplug_cpu_disk", "kvplug_cpu_remote"] and len(names) == 10
 
 
 def test_rag_session_trace_is_deterministic_and_reuses_prefixes():
