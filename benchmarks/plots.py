@@ -102,7 +102,8 @@ def policies(report: dict, path) -> Path:
     _bar_labels(axes[1], list(b1) + list(b2), "{:.2f}")
     axes[1].set_xticks(list(x), names)
     axes[1].set_ylabel("TTFT (s)")
-    axes[1].legend(fontsize=8)
+    axes[1].set_ylim(0, max([1.0] + _finite(p50 + p90)) * 1.25)  # headroom: the legend clears the bars
+    axes[1].legend(fontsize=8, loc="upper left", ncols=2)
     for ax in axes:
         ax.grid(axis="y", alpha=0.3)
         ax.tick_params(axis="x", labelsize=8)
