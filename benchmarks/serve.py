@@ -440,7 +440,8 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(args.model)
     trace, workload = build_trace(args, tok)
     per_tok = kv_bytes_per_token(Path(args.model))
-    work = Path(args.data_dir).resolve() / "bench" / "serve"
+    # One folder per run: two runs at once must not wipe each other's disk tiers and logs.
+    work = Path(args.data_dir).resolve() / "bench" / f"serve-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     plan = Plan(workload["working_set_tokens"] * per_tok, workload["eviction_working_set_tokens"] * per_tok,
