@@ -135,6 +135,11 @@ def _lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def resolve_model(model: str | None, data_dir: str) -> str:
+    """The model folder a benchmark runs: the one given, else the default (converted once)."""
+    return str(Path(model).resolve() if model is not None else ensure_default_model(data_dir).resolve())
+
+
 def ensure_default_model(data_dir: str | os.PathLike = ".data") -> Path:
     """Return the converted SmolLM2-135M-Instruct folder, building it on first use."""
     final = model_dir(data_dir)

@@ -308,10 +308,9 @@ def configs(args, sz: dict, work: Path) -> list[tuple[str, dict | None]]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_all = time.monotonic()
-    if args.model is None:
-        from models import ensure_default_model
-        args.model = str(ensure_default_model(args.data_dir))
-    args.model = str(Path(args.model).resolve())
+    from models import resolve_model
+
+    args.model = resolve_model(args.model, args.data_dir)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.model)

@@ -429,10 +429,9 @@ def build_trace(args, tok) -> tuple[list[Request], dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_all = time.monotonic()
-    if args.model is None:
-        from models import ensure_default_model
-        args.model = str(ensure_default_model(args.data_dir))
-    args.model = str(Path(args.model).resolve())
+    from models import resolve_model
+
+    args.model = resolve_model(args.model, args.data_dir)
     from offload import kv_bytes_per_token, kvplug_source
     from transformers import AutoTokenizer
 
