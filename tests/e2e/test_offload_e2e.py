@@ -122,19 +122,24 @@ def test_corrupt_disk_files_are_recomputed_not_served(model, n_blocks, unit_byte
     drive(tmp_path, "write", {"model": model, "extra": extra, "steps": [{"prompts": [P1]}]})
     files = sorted(disk.rglob("*.kvp"))
     assert len(files) == 3
-    for f in files[:2]:  # flip one payload byte: header intact, checksum wrong
+    # Every unit gets a flipped payload byte (header intact, checksum wrong): which file holds
+    # the head of the chain depends on the key, so corrupting only some would make the test
+    # depend on hash order (a bad head block means nothing later in the chain is looked up).
+    for f in files:
         data = bytearray(f.read_bytes())
         data[-100] ^= 0x5A
         f.write_bytes(bytes(data))
-    with open(files[2], "r+b") as f:  # torn tail
-        f.truncate(files[2].stat().st_size - 1000)
+    # A torn copy under another unit's name: dropped when the restarted engine scans the directory.
+    torn = disk / "ab" / ("ab" * 32 + ".r0.kvp")
+    torn.parent.mkdir(exist_ok=True)
+    torn.write_bytes(files[0].read_bytes()[:-1000])
 
     (again,) = drive(tmp_path, "read", {"model": model, "extra": extra, "steps": [{"prompts": [P1]}]})
     assert_same_outputs(again, baseline["P1"])
     c = again["counters"]
     # Flipped payloads fail their checksum at load time: counted, removed, recomputed by vLLM.
-    # (The truncated file is dropped earlier, when the restarted engine scans the directory.)
     assert c["load_errors"] >= 1 and c["disk_corrupt"] >= 1
+    assert not torn.exists()
     assert c.get("disk_hit_tokens", 0) + c["load_errors"] * BLOCK <= 3 * BLOCK
     # The bad units are gone (removed when found) and the recompute saved good ones again.
     for f in files:
