@@ -17,6 +17,7 @@ from typing import Any
 
 EVICTION_POLICIES = ("arc", "cost_aware", "fifo", "lfu", "lru", "s3fifo")
 DISK_WRITE_MODES = ("through", "on_evict")
+RECOMPUTE_POLICIES = ("fixed", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,37 @@ class TierConfig:
 
 
 @dataclass(frozen=True)
+class BlendConfig:
+    """Blending of cached chunk KV at any position (CacheBlend). User keys are the field names,
+    except `enabled`, which users write as `blend` (see BLEND_USER_KEYS)."""
+    enabled: bool = False
+    """Blend cached chunk KV into prompts at any position, recomputing a fraction of its tokens
+    (CacheBlend); user key `blend`."""
+    chunk_separator: str = " # # "
+    """Prompts are split into chunks where this text occurs; the part after the last one is the
+    question and is always computed."""
+    recompute_ratio: float = 0.15
+    """Fraction (0 to 1) of each blended request's cached-chunk tokens whose KV is recomputed."""
+    recompute_policy: str = "fixed"
+    """`fixed`: one recompute_ratio for every chunk; `adaptive`: a per-chunk budget (Cache-Craft)."""
+    blend_check_layer: int = 1
+    """Layer at which KV deviation is scored to pick the tokens to recompute; layers up to it run on
+    all tokens."""
+    blend_cpu_bytes: int = 2_000_000_000
+    """Bytes of host memory for cached chunk KV."""
+    blend_disk_bytes: int = 10_000_000_000
+    """Byte cap of chunk KV files under `<disk_path>/chunks` (only with disk_path; 0 keeps chunk KV
+    off disk)."""
+    blend_min_chunk_tokens: int = 16
+    """Chunks shorter than this many tokens are not cached on their own (always recomputed)."""
+
+
+# User key in kv_connector_extra_config -> BlendConfig field.
+BLEND_USER_KEYS = {("blend" if f.name == "enabled" else f.name): f.name
+                   for f in dataclasses.fields(BlendConfig)}
+
+
+@dataclass(frozen=True)
 class NamespaceQuota:
     """Byte caps for the units of one tenant (one cache_salt) in each tier, and their lifetime."""
     cpu_bytes: int | None = None
@@ -57,6 +89,8 @@ class NamespaceQuota:
 @dataclass(frozen=True)
 class KVPlugConfig:
     tiers: TierConfig = field(default_factory=TierConfig)
+    blend: BlendConfig = field(default_factory=BlendConfig)
+    """Chunk blending; its keys sit flat in kv_connector_extra_config like the tier keys."""
     namespaces: dict[str, NamespaceQuota] = field(default_factory=dict)
     """Per-tenant quotas, keyed by cache_salt ("" = requests without one):
     {"tenant-a": {"cpu_bytes": 1e9, "disk_bytes": 1e10, "ttl_s": 3600}}. A tenant at its quota
@@ -69,7 +103,7 @@ class KVPlugConfig:
     @classmethod
     def from_dict(cls, extra: dict[str, Any] | None) -> "KVPlugConfig":
         extra = dict(extra or {})
-        known = _field_names(TierConfig) | {"model_id", "namespaces"}
+        known = _field_names(TierConfig) | set(BLEND_USER_KEYS) | {"model_id", "namespaces"}
         unknown = sorted(set(extra) - known)
         if unknown:
             raise ValueError(
@@ -79,14 +113,20 @@ class KVPlugConfig:
         tier_args = {k: extra[k] for k in _field_names(TierConfig) if k in extra}
         tiers = TierConfig(**{k: _coerce(TierConfig, k, v) for k, v in tier_args.items()})
         _validate_tiers(tiers)
+        blend = BlendConfig(**{f: _coerce(BlendConfig, f, extra[k], name=k)
+                               for k, f in BLEND_USER_KEYS.items() if k in extra})
+        _validate_blend(blend, tiers)
         model_id = extra.get("model_id")
         if model_id is not None and (not isinstance(model_id, str) or not model_id):
             raise ValueError(f"model_id={model_id!r}: must be a non-empty string")
-        return cls(tiers=tiers, namespaces=_parse_namespaces(extra.get("namespaces")), model_id=model_id)
+        return cls(tiers=tiers, blend=blend, namespaces=_parse_namespaces(extra.get("namespaces")),
+                   model_id=model_id)
 
     def to_dict(self) -> dict[str, Any]:
         namespaces = {ns: dataclasses.asdict(q) for ns, q in self.namespaces.items()}
-        return {**dataclasses.asdict(self.tiers), "namespaces": namespaces, "model_id": self.model_id}
+        blend = {k: getattr(self.blend, f) for k, f in BLEND_USER_KEYS.items()}
+        return {**dataclasses.asdict(self.tiers), **blend, "namespaces": namespaces,
+                "model_id": self.model_id}
 
 
 def _parse_namespaces(value: Any) -> dict[str, NamespaceQuota]:
@@ -115,14 +155,21 @@ def _field_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def _coerce(cls, key: str, value: Any) -> Any:
-    """JSON gives 4e9 as a float and booleans as bools: accept what a user would write."""
-    default = next(f.default for f in dataclasses.fields(cls) if f.name == key)
+def _coerce(cls, field_name: str, value: Any, name: str | None = None) -> Any:
+    """JSON gives 4e9 as a float and booleans as bools: accept what a user would write.
+
+    `name` is the user's key in messages when it differs from the field name."""
+    key = name or field_name
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == field_name)
     if key.endswith("_bytes"):
         return _parse_bytes(key, value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"{key}={value!r}: allowed values are true, false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}={value!r}: must be an integer")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= sys.float_info.max:
@@ -160,6 +207,24 @@ def _validate_tiers(t: TierConfig) -> None:
         _check_remote_url(t.remote_url)
     if not t.remote_namespace:
         raise ValueError("remote_namespace='': must be a non-empty string")
+
+
+def _validate_blend(b: BlendConfig, t: TierConfig) -> None:
+    if not isinstance(b.chunk_separator, str) or not b.chunk_separator:
+        raise ValueError(f"chunk_separator={b.chunk_separator!r}: must be a non-empty string")
+    if not 0.0 <= b.recompute_ratio <= 1.0:
+        raise ValueError(f"recompute_ratio={b.recompute_ratio!r}: must be a number from 0 to 1")
+    if b.recompute_policy not in RECOMPUTE_POLICIES:
+        raise ValueError(f"recompute_policy={b.recompute_policy!r}: "
+                         f"allowed values are {', '.join(RECOMPUTE_POLICIES)}")
+    if b.blend_check_layer < 0:
+        raise ValueError(f"blend_check_layer={b.blend_check_layer!r}: must be an integer >= 0")
+    if b.blend_min_chunk_tokens < 1:
+        raise ValueError(f"blend_min_chunk_tokens={b.blend_min_chunk_tokens!r}: must be an integer >= 1")
+    chunk_disk = t.disk_path is not None and b.blend_disk_bytes > 0
+    if b.enabled and b.blend_cpu_bytes == 0 and not chunk_disk:
+        raise ValueError("blend=true with blend_cpu_bytes=0 and no chunk disk space (disk_path and "
+                         "blend_disk_bytes > 0): chunk KV could not be cached anywhere")
 
 
 def _check_remote_url(url: str) -> None:

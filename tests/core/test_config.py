@@ -36,6 +36,24 @@ def test_defaults_and_json_numbers(tmp_path):
         ({"namespaces": ["a"]}, "namespaces"),
         ({"namespaces": {"a": {"cpu": 1}}}, r"namespaces\['a'\].*allowed keys are cpu_bytes, disk_bytes"),
         ({"namespaces": {"a": {"cpu_bytes": -5}}}, r"namespaces\['a'\].cpu_bytes=-5"),
+        ({"blend": "on"}, "blend='on': allowed values are true, false"),
+        ({"blend": 1}, "blend=1: allowed values are true, false"),
+        ({"chunk_separator": ""}, "chunk_separator='': must be a non-empty string"),
+        ({"chunk_separator": None}, "chunk_separator=None"),
+        ({"chunk_separator": 5}, "chunk_separator=5: must be a string"),
+        ({"recompute_ratio": 1.5}, "recompute_ratio=1.5: must be a number from 0 to 1"),
+        ({"recompute_ratio": -0.1}, "recompute_ratio=-0.1"),
+        ({"recompute_ratio": float("nan")}, "recompute_ratio=nan"),
+        ({"recompute_ratio": "0.2"}, "recompute_ratio='0.2'"),
+        ({"recompute_policy": "greedy"}, "recompute_policy='greedy': allowed values are fixed, adaptive"),
+        ({"blend_check_layer": -1}, "blend_check_layer=-1: must be an integer >= 0"),
+        ({"blend_check_layer": 1.5}, "blend_check_layer=1.5: must be an integer"),
+        ({"blend_check_layer": True}, "blend_check_layer=True: must be an integer"),
+        ({"blend_cpu_bytes": -1}, "blend_cpu_bytes=-1"),
+        ({"blend_disk_bytes": "10GB"}, "blend_disk_bytes='10GB': must be a number"),
+        ({"blend_min_chunk_tokens": 0}, "blend_min_chunk_tokens=0: must be an integer >= 1"),
+        ({"blend": True, "blend_cpu_bytes": 0}, "blend=true with blend_cpu_bytes=0"),
+        ({"enabled": True}, "unknown key.*'enabled'"),
     ],
 )
 def test_bad_values_name_the_key_and_allowed_values(extra, match):
@@ -58,8 +76,36 @@ def test_every_key_is_documented_in_the_readme():
     import dataclasses
     from pathlib import Path
 
-    from kvplug.config import TierConfig
+    from kvplug.config import BLEND_USER_KEYS, TierConfig
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for name in [f.name for f in dataclasses.fields(TierConfig)] + ["model_id", "namespaces"]:
+    for name in [f.name for f in dataclasses.fields(TierConfig)] + list(BLEND_USER_KEYS) + ["model_id", "namespaces"]:
         assert f"| `{name}` |" in readme, name
+
+
+def test_blend_defaults_and_round_trip(tmp_path):
+    from kvplug.config import BLEND_USER_KEYS, BlendConfig
+
+    b = KVPlugConfig.from_dict({}).blend
+    assert b == BlendConfig()
+    assert (b.enabled, b.chunk_separator, b.recompute_ratio, b.recompute_policy) == (False, " # # ", 0.15, "fixed")
+    assert (b.blend_check_layer, b.blend_cpu_bytes, b.blend_disk_bytes, b.blend_min_chunk_tokens) == (
+        1, 2_000_000_000, 10_000_000_000, 16)
+    extra = {"blend": True, "chunk_separator": "\n\n", "recompute_ratio": 1, "recompute_policy": "adaptive",
+             "blend_check_layer": 0, "blend_cpu_bytes": 1e9, "blend_disk_bytes": 5e9,
+             "blend_min_chunk_tokens": 1}
+    cfg = KVPlugConfig.from_dict(extra)
+    assert cfg.blend.enabled is True and cfg.blend.recompute_ratio == 1.0
+    assert isinstance(cfg.blend.recompute_ratio, float) and cfg.blend.blend_cpu_bytes == 1_000_000_000
+    d = cfg.to_dict()
+    assert {k: d[k] for k in BLEND_USER_KEYS} == {**extra, "recompute_ratio": 1.0, "blend_cpu_bytes": 10 ** 9,
+                                                  "blend_disk_bytes": 5 * 10 ** 9}
+    assert KVPlugConfig.from_dict({k: d[k] for k in BLEND_USER_KEYS}) == cfg  # to_dict feeds from_dict
+    # Blending with no host memory is fine when chunk KV can go to disk.
+    ok = KVPlugConfig.from_dict({"blend": True, "blend_cpu_bytes": 0, "disk_path": str(tmp_path / "d")})
+    assert ok.blend.blend_cpu_bytes == 0
+    with pytest.raises(ValueError, match="blend=true with blend_cpu_bytes=0"):
+        KVPlugConfig.from_dict({"blend": True, "blend_cpu_bytes": 0, "blend_disk_bytes": 0,
+                                "disk_path": str(tmp_path / "d")})
+    # Disabled blending with no chunk memory is not an error: nothing would use it.
+    assert KVPlugConfig.from_dict({"blend_cpu_bytes": 0}).blend.blend_cpu_bytes == 0
