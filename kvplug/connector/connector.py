@@ -31,7 +31,8 @@ class KVPlugConnector(KVConnectorBase_V1):
 
             # A cache is best-effort: a unit that cannot be read is recomputed, never a failed request.
             ktc.kv_load_failure_policy = "recompute"
-            self._scheduler = SchedulerHalf(self.cfg, self.facts, load=ktc.is_kv_consumer, save=ktc.is_kv_producer)
+            self._scheduler = SchedulerHalf(self.cfg, self.facts, load=ktc.is_kv_consumer, save=ktc.is_kv_producer,
+                                            separator=_separator_ids(vllm_config, self.cfg))
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -112,3 +113,18 @@ def _layer_tag(vllm_config) -> str:
     layer = next(iter(ctx.values()), None)
     impl = type(getattr(layer, "impl", None)).__name__
     return f"{impl}:{getattr(layer, 'isa', '')}"
+
+
+def _separator_ids(vllm_config, cfg: KVPlugConfig) -> tuple[int, ...]:
+    """chunk_separator as the token ids it has inside a prompt (see core/chunking.separator_ids)."""
+    if not cfg.blend.enabled:
+        return ()
+    from transformers import AutoTokenizer
+
+    from kvplug.core.chunking import separator_ids
+
+    mc = vllm_config.model_config
+    tok = AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision,
+                                        trust_remote_code=mc.trust_remote_code)
+    ids = tok(cfg.blend.chunk_separator, add_special_tokens=False).input_ids
+    return separator_ids(ids, tok.decode)

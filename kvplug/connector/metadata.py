@@ -9,6 +9,19 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 
 @dataclass
+class BlendPlan:
+    """One request to blend: write positions [start, end) from its chunks (see kvplug/blend/blender.py)."""
+    req_id: str
+    tokens: list[int]  # the prompt up to the end of its last chunk
+    start: int  # vLLM's own prefix-cache hit: positions before it are in its cache already
+    end: int
+    chunks: list[tuple[int, int, bytes | None]]  # (begin, stop, key); key None: too short to cache
+    ratio: float
+    policy: str
+    block_ids: list[int] = field(default_factory=list)  # the request's blocks, from position 0
+
+
+@dataclass
 class KVPlugMetadata(KVConnectorMetadata):
     demotes: list[tuple[bytes, int]] = field(default_factory=list)  # (key, cpu slot): slot -> disk
     disk_deletes: list[bytes] = field(default_factory=list)
@@ -18,9 +31,10 @@ class KVPlugMetadata(KVConnectorMetadata):
     # (request id, key, gpu block, cpu slot or -1, write to disk, write to remote,
     #  remote TTL in seconds: the tenant's own, or 0 for the store's default)
     saves: list[tuple[str, bytes, int, int, bool, bool, float]] = field(default_factory=list)
+    blends: list[BlendPlan] = field(default_factory=list)  # run after the loads
 
     def is_empty(self) -> bool:
-        return not (self.demotes or self.disk_deletes or self.loads or self.saves)
+        return not (self.demotes or self.disk_deletes or self.loads or self.saves or self.blends)
 
 
 @dataclass

@@ -4,7 +4,7 @@ It sees requests, block ids and hashes, never tensors. Per request it keeps the 
 block keys and how far saving has got; per step it turns the tier manager's plans into a
 KVPlugMetadata for the workers.
 
-    num_matched(request, num_computed)    tokens kvplug can load beyond vLLM's own hit
+    num_matched(request, num_computed)    tokens kvplug can load or blend beyond vLLM's own hit
     after_alloc(request, blocks, n_ext)   plan the loads for the tokens vLLM accepted
     build_meta(scheduler_output)          plan saves of newly computed prompt blocks; emit metadata
     on_redo(units)                        failed loads / refused saves: forget them, save again later
@@ -20,8 +20,9 @@ from pathlib import Path
 
 from kvplug.config import KVPlugConfig
 from kvplug.connector.engine_facts import EngineFacts
-from kvplug.connector.metadata import KVPlugMetadata
+from kvplug.connector.metadata import BlendPlan, KVPlugMetadata
 from kvplug.connector.stats import KVPlugStats
+from kvplug.core.chunking import chunk_key, chunk_spans, spans_from_ends
 from kvplug.core.hashing import prefix_block_keys
 from kvplug.tiers.disk import scan_units, unit_path
 from kvplug.tiers.manager import Quota, TierManager
@@ -45,11 +46,15 @@ class _Request:
     namespace: str  # the tenant (cache_salt) owning the units, for quotas
     block_ids: list[int] = field(default_factory=list)
     saved_upto: int = 0  # blocks [0, saved_upto) are cached or planned
+    chunks: list[tuple[int, int, bytes | None]] | None = None  # blend chunks, once computed
 
 
 class SchedulerHalf:
-    def __init__(self, cfg: KVPlugConfig, facts: EngineFacts, *, load: bool = True, save: bool = True):
-        """load/save: the kv_role - kv_both does both, kv_producer only saves, kv_consumer only loads."""
+    def __init__(self, cfg: KVPlugConfig, facts: EngineFacts, *, load: bool = True, save: bool = True,
+                 separator: tuple[int, ...] = ()):
+        """load/save: the kv_role - kv_both does both, kv_producer only saves, kv_consumer only loads.
+        separator: the token ids of chunk_separator (blending)."""
+        self._separator = separator
         self.cfg, self.facts, self.bs = cfg, facts, facts.block_size
         self._load_enabled, self._save_enabled = load, save
         tiers = cfg.tiers
@@ -70,6 +75,7 @@ class SchedulerHalf:
             logger.warning("cpu_bytes=%d holds no %d-byte block: CPU tier disabled", tiers.cpu_bytes, facts.unit_bytes)
         self._reqs: dict[str, _Request] = {}
         self._lookups: dict[str, tuple[int, list[str]]] = {}  # req -> (local tokens, tier per hit block)
+        self._blend_lookups: dict[str, BlendPlan] = {}
         self._meta = KVPlugMetadata()
         self._stats: dict[str, int] = {}
         if self._disk_root:
@@ -117,12 +123,49 @@ class SchedulerHalf:
         usable = min(len(st.keys), (st.prompt_len - 1) // self.bs)
         first = num_computed // self.bs
         tiers = self.manager.lookup(st.keys[first:usable])
+        self._blend_lookups.pop(request.request_id, None)
+        plan = self._blend_plan(request, st, num_computed, num_computed + len(tiers) * self.bs)
+        if plan is not None:  # covers more than the prefix tiers: blend instead
+            self._blend_lookups[request.request_id] = plan
+            return plan.end - plan.start
         self._lookups[request.request_id] = (num_computed, tiers)
         return len(tiers) * self.bs
 
+    def _blend_plan(self, request, st: _Request, num_computed: int, prefix_end: int) -> BlendPlan | None:
+        b = self.cfg.blend
+        if not b.enabled:
+            return None
+        try:
+            enabled, ratio, policy, ends = request_blend_params(request.kv_transfer_params, b)
+            if not enabled:
+                return None
+            if st.chunks is None:
+                tokens = request.prompt_token_ids
+                spans = spans_from_ends(ends, len(tokens)) if ends is not None else chunk_spans(tokens, self._separator)
+                st.chunks = [(lo, hi, chunk_key(self.facts.namespace, tokens[lo:hi], request.cache_salt)
+                              if hi - lo >= b.blend_min_chunk_tokens else None) for lo, hi in spans]
+        except ValueError as e:
+            logger.warning("kvplug: request %s: %s; not blended", request.request_id, e)
+            return None
+        if not st.chunks:
+            return None
+        last = st.chunks[-1][1]
+        end = min(last, st.prompt_len - 1)  # vLLM computes at least the last prompt token
+        if end <= max(num_computed, prefix_end):
+            return None
+        return BlendPlan(st.req_id, list(request.prompt_token_ids[:last]), num_computed, end, st.chunks, ratio, policy)
+
     def after_alloc(self, request, block_ids: list[int], num_external: int) -> None:
-        lookup = self._lookups.pop(request.request_id, None)
+        plan = self._blend_lookups.pop(request.request_id, None)
         st = self._reqs.get(request.request_id)
+        if plan is not None and st is not None:
+            if num_external == plan.end - plan.start:
+                plan.block_ids = list(block_ids)
+                self._meta.blends.append(plan)
+                # Blended KV approximates the prompt's own: never save it as exact prefix blocks.
+                st.saved_upto = len(st.keys)
+            return
+        lookup = self._lookups.pop(request.request_id, None)
         if lookup is None or st is None:
             return
         local, tiers = lookup
@@ -191,6 +234,7 @@ class SchedulerHalf:
     def finished(self, request) -> None:
         self._reqs.pop(request.request_id, None)
         self._lookups.pop(request.request_id, None)
+        self._blend_lookups.pop(request.request_id, None)
 
     # ---- stats ---------------------------------------------------------------------------
     def _count(self, **counts: int) -> None:
@@ -202,3 +246,22 @@ class SchedulerHalf:
         self._count(cpu_evictions=c["cpu_evictions"], disk_evictions=c["disk_evictions"])
         stats, self._stats = KVPlugStats.new(**self._stats), {}
         return None if stats.is_empty() else stats
+
+
+def request_blend_params(params, b) -> tuple[bool, float, str, list[int] | None]:
+    """(blend this request?, recompute_ratio, recompute_policy, chunk_ends or None) from the
+    request's kv_transfer_params over the engine's BlendConfig; ValueError for bad values."""
+    params = params or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"kv_transfer_params={params!r}: must be an object")
+    enabled = params.get("blend", True)
+    ratio = params.get("recompute_ratio", b.recompute_ratio)
+    policy = params.get("recompute_policy", b.recompute_policy)
+    ends = params.get("chunk_ends")
+    if not isinstance(enabled, bool):
+        raise ValueError(f"kv_transfer_params.blend={enabled!r}: allowed values are true, false")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        raise ValueError(f"kv_transfer_params.recompute_ratio={ratio!r}: must be a number in [0, 1]")
+    if policy not in ("fixed", "adaptive"):
+        raise ValueError(f"kv_transfer_params.recompute_policy={policy!r}: allowed values are fixed, adaptive")
+    return enabled, float(ratio), policy, ends

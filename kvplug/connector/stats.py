@@ -36,6 +36,13 @@ FIELDS = {
     "remote_read_bytes": "bytes read from the remote store",
     "remote_errors": "remote timeouts, failed writes and writes dropped while the store was down",
     "remote_corrupt": "remote values found corrupt or foreign and deleted",
+    "blend_requests": "requests whose chunk KV was blended instead of computed",
+    "blend_tokens": "prompt tokens written by blending (cached chunks and their recomputed tokens)",
+    "blend_recomputed_tokens": "blended tokens recomputed through every layer (selected or from uncached chunks)",
+    "blend_chunk_hits": "chunks whose KV came from the chunk store",
+    "blend_chunk_misses": "chunks computed on their own and stored for next time",
+    "blend_errors": "blends that failed (their tokens were recomputed by vLLM)",
+    "blend_seconds": "seconds spent blending before forward passes",
 }
 
 

@@ -1,7 +1,7 @@
 """Worker half of KVPlugConnector: carries out the scheduler's plans on real tensors.
 
     register(kv_caches)      view each layer's cache block-major; allocate the CPU tier's rows
-    load(meta)               before the forward pass: demotions, deletions, then loads
+    load(meta)               before the forward pass: demotions, deletions, loads, then blends
     save(meta)               after the forward pass: copy finished blocks out
     take_load_errors()       GPU block ids whose load failed this step (vLLM recomputes them)
     take_worker_meta()       units to forget and save again: failed loads, refused saves
@@ -37,6 +37,7 @@ class WorkerHalf:
         self._errors: set[int] = set()
         self._redo: list[tuple[str, bytes]] = []
         self._stats: dict[str, float] = {}
+        self.blender = None  # kvplug.blend.blender.Blender when blending is on
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.facts.layer_names if n not in kv_caches]
@@ -61,6 +62,8 @@ class WorkerHalf:
 
             self.remote = RemoteStore(t.remote_url, self.layout, rank=self.tp_rank, namespace=t.remote_namespace,
                                       ttl_s=t.remote_ttl_s, timeout_s=t.remote_timeout_ms / 1000)
+        if self.cfg.blend.enabled:
+            self.blender = self._make_blender(kv_caches)
         logger.info("kvplug: %d layers, %d B per block, CPU tier %d blocks (%.2f GB), disk tier %s, remote %s",
                     len(self.caches), self.rows.row_bytes, n_rows, n_rows * self.rows.row_bytes / 1e9,
                     t.disk_path or "off", redact(t.remote_url) if t.remote_url else "off")
@@ -91,6 +94,50 @@ class WorkerHalf:
         self._count(load_bytes=len(cpu) * self.rows.row_bytes, cpu_hit_tokens=len(cpu) * self.facts.block_size)
         if meta.loads:
             self._count(load_seconds=time.perf_counter() - start)
+        for plan in meta.blends:
+            self._blend(plan)
+
+    # ---- blending -----------------------------------------------------------------------
+    def _make_blender(self, kv_caches: dict[str, torch.Tensor]):
+        from kvplug.blend.blender import Blender
+        from kvplug.blend.store import ChunkStore
+        from kvplug.connector.model_adapter import VLLMModelAdapter
+        from kvplug.connector.plugin import loaded_model
+
+        model = loaded_model()
+        if model is None:
+            raise ValueError("blend=true but kvplug did not see the model load: is the kvplug plugin installed "
+                             "(pip install kvplug) and VLLM_PLUGINS not excluding it?")
+        adapter = VLLMModelAdapter(model, kv_caches)
+        kernel_block = next(iter(kv_caches.values())).shape[2]
+        if kernel_block != self.facts.block_size:
+            raise ValueError(f"blend needs the cache's kernel block size ({kernel_block}) to equal vLLM's block "
+                             f"size ({self.facts.block_size})")
+        b, t = self.cfg.blend, self.cfg.tiers
+        store = ChunkStore((adapter.num_layers, adapter.num_kv_heads, adapter.head_dim), adapter.dtype,
+                           cpu_bytes=b.blend_cpu_bytes, disk_root=Path(t.disk_path) / "chunks" if t.disk_path else None,
+                           disk_bytes=b.blend_disk_bytes, layout="blend-v1", rank=self.tp_rank)
+        return Blender(adapter, store, check_layer=b.blend_check_layer)
+
+    def _blend(self, plan) -> None:
+        from kvplug.blend.blender import BlendJob
+
+        start = time.perf_counter()
+        bs = self.facts.block_size
+        pos = torch.arange(plan.start, plan.end)
+        blocks = torch.tensor(plan.block_ids, dtype=torch.long)
+        slots = blocks[pos // bs] * bs + pos % bs
+        job = BlendJob(plan.tokens, plan.start, plan.end, plan.chunks, slots, plan.ratio, plan.policy)
+        try:
+            r = self.blender.run(job)
+        except Exception:  # noqa: BLE001 - a failed blend is recomputed by vLLM, never a dead engine
+            logger.exception("kvplug: blending request %s failed; vLLM recomputes its tokens", plan.req_id)
+            self._errors.update(plan.block_ids[plan.start // bs:(plan.end - 1) // bs + 1])
+            self._count(blend_errors=1)
+            return
+        self._count(blend_requests=1, blend_tokens=r.tokens, blend_recomputed_tokens=r.recomputed,
+                    blend_chunk_hits=r.chunk_hits, blend_chunk_misses=r.chunk_misses,
+                    blend_seconds=time.perf_counter() - start)
 
     def _fail(self, req: str, key: bytes, block: int) -> None:
         self._errors.add(block)
@@ -182,6 +229,8 @@ class WorkerHalf:
         return None if stats.is_empty() else stats
 
     def close(self) -> None:
+        if self.blender is not None:
+            self.blender.store.close()
         for store in (self.disk, self.remote):
             if store is not None:
                 store.flush()

@@ -3,7 +3,8 @@
     python engine_driver.py SPEC.json OUT.json
 
 SPEC: {"model": path, "extra": kv_connector_extra_config or null (no connector),
-       "steps": [{"prompts": [str | {"prompt": str, "cache_salt": str}], "reset_prefix_cache": bool}],
+       "steps": [{"prompts": [str | {"prompt": str, "cache_salt": str} | {"prompt_token_ids": [int]}],
+                  "kv_transfer_params": [dict per prompt] (optional), "reset_prefix_cache": bool}],
        "max_tokens": n,
        "enable_prefix_caching": bool}
 OUT:  {"steps": [{"texts": [...], "logprobs": [[{token: logprob}...]...], "counters": {name: delta}}]}
@@ -35,7 +36,11 @@ def run(spec: dict) -> dict:
     for step in spec["steps"]:
         if step.get("reset_prefix_cache"):
             llm.reset_prefix_cache()
-        results = llm.generate(step["prompts"], sp, use_tqdm=False)
+        params = step.get("kv_transfer_params")
+        sps = sp if params is None else [
+            SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 12), logprobs=3,
+                           extra_args={"kv_transfer_params": p}) for p in params]
+        results = llm.generate(step["prompts"], sps, use_tqdm=False)
         after = kvplug_counters(llm)
         out.append({
             "texts": [r.outputs[0].text for r in results],

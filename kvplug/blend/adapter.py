@@ -1,0 +1,39 @@
+"""What the blender needs from a model: its layer loop, one layer at a time, and a way to write
+KV into the engine's cache. kvplug/connector/model_adapter.py implements it over vLLM's own
+modules; tests may implement it over a toy model.
+
+    num_layers, num_heads, num_kv_heads, head_dim, scale, dtype, device   shapes and numbers
+    rope -> (inv_freq fp32 [R/2], style "neox"|"gptj")    how keys were rotated (for re-rotation)
+    embed(token_ids [T]) -> hidden [T, hidden]
+    forward_layer(i, positions [T], hidden, residual, attend) -> (hidden, residual)
+        runs decoder layer i; its attention is `attend(q [T, H*D], k [T, KV*D], v [T, KV*D])
+        -> [T, H*D]`, with q and k already rotated at `positions`
+    write_kv(i, k [T, KV, D], v [T, KV, D], slots [T] int64)    into the engine's paged cache
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ModelAdapter(Protocol):
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def rope(self) -> tuple[torch.Tensor, str]: ...
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_layer(self, i: int, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                      attend: Attend) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def write_kv(self, i: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None: ...

@@ -1,0 +1,227 @@
+"""Blending: the KV of a prompt span built from cached chunks, recomputing only what matters.
+
+    Blender(adapter, store, check_layer)
+    Blender.run(job) -> BlendReport          fill the engine's cache for positions [job.start, job.end)
+    Blender.compute_chunk(tokens) -> kv      a chunk's own KV [L, 2, n, KV, D] at positions 0..n-1
+
+How `run` works (CacheBlend, with Cache-Craft's per-chunk budget as the adaptive policy):
+1. Every chunk overlapping [0, end) is fetched from the store; a miss is computed on its own
+   (compute_chunk) and stored for next time. Its tokens inside the span are always recomputed.
+2. Cached keys are re-rotated from their positions inside the chunk to their positions in the
+   prompt, so the concatenation is a complete, approximate KV for [0, end).
+3. With ratio > 0, layers 0..check run on every span token against that KV (fresh KV replaces
+   cached KV as it is computed), and the per-token deviation between fresh and cached K and V
+   at the check layer picks the tokens to keep recomputing (kvplug/blend/selection.py).
+4. Later layers run on the picked tokens only; their fresh KV replaces the cached KV at their
+   positions, everyone else keeps the cached KV. With ratio 0 and every chunk cached nothing
+   runs: the cache gets the re-rotated concatenation. With ratio 1 every span token is
+   recomputed in every layer: a full prefill of the span.
+Positions [0, start) are already in the engine's cache (its prefix cache); they are attended
+to with their cached-chunk KV here, and never written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvplug.blend.adapter import ModelAdapter
+from kvplug.blend.selection import adaptive_budget, fixed_budget, pick_tokens
+from kvplug.ops.deviation_topk import deviation_topk
+from kvplug.ops.rope import rerotate_keys
+
+POLICIES = ("fixed", "adaptive")
+_QUERY_BLOCK = 256  # queries per attention call: bounds the [H, q, k] score matrix
+_MASS_STRIDE = 4  # the adaptive estimator samples every 4th token of a chunk
+
+
+@dataclass
+class BlendJob:
+    tokens: list[int]  # prompt tokens, at least [0, end)
+    start: int  # first position to write: the engine holds [0, start) already
+    end: int  # positions [start, end) are written
+    chunks: list[tuple[int, int, bytes | None]]  # (begin, stop, key) tiling [0, >= end); key None: never cached
+    slots: torch.Tensor  # int64 [end - start], cache slot of each written position
+    ratio: float
+    policy: str = "fixed"
+
+
+@dataclass
+class BlendReport:
+    tokens: int = 0  # positions written
+    recomputed: int = 0  # of which recomputed in the layers after the check layer
+    chunk_hits: int = 0
+    chunk_misses: int = 0
+
+
+class Blender:
+    def __init__(self, adapter: ModelAdapter, store, check_layer: int = 1):
+        self.m, self.store = adapter, store
+        self.check_layer = min(max(check_layer, 0), adapter.num_layers - 1)
+
+    # ---- one request ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, job: BlendJob) -> BlendReport:
+        _check_job(job)
+        report = BlendReport(tokens=job.end - job.start)
+        kv, chunk_of = self._gather(job, report)
+        n = job.end - job.start
+        score = job.ratio > 0 and bool((chunk_of >= 0).any())
+        active = torch.arange(n) if score else torch.nonzero(chunk_of < 0).flatten()
+        if active.numel() == 0:
+            for i in range(self.m.num_layers):
+                self.m.write_kv(i, kv[i, 0, job.start:], kv[i, 1, job.start:], job.slots)
+            return report
+        dev = self.m.device
+        ids = torch.tensor(job.tokens[job.start:job.end], dtype=torch.long, device=dev)
+        positions = torch.arange(job.start, job.end, device=dev)
+        hidden, residual = self.m.embed(ids[active.to(dev)]), None
+        for i in range(self.m.num_layers):
+            check = score and i == self.check_layer
+            seen: dict[str, torch.Tensor] = {}
+            attend = self._mixed_attend(kv[i], job.start, active, seen, keep_cached=check)
+            hidden, residual = self.m.forward_layer(i, positions[active.to(dev)], hidden, residual, attend)
+            self.m.write_kv(i, kv[i, 0, job.start:], kv[i, 1, job.start:], job.slots)
+            if check:
+                picked = self._select(job, kv[i], seen, chunk_of)
+                hidden, residual = hidden[picked.to(dev)], residual[picked.to(dev)]
+                active = picked
+        report.recomputed = int(active.numel())
+        return report
+
+    def _mixed_attend(self, kv_layer: torch.Tensor, start: int, active: torch.Tensor, seen: dict, keep_cached: bool):
+        """Attention of the active span tokens against [0, end): fresh KV at their positions,
+        cached KV everywhere else. kv_layer [2, end, KV, D] is updated in place."""
+        m = self.m
+        rows = (active + start).to(kv_layer.device)
+
+        def attend(q, k, v):
+            k, v = k.view(-1, m.num_kv_heads, m.head_dim), v.view(-1, m.num_kv_heads, m.head_dim)
+            if keep_cached:
+                seen["k_cached"], seen["v_cached"] = kv_layer[0, rows].clone(), kv_layer[1, rows].clone()
+                seen["k"], seen["v"], seen["q"] = k, v, q.view(-1, m.num_heads, m.head_dim)
+            kv_layer[0, rows], kv_layer[1, rows] = k, v
+            return self._attention(q.view(-1, m.num_heads, m.head_dim), kv_layer[0], kv_layer[1], rows)
+        return attend
+
+    def _select(self, job: BlendJob, kv_layer: torch.Tensor, seen: dict, chunk_of: torch.Tensor) -> torch.Tensor:
+        scores, _ = deviation_topk(seen["k"], seen["k_cached"], 0, seen["v"], seen["v_cached"])
+        scores = scores.cpu()
+        if job.policy == "adaptive":
+            n_chunks = int(chunk_of.max()) + 1
+            sizes = [int((chunk_of == c).sum()) for c in range(n_chunks)]
+            mass = self._outside_mass(job, seen["q"], kv_layer[0], chunk_of, n_chunks)
+            return pick_tokens(scores, chunk_of, adaptive_budget(sizes, mass, job.ratio))
+        pooled, budget = fixed_budget(chunk_of, job.ratio)
+        return pick_tokens(scores, pooled, budget)
+
+    def _outside_mass(self, job: BlendJob, q: torch.Tensor, keys: torch.Tensor, chunk_of: torch.Tensor,
+                      n_chunks: int) -> list[float]:
+        """Per cached chunk: the share of its tokens' attention (fresh queries, check layer) that
+        goes to positions before the chunk. See selection.py for why this sets the budget."""
+        m = self.m
+        group = m.num_heads // m.num_kv_heads
+        out = []
+        for c in range(n_chunks):
+            members = torch.nonzero(chunk_of == c).flatten()
+            begin = job.start + int(members[0]) if members.numel() else 0
+            begin = next(b for b, e, _ in job.chunks if b <= begin < e)
+            if begin == 0 or members.numel() == 0:
+                out.append(0.0)
+                continue
+            rows = members[::_MASS_STRIDE]
+            pos = (rows + job.start).to(keys.device)
+            kmax = int(pos.max()) + 1
+            k = keys[:kmax].float().repeat_interleave(group, dim=1)  # [k, H, D]
+            s = torch.einsum("thd,khd->htk", q[rows.to(q.device)].float(), k) * m.scale
+            s = s.masked_fill(torch.arange(kmax, device=s.device)[None, None, :] > pos[None, :, None], float("-inf"))
+            share = torch.exp(torch.logsumexp(s[..., :begin], -1) - torch.logsumexp(s, -1))
+            out.append(float(share.mean()))
+        return out
+
+    # ---- chunks --------------------------------------------------------------------------
+    def _gather(self, job: BlendJob, report: BlendReport) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV for [0, end) from the chunks, keys rotated to their prompt positions; and per span
+        token its cached chunk's index (numbered in order), or -1 when it must be recomputed."""
+        pieces, old_pos, new_pos = [], [], []
+        chunk_of = torch.full((job.end - job.start,), -1, dtype=torch.long)
+        n_cached = 0
+        for begin, stop, key in job.chunks:
+            if begin >= job.end:
+                break
+            kv = self.store.get(key) if key is not None else None
+            hit = kv is not None and kv.shape[2] == stop - begin
+            if key is not None:
+                report.chunk_hits += hit
+                report.chunk_misses += not hit
+            if not hit:
+                kv = self.compute_chunk(job.tokens[begin:stop])
+                if key is not None:
+                    self.store.put(key, kv)
+            used = min(stop, job.end) - begin
+            pieces.append(kv[:, :, :used].to(self.m.device))
+            old_pos.append(torch.arange(used))
+            new_pos.append(torch.arange(begin, begin + used))
+            lo, hi = max(begin, job.start) - job.start, min(stop, job.end) - job.start
+            if hit and hi > lo:
+                chunk_of[lo:hi] = n_cached
+                n_cached += 1
+        kv = torch.cat(pieces, dim=2)
+        inv_freq, style = self.m.rope
+        dev = kv.device
+        rerotate_keys(kv[:, 0], torch.cat(old_pos).to(dev), torch.cat(new_pos).to(dev), inv_freq.to(dev), style,
+                      out=kv[:, 0])
+        return kv, chunk_of
+
+    @torch.inference_mode()
+    def compute_chunk(self, tokens: list[int]) -> torch.Tensor:
+        """The chunk's KV with nothing before it, at positions 0..n-1: [L, 2, n, KV, D]."""
+        m = self.m
+        n = len(tokens)
+        out = torch.empty((m.num_layers, 2, n, m.num_kv_heads, m.head_dim), dtype=m.dtype, device=m.device)
+        pos = torch.arange(n, device=m.device)
+        hidden, residual = m.embed(torch.tensor(tokens, dtype=torch.long, device=m.device)), None
+        for i in range(m.num_layers):
+            def attend(q, k, v, layer=out[i]):
+                layer[0], layer[1] = k.view(n, m.num_kv_heads, m.head_dim), v.view(n, m.num_kv_heads, m.head_dim)
+                return self._attention(q.view(n, m.num_heads, m.head_dim), layer[0], layer[1], pos)
+            hidden, residual = m.forward_layer(i, pos, hidden, residual, attend)
+        return out
+
+    # ---- attention -----------------------------------------------------------------------
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """Causal attention by position: query t sees keys 0..q_pos[t]. q [T, H, D], k/v [K, KV, D]
+        -> [T, H*D]. fp32 math (as the engine's kernels accumulate), blocks of queries."""
+        m = self.m
+        qf = q.float().transpose(0, 1).unsqueeze(0)
+        out = torch.empty((q.shape[0], m.num_heads, m.head_dim), dtype=q.dtype, device=q.device)
+        q_pos = q_pos.to(q.device)
+        for i in range(0, q.shape[0], _QUERY_BLOCK):
+            qp = q_pos[i:i + _QUERY_BLOCK]
+            kmax = int(qp.max()) + 1
+            kf = k[:kmax].float().transpose(0, 1).unsqueeze(0)
+            vf = v[:kmax].float().transpose(0, 1).unsqueeze(0)
+            mask = torch.arange(kmax, device=q.device)[None, :] <= qp[:, None]
+            o = F.scaled_dot_product_attention(qf[:, :, i:i + _QUERY_BLOCK], kf, vf, attn_mask=mask, scale=m.scale,
+                                               enable_gqa=True)
+            out[i:i + _QUERY_BLOCK] = o[0].transpose(0, 1)
+        return out.reshape(q.shape[0], -1)
+
+
+def _check_job(job: BlendJob) -> None:
+    if not 0 <= job.start < job.end <= len(job.tokens):
+        raise ValueError(f"blend span [{job.start}, {job.end}) outside a prompt of {len(job.tokens)} tokens")
+    if job.slots.numel() != job.end - job.start:
+        raise ValueError(f"{job.slots.numel()} slots for a span of {job.end - job.start} tokens")
+    if job.policy not in POLICIES:
+        raise ValueError(f"recompute_policy={job.policy!r}: allowed values are {', '.join(POLICIES)}")
+    if not 0.0 <= job.ratio <= 1.0:
+        raise ValueError(f"recompute_ratio={job.ratio!r}: must be in [0, 1]")
+    covered = 0
+    for begin, stop, _ in job.chunks:
+        if begin != covered or stop <= begin:
+            raise ValueError(f"chunks must tile the prompt from 0: got {[(b, e) for b, e, _ in job.chunks]}")
+        covered = stop
+    if covered < job.end:
+        raise ValueError(f"chunks end at {covered}, before the span end {job.end}")

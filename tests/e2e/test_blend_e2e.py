@@ -1,0 +1,142 @@
+"""End to end on real vLLM (CPU): blending cached chunk KV into prompts at new positions.
+
+The oracle is vLLM without the connector. With recompute_ratio 1.0 every blended token is
+recomputed in every layer, so greedy outputs must be identical to vLLM alone (and the top
+logprobs equal within float32 noise), whatever order the cached chunks come back in, and when
+vLLM's own prefix cache covers the start of the prompt. kvplug's counters prove that chunks
+came from the store and how many tokens were recomputed.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_offload_e2e import assert_same_outputs, drive, model  # noqa: E402,F401
+
+pytestmark = pytest.mark.e2e
+SEP = " # # "
+
+
+def doc(seed: int, words: int = 16) -> str:
+    return " ".join(f"fact{(seed * 31 + i * 17) % 97} about topic {seed} is value{(seed * i) % 89}"
+                    for i in range(words))
+
+
+SYSTEM = "You answer questions about the documents below. Documents follow."
+D1, D2, D3 = doc(1), doc(2), doc(3)
+A = SEP.join([SYSTEM, D1, D2, D3, "question: what is fact5 about topic 2?"])
+B = SEP.join([SYSTEM, D3, D1, D2, "question: what is fact9 about topic 3?"])  # same chunks, new order
+C = SEP.join([SYSTEM, D3, D2, "question: what is fact3 about topic 1?"])  # shares [SYSTEM, D3] with B
+
+
+def params(**kw) -> dict:
+    return {"recompute_ratio": 1.0, **kw}
+
+
+@pytest.fixture(scope="module")
+def tokens(model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    return {name: tok(p).input_ids for name, p in (("A", A), ("B", B), ("C", C))}
+
+
+@pytest.fixture(scope="module")
+def baseline(model, tmp_path_factory):
+    steps = drive(tmp_path_factory.mktemp("blend-baseline"), "baseline",
+                  {"model": model, "extra": None, "steps": [{"prompts": [A, B, C]}]})
+    (out,) = steps
+    return {"A": (out, 0), "B": (out, 1), "C": (out, 2)}
+
+
+@pytest.fixture(scope="module")
+def blended(model, tokens, tmp_path_factory):
+    """One engine, blend on (default ratio 0.15), per-request overrides."""
+    ends_a = [40, 150, 260, len(tokens["A"]) - 12]  # explicit boundaries, not at the separators
+    steps = [
+        {"prompts": [A], "kv_transfer_params": [params()]},  # every chunk is new
+        {"prompts": [B], "kv_transfer_params": [params()], "reset_prefix_cache": True},
+        {"prompts": [C], "kv_transfer_params": [params()]},  # vLLM's prefix cache holds [SYSTEM, D3] from B
+        {"prompts": [B], "kv_transfer_params": [{}], "reset_prefix_cache": True},  # the engine's 0.15
+        {"prompts": [B], "kv_transfer_params": [{"recompute_policy": "adaptive"}], "reset_prefix_cache": True},
+        {"prompts": [B], "kv_transfer_params": [{"recompute_ratio": 0.0}], "reset_prefix_cache": True},
+        {"prompts": [B], "kv_transfer_params": [{"blend": False}], "reset_prefix_cache": True},
+        {"prompts": [B], "kv_transfer_params": [{"recompute_ratio": 7}], "reset_prefix_cache": True},
+        {"prompts": [{"prompt_token_ids": tokens["A"]}], "kv_transfer_params": [params(chunk_ends=ends_a)],
+         "reset_prefix_cache": True},
+    ]
+    names = ["new", "reorder", "prefix", "fixed", "adaptive", "zero", "optout", "bad", "ends"]
+    out = drive(tmp_path_factory.mktemp("blend"), "blend", {
+        "model": model, "steps": steps,
+        "extra": {"cpu_bytes": 1e8, "blend": True, "blend_min_chunk_tokens": 8}})
+    return dict(zip(names, out))
+
+
+def span(tokens: list[int]) -> int:
+    """Blended positions of a prompt: up to the start of the question's separator."""
+    sep = (5, 223, 5)  # " # # " in the tiny tokenizer, without its outer spaces
+    last = max(i for i in range(len(tokens) - 2) if tuple(tokens[i:i + 3]) == sep)
+    return last
+
+
+def test_new_chunks_are_computed_stored_and_exact(blended, baseline, tokens):
+    s = blended["new"]
+    assert_same_outputs(s, baseline["A"])
+    c = s["counters"]
+    assert c["blend_requests"] == 1 and c["blend_chunk_misses"] == 4 and c.get("blend_chunk_hits", 0) == 0
+    assert c["blend_tokens"] == span(tokens["A"]) == c["blend_recomputed_tokens"]
+
+
+def test_reordered_chunks_at_ratio_one_match_vllm(blended, baseline, tokens):
+    s = blended["reorder"]
+    assert_same_outputs(s, baseline["B"])
+    c = s["counters"]
+    assert c["blend_chunk_hits"] == 4 and c.get("blend_chunk_misses", 0) == 0
+    assert c["blend_tokens"] == c["blend_recomputed_tokens"] == span(tokens["B"])
+
+
+def test_prefix_cache_hit_and_blend_combine(blended, baseline, tokens):
+    s = blended["prefix"]
+    assert_same_outputs(s, baseline["C"])
+    c = s["counters"]
+    # vLLM's own cache holds the full blocks C shares with B; kvplug blends the rest.
+    common = next(i for i, (x, y) in enumerate(zip(tokens["C"], tokens["B"])) if x != y)
+    assert common >= 128
+    assert c["blend_tokens"] == span(tokens["C"]) - common // 128 * 128
+    assert c["blend_chunk_hits"] == 3
+
+
+def test_fixed_ratio_recomputes_that_share(blended, tokens):
+    c = blended["fixed"]["counters"]
+    n = span(tokens["B"])
+    assert c["blend_tokens"] == n and c["blend_chunk_hits"] == 4
+    # 15% of the cached tokens (all span tokens here), rounded.
+    assert c["blend_recomputed_tokens"] == round(0.15 * n)
+
+
+def test_adaptive_spends_no_more_than_fixed(blended):
+    fixed, adaptive = blended["fixed"]["counters"], blended["adaptive"]["counters"]
+    assert adaptive["blend_requests"] == 1
+    assert adaptive["blend_recomputed_tokens"] <= fixed["blend_recomputed_tokens"]
+
+
+def test_ratio_zero_recomputes_nothing(blended, tokens):
+    c = blended["zero"]["counters"]
+    assert c["blend_tokens"] == span(tokens["B"]) and c.get("blend_recomputed_tokens", 0) == 0
+
+
+def test_opt_out_and_bad_params_fall_back_to_vllm(blended, baseline):
+    for name in ("optout", "bad"):
+        s = blended[name]
+        assert_same_outputs(s, baseline["B"])
+        assert s["counters"].get("blend_requests", 0) == 0, name
+        assert s["counters"].get("blend_errors", 0) == 0, name
+
+
+def test_explicit_chunk_ends(blended, baseline, tokens):
+    s = blended["ends"]
+    assert_same_outputs(s, baseline["A"])
+    c = s["counters"]
+    assert c["blend_tokens"] == len(tokens["A"]) - 12
+    assert c["blend_chunk_misses"] == 4  # other boundaries, other chunks
