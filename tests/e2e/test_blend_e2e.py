@@ -140,3 +140,25 @@ def test_explicit_chunk_ends(blended, baseline, tokens):
     c = s["counters"]
     assert c["blend_tokens"] == len(tokens["A"]) - 12
     assert c["blend_chunk_misses"] == 4  # other boundaries, other chunks
+
+
+def test_blended_kv_against_transformers(model, tmp_path):
+    """Tensor level, against Hugging Face transformers: ratio 1.0 = the full prefill's KV;
+    ratio 0 = the chunks' own KV, keys re-rotated to their new positions, concatenated."""
+    import json
+    import subprocess
+
+    from test_offload_e2e import ENV
+
+    out = tmp_path / "kv.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("blend_kv_driver.py")), model, str(out)],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["chunks"] == 4 and r["store_hits"] == 2 * 4  # every chunk from the store, both runs
+    assert r["ratio1_recomputed"] == r["tokens"] and r["ratio0_recomputed"] == 0
+    tol = 1e-4 * r["kv_scale"]  # float32
+    assert r["ratio1_vs_full_prefill"] < tol, r
+    assert r["ratio0_vs_concat"] < tol, r
+    # The control differs from a full prefill: blending without recompute is an approximation.
+    assert r["ratio0_vs_full_prefill"] > 100 * tol, r

@@ -1,0 +1,95 @@
+"""Checks blended KV tensor by tensor, in one process (engine core and worker in-process).
+
+    python blend_kv_driver.py MODEL OUT.json
+
+After one request has put its chunks in the store, the blender is run again on the same chunks
+in a new order with its cache writes captured, at recompute_ratio 1.0 and 0. The references are
+computed by Hugging Face transformers, not by kvplug: the full prefill of the prompt, and each
+chunk prefilled on its own with its keys re-rotated (kvplug.ops.rerotate_keys_ref) and
+concatenated. OUT: max abs differences per case, and the KV scale.
+"""
+import json
+import os
+import sys
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+SEP = " # # "
+
+
+def main(model_path: str, out_path: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    from kvplug.blend.blender import BlendJob
+    from kvplug.core.chunking import chunk_key, chunk_spans
+    from kvplug.ops.rope import rerotate_keys_ref
+
+    docs = [" ".join(f"fact{(s * 31 + i * 17) % 97} about topic {s} is value{(s * i) % 89}" for i in range(16))
+            for s in (1, 2, 3)]
+    first = SEP.join(["Documents follow."] + docs + ["question one?"])
+    second = SEP.join(["Documents follow.", docs[2], docs[0], docs[1], "question two?"])
+    llm = LLM(model=model_path, enforce_eager=True, max_model_len=2048, dtype="float32", seed=0,
+              kv_transfer_config={"kv_connector": "KVPlugConnector", "kv_role": "kv_both",
+                                  "kv_connector_extra_config": {"cpu_bytes": 1e8, "blend": True,
+                                                                "blend_min_chunk_tokens": 8}})
+    llm.generate([first], SamplingParams(max_tokens=1), use_tqdm=False)
+    conn = get_kv_transfer_group()
+    blender, facts = conn._worker.blender, conn.facts
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    ids = tok(second).input_ids
+    sep = tuple(tok(SEP, add_special_tokens=False).input_ids[1:-1])
+    spans = chunk_spans(ids, sep)
+    end = spans[-1][1]
+    chunks = [(b, e, chunk_key(facts.namespace, ids[b:e], None)) for b, e in spans]
+    hits_before = blender.store.take_stats()
+
+    captured = {}
+
+    def capture(i, k, v, slots):
+        captured[i] = torch.stack([k.clone(), v.clone()])
+
+    blender.m.write_kv = capture
+    results = {}
+    for ratio in (1.0, 0.0):
+        captured.clear()
+        job = BlendJob(ids, 0, end, chunks, torch.arange(end), ratio)
+        report = blender.run(job)
+        results[ratio] = (torch.stack([captured[i] for i in range(len(captured))]), report)
+    stats = blender.store.take_stats()
+
+    hf = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        def hf_kv(tokens):  # [L, 2, T, KV, D]
+            past = hf(torch.tensor([tokens]), use_cache=True).past_key_values
+            layers = [(past.layers[i].keys, past.layers[i].values) if hasattr(past, "layers") else past[i]
+                      for i in range(hf.config.num_hidden_layers)]
+            return torch.stack([torch.stack([k[0].transpose(0, 1), v[0].transpose(0, 1)]) for k, v in layers])
+        full = hf_kv(ids[:end])
+        pieces = []
+        for b, e in spans:
+            kv = hf_kv(ids[b:e])
+            kv[:, 0] = rerotate_keys_ref(kv[:, 0], torch.arange(e - b), torch.arange(b, e), blender.m.rope[0],
+                                         blender.m.rope[1])
+            pieces.append(kv)
+        concat = torch.cat(pieces, dim=2)
+    blended_full, r1 = results[1.0]
+    blended_zero, r0 = results[0.0]
+    out = {
+        "tokens": end, "chunks": len(spans), "store_hits": stats.get("cpu_hits", 0),
+        "ratio1_recomputed": r1.recomputed, "ratio0_recomputed": r0.recomputed,
+        "ratio1_vs_full_prefill": float((blended_full - full).abs().max()),
+        "ratio0_vs_concat": float((blended_zero - concat).abs().max()),
+        "ratio0_vs_full_prefill": float((blended_zero - full).abs().max()),
+        "kv_scale": float(full.abs().max()),
+        "hits_before": hits_before,
+    }
+    with open(out_path, "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
