@@ -194,17 +194,18 @@ class Blender:
         """Causal attention by position: query t sees keys 0..q_pos[t]. q [T, H, D], k/v [K, KV, D]
         -> [T, H*D]. fp32 math (as the engine's kernels accumulate), blocks of queries."""
         m = self.m
-        qf = q.float().transpose(0, 1).unsqueeze(0)
-        out = torch.empty((q.shape[0], m.num_heads, m.head_dim), dtype=q.dtype, device=q.device)
         q_pos = q_pos.to(q.device)
+        kmax = int(q_pos.max()) + 1
+        qf = q.float().transpose(0, 1).unsqueeze(0)
+        kf = k[:kmax].float().transpose(0, 1).unsqueeze(0)
+        vf = v[:kmax].float().transpose(0, 1).unsqueeze(0)
+        out = torch.empty((q.shape[0], m.num_heads, m.head_dim), dtype=q.dtype, device=q.device)
         for i in range(0, q.shape[0], _QUERY_BLOCK):
             qp = q_pos[i:i + _QUERY_BLOCK]
-            kmax = int(qp.max()) + 1
-            kf = k[:kmax].float().transpose(0, 1).unsqueeze(0)
-            vf = v[:kmax].float().transpose(0, 1).unsqueeze(0)
-            mask = torch.arange(kmax, device=q.device)[None, :] <= qp[:, None]
-            o = F.scaled_dot_product_attention(qf[:, :, i:i + _QUERY_BLOCK], kf, vf, attn_mask=mask, scale=m.scale,
-                                               enable_gqa=True)
+            top = int(qp.max()) + 1
+            mask = torch.arange(top, device=q.device)[None, :] <= qp[:, None]
+            o = F.scaled_dot_product_attention(qf[:, :, i:i + _QUERY_BLOCK], kf[:, :, :top], vf[:, :, :top],
+                                               attn_mask=mask, scale=m.scale, enable_gqa=True)
             out[i:i + _QUERY_BLOCK] = o[0].transpose(0, 1)
         return out.reshape(q.shape[0], -1)
 

@@ -1,0 +1,216 @@
+"""The blender over a toy decoder (no vLLM): its writes against a plain reference forward.
+
+The toy is a small pre-norm transformer with RoPE and grouped KV heads. `reference_kv` computes
+its KV with an explicit softmax over a causal mask, independently of the blender's attention.
+"""
+import pytest
+import torch
+
+from kvplug.blend.blender import BlendJob, Blender
+from kvplug.blend.selection import adaptive_budget, fixed_budget, pick_tokens
+from kvplug.ops.rope import rerotate_keys_ref, rope_inv_freq
+
+L, H, KV, D, HID, VOCAB = 3, 4, 2, 8, 32, 50
+
+
+def rotate(x, pos, inv_freq):  # neox RoPE at absolute positions, x [T, heads, D]
+    return rerotate_keys_ref(x, torch.zeros_like(pos), pos, inv_freq, "neox")
+
+
+class Toy:
+    num_layers, num_heads, num_kv_heads, head_dim = L, H, KV, D
+    dtype, device = torch.float32, torch.device("cpu")
+
+    def __init__(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        r = lambda *s: torch.randn(*s, generator=g) * 0.4  # noqa: E731
+        self.emb = r(VOCAB, HID) * 2
+        self.w = [dict(q=r(HID, H * D), k=r(HID, KV * D), v=r(HID, KV * D), o=r(H * D, HID)) for _ in range(L)]
+        self.scale = D ** -0.5
+        self.inv_freq = rope_inv_freq(D, 100.0)
+        self.written = {}
+
+    @property
+    def rope(self):
+        return self.inv_freq, "neox"
+
+    def embed(self, ids):
+        return self.emb[ids]
+
+    def _qkv(self, i, x, pos):
+        h = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        w = self.w[i]
+        q = rotate((h @ w["q"]).view(-1, H, D), pos, self.inv_freq)
+        k = rotate((h @ w["k"]).view(-1, KV, D), pos, self.inv_freq)
+        return q, k, (h @ w["v"]).view(-1, KV, D)
+
+    def forward_layer(self, i, positions, hidden, residual, attend):
+        x = hidden if residual is None else hidden + residual
+        q, k, v = self._qkv(i, x, positions)
+        out = attend(q.reshape(-1, H * D), k.reshape(-1, KV * D), v.reshape(-1, KV * D))
+        return out @ self.w[i]["o"], x
+
+    def write_kv(self, i, k, v, slots):
+        self.written[i] = (slots.clone(), k.clone(), v.clone())
+
+    def written_kv(self):  # [L, 2, T, KV, D] in slot order
+        return torch.stack([torch.stack([self.written[i][1], self.written[i][2]]) for i in range(L)])
+
+    def reference_kv(self, tokens):
+        """Plain full prefill from position 0: [L, 2, T, KV, D]."""
+        n = len(tokens)
+        pos = torch.arange(n)
+        x, out = self.emb[torch.tensor(tokens)], []
+        causal = torch.ones(n, n).tril().bool()
+        for i in range(L):
+            q, k, v = self._qkv(i, x, pos)
+            out.append(torch.stack([k, v]))
+            kk, vv = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
+            s = torch.einsum("qhd,khd->hqk", q, kk) * self.scale
+            p = s.masked_fill(~causal, float("-inf")).softmax(-1)
+            x = x + torch.einsum("hqk,khd->qhd", p, vv).reshape(n, H * D) @ self.w[i]["o"]
+        return torch.stack(out)
+
+
+class DictStore:
+    def __init__(self):
+        self.d, self.puts = {}, 0
+
+    def get(self, key):
+        return self.d.get(key)
+
+    def put(self, key, kv):
+        self.puts += 1
+        self.d[key] = kv.clone()
+
+
+def prompt(seed=1, sizes=(7, 20, 25, 18)):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (sum(sizes) + 5,), generator=g).tolist()
+    chunks, at = [], 0
+    for i, n in enumerate(sizes):
+        chunks.append((at, at + n, bytes([i]) * 32))
+        at += n
+    return tokens, chunks, at
+
+
+def concat_reference(toy, tokens, chunks, end):
+    pieces = []
+    for b, e, _ in chunks:
+        kv = toy.reference_kv(tokens[b:e])
+        kv[:, 0] = rerotate_keys_ref(kv[:, 0], torch.arange(e - b), torch.arange(b, e), toy.inv_freq, "neox")
+        pieces.append(kv)
+    return torch.cat(pieces, 2)[:, :, :end]
+
+
+def warm(blender, tokens, chunks):
+    for b, e, key in chunks:
+        blender.store.put(key, blender.compute_chunk(tokens[b:e]))
+
+
+def job(tokens, chunks, end, ratio, start=0, policy="fixed"):
+    return BlendJob(tokens, start, end, chunks, torch.arange(start, end), ratio, policy)
+
+
+def test_compute_chunk_is_the_reference_prefill():
+    toy = Toy()
+    tokens, _, _ = prompt()
+    got = Blender(toy, DictStore()).compute_chunk(tokens[:40])
+    torch.testing.assert_close(got, toy.reference_kv(tokens[:40]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("start", [0, 7, 12])
+def test_ratio_one_is_a_full_prefill(start):
+    """start 7 = chunk 0 held by the engine; 12: part of chunk 1 too (the engine's prefix cache)."""
+    toy = Toy()
+    tokens, chunks, end = prompt()
+    blender = Blender(toy, DictStore())
+    warm(blender, tokens, chunks)
+    report = blender.run(job(tokens, chunks, end, 1.0, start))
+    assert report.recomputed == end - start and report.chunk_hits == 4
+    want = toy.reference_kv(tokens[:end])[:, :, start:]
+    if start <= 7:  # chunk 0 sits at position 0: its cached KV is exact
+        torch.testing.assert_close(toy.written_kv(), want, rtol=1e-4, atol=1e-4)
+    else:  # [7, 12) is attended to with its cached (approximate) KV: close, not equal
+        assert (toy.written_kv() - want).abs().max() > 1e-3
+
+
+def test_ratio_zero_is_the_rerotated_concatenation():
+    toy = Toy()
+    tokens, chunks, end = prompt()
+    blender = Blender(toy, DictStore())
+    warm(blender, tokens, chunks)
+    assert blender.run(job(tokens, chunks, end, 0.0)).recomputed == 0
+    torch.testing.assert_close(toy.written_kv(), concat_reference(toy, tokens, chunks, end), rtol=1e-4, atol=1e-4)
+    assert (toy.written_kv() - toy.reference_kv(tokens[:end])).abs().max() > 1e-2  # an approximation
+
+
+def test_partial_ratio_recomputes_only_the_picked_tokens():
+    toy = Toy()
+    tokens, chunks, end = prompt()
+    blender = Blender(toy, DictStore(), check_layer=0)
+    warm(blender, tokens, chunks)
+    report = blender.run(job(tokens, chunks, end, 0.25))
+    assert report.recomputed == round(0.25 * end)
+    concat = concat_reference(toy, tokens, chunks, end)
+    written = toy.written_kv()
+    for i in range(1, L):  # after the check layer only picked tokens change
+        changed = ((written[i] - concat[i]).abs().amax(dim=(0, 2, 3)) > 1e-4).sum()
+        assert 0 < changed <= report.recomputed
+
+
+def test_missed_chunks_are_computed_stored_and_recomputed():
+    toy = Toy()
+    tokens, chunks, end = prompt()
+    store = DictStore()
+    blender = Blender(toy, store)
+    warm(blender, tokens, chunks[:2])
+    store.puts = 0
+    report = blender.run(job(tokens, chunks, end, 0.0))
+    assert (report.chunk_hits, report.chunk_misses, store.puts) == (2, 2, 2)
+    assert report.recomputed == sum(e - b for b, e, _ in chunks[2:])  # every token of a missed chunk
+    again = blender.run(job(tokens, chunks, end, 0.0))
+    assert (again.chunk_hits, again.recomputed) == (4, 0)
+
+
+def test_uncacheable_chunks_are_always_recomputed():
+    toy = Toy()
+    tokens, chunks, end = prompt()
+    chunks[0] = (chunks[0][0], chunks[0][1], None)
+    store = DictStore()
+    blender = Blender(toy, store)
+    report = blender.run(job(tokens, chunks, end, 0.0))
+    assert store.puts == 3 and report.chunk_misses == 3
+    assert blender.run(job(tokens, chunks, end, 0.0)).recomputed == chunks[0][1]
+
+
+def test_adaptive_gives_position_zero_nothing_and_never_exceeds_fixed():
+    toy = Toy()
+    tokens, chunks, end = prompt()
+    blender = Blender(toy, DictStore())
+    warm(blender, tokens, chunks)
+    fixed = blender.run(job(tokens, chunks, end, 0.3))
+    adaptive = blender.run(job(tokens, chunks, end, 0.3, policy="adaptive"))
+    assert 0 < adaptive.recomputed <= fixed.recomputed
+
+
+@pytest.mark.parametrize("bad", [dict(start=5, end=5), dict(end=999), dict(ratio=1.5), dict(policy="all"),
+                                 dict(slots=torch.arange(3)), dict(chunks=[(1, 70, None)])])
+def test_bad_jobs_are_rejected(bad):
+    tokens, chunks, end = prompt()
+    args = dict(tokens=tokens, start=0, end=end, chunks=chunks, slots=torch.arange(end), ratio=0.1, policy="fixed")
+    args.update(bad)
+    if "end" in bad and "slots" not in bad:
+        args["slots"] = torch.arange(max(args["end"] - args["start"], 0))
+    with pytest.raises(ValueError):
+        Blender(Toy(), DictStore()).run(BlendJob(**args))
+
+
+def test_budgets_by_hand():
+    chunk_of = torch.tensor([-1, 0, 0, 0, 1, 1, -1, 1, 1])
+    pooled, budget = fixed_budget(chunk_of, 0.5)
+    assert budget == [round(0.5 * 7)] and pooled.tolist() == [-1, 0, 0, 0, 0, 0, -1, 0, 0]
+    assert adaptive_budget([10, 20, 30], [0.0, 0.2, 0.4], 0.5) == [0, 5, 15]
+    assert adaptive_budget([10, 20], [0.0, 0.0], 0.5) == [0, 0]
+    scores = torch.tensor([9.0, 1, 5, 3, 2, 8, 0, 7, 4])
+    assert pick_tokens(scores, chunk_of, [1, 2]).tolist() == [0, 2, 5, 6, 7]
