@@ -271,8 +271,6 @@ def summarize(phase: dict, ref: dict | None, gold: dict) -> dict:
     ttfts = [r["ttft_s"] for r in reqs]
     prompt_tokens = sum(r["prompt_tokens"] for r in reqs)
     c = phase["counters"]
-    # timed + answer request per question: both are blended, so both count as prompt tokens
-    blended_prompt_tokens = 2 * prompt_tokens
     s = {"config": phase["name"], "n": len(reqs),
          "accuracy": sum(gold[r["id"]](r["text"]) for r in reqs) / len(reqs) if reqs else math.nan,
          "ttft_p50_s": percentile(ttfts, 50), "ttft_mean_s": sum(ttfts) / len(ttfts) if ttfts else math.nan,
@@ -280,7 +278,9 @@ def summarize(phase: dict, ref: dict | None, gold: dict) -> dict:
          **{k: c.get(f"kvplug_{k}", 0.0) for k in BLEND_COUNTERS},
          "vllm_prefix_hit_tok": c.get("prefix_cache_hits", 0.0),
          "vllm_prefix_query_tok": c.get("prefix_cache_queries", 0.0)}
-    s["recomputed_frac_of_prompt"] = ratio(s["blend_recomputed_tokens"], blended_prompt_tokens) \
+    # per blended request (the timed and the answer request of a question may both blend)
+    s["recomputed_frac_of_prompt"] = ratio(s["blend_recomputed_tokens"],
+                                           s["blend_requests"] * s["prompt_tokens_mean"]) \
         if s["blend_requests"] else math.nan
     s["recomputed_frac_of_blend_tokens"] = ratio(s["blend_recomputed_tokens"], s["blend_tokens"]) \
         if s["blend_tokens"] else math.nan
@@ -410,6 +410,9 @@ def main(argv=None) -> int:
         "wall_s": time.monotonic() - t_all, "machine": serving.machine_info(), "model": args.model,
         "kvplug_head": subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "HEAD"],
                                       capture_output=True, text=True).stdout.strip(),
+        "kvplug_uncommitted": subprocess.run(
+            ["git", "-C", str(HERE.parent), "status", "--porcelain", "--", "kvplug", "triton_kernels"],
+            capture_output=True, text=True).stdout.splitlines(),
         "dataset": {**qs.params, "source": qs.source, "frame": frame.name, "system": qs.system,
                     "prompt_tokens_mean": sum(ptoks) / len(ptoks),
                     "questions": [{"id": it.qid, "doc_ids": list(it.doc_ids), "target": it.target,
@@ -423,8 +426,8 @@ def main(argv=None) -> int:
                      "accuracy": "first integer in the generated text equals the gold value",
                      "answer_agree": "generated text identical to full_prefill's",
                      "value_agree": "first integer of the generated text equals full_prefill's",
-                     "recomputed_frac_of_prompt": "delta(blend_recomputed_tokens) / prompt tokens of "
-                     "the configuration's requests (timed + answer request per question)",
+                     "recomputed_frac_of_prompt": "delta(blend_recomputed_tokens) / (delta(blend_requests)"
+                     " x mean prompt tokens) over the configuration's requests",
                      "reserved_cpus": args.reserved_cpus},
         "configs": stats,
         "warmup_counters": phases["warmup"]["counters"] if "warmup" in phases else None,

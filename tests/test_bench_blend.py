@@ -166,7 +166,7 @@ def test_summarize_recomputed_fraction_and_ratios():
     gold = {0: lambda t: mq.answer_correct(t, "1"), 1: lambda t: mq.answer_correct(t, "2")}
     s = blend.summarize(run, ref, gold)
     assert s["answer_agree"] == 0.5 == s["value_agree"] and s["accuracy"] == 0.5 and s["top1_agree"] == 0.5
-    assert s["recomputed_frac_of_prompt"] == pytest.approx(60 / 400)  # timed + answer requests
+    assert s["recomputed_frac_of_prompt"] == pytest.approx(60 / 400)  # 4 blended requests x 100
     assert s["recomputed_frac_of_blend_tokens"] == pytest.approx(60 / 380)
     assert s["ttft_p50_s"] == 1.0 and s["ttft_ratio_vs_full"] == 0.5
     assert s["kl_mean"] > 0 and s["disagreements"] == [{"id": 1, "got": " 3.", "want": " 2."}]
