@@ -9,6 +9,9 @@ modules; tests may implement it over a toy model.
         runs decoder layer i; its attention is `attend(q [T, H*D], k [T, KV*D], v [T, KV*D])
         -> [T, H*D]`, with q and k already rotated at `positions`
     write_kv(i, k [T, KV, D], v [T, KV, D], slots [T] int64)    into the engine's paged cache
+    paged_plan: None, or (q_pos [T] ascending, block_table [blocks]) -> plan; with it
+    paged_attention(i, q [T, H*D], plan) -> [T, H*D]: causal attention against what the engine's
+        paged cache of layer i holds (its own kernel, faster than torch SDPA on CPU)
 """
 from __future__ import annotations
 
@@ -37,3 +40,7 @@ class ModelAdapter(Protocol):
                       attend: Attend) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def write_kv(self, i: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None: ...
+
+    paged_plan: Callable[[torch.Tensor, torch.Tensor], object] | None
+
+    def paged_attention(self, i: int, q: torch.Tensor, plan: object) -> torch.Tensor: ...

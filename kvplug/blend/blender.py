@@ -45,6 +45,10 @@ class BlendJob:
     slots: torch.Tensor  # int64 [end - start], cache slot of each written position
     ratio: float
     policy: str = "fixed"
+    # The request's blocks from position 0: with it (and an adapter that has paged_plan) the
+    # engine's attention kernel reads its own cache, which then holds [0, start) and each layer's
+    # blended KV before that layer's attention runs.
+    block_table: torch.Tensor | None = None
 
 
 @dataclass
@@ -76,25 +80,33 @@ class Blender:
         dev = self.m.device
         ids = torch.tensor(job.tokens[job.start:job.end], dtype=torch.long, device=dev)
         positions = torch.arange(job.start, job.end, device=dev)
+        paged = job.block_table is not None and getattr(self.m, "paged_plan", None) is not None
         hidden, residual = self.m.embed(ids[active.to(dev)]), None
+        q_pos = None
         for i in range(self.m.num_layers):
+            if q_pos is None:  # the first layer, and after the selection
+                q_pos = positions[active.to(dev)]
+                plan = self.m.paged_plan(q_pos, job.block_table) if paged else None
             check = score and i == self.check_layer
             seen: dict[str, torch.Tensor] = {}
-            attend = self._mixed_attend(kv[i], job.start, active, seen, keep_cached=check)
-            hidden, residual = self.m.forward_layer(i, positions[active.to(dev)], hidden, residual, attend)
-            self.m.write_kv(i, kv[i, 0, job.start:], kv[i, 1, job.start:], job.slots)
+            attend = self._mixed_attend(i, kv[i], job, active, seen, check, plan)
+            hidden, residual = self.m.forward_layer(i, q_pos, hidden, residual, attend)
+            if plan is None:
+                self.m.write_kv(i, kv[i, 0, job.start:], kv[i, 1, job.start:], job.slots)
             if check:
                 picked = self._select(job, kv[i], seen, chunk_of)
                 hidden, residual = hidden[picked.to(dev)], residual[picked.to(dev)]
-                active = picked
+                active, q_pos = picked, None
         report.recomputed = int(active.numel())
         return report
 
-    def _mixed_attend(self, kv_layer: torch.Tensor, start: int, active: torch.Tensor, seen: dict, keep_cached: bool):
+    def _mixed_attend(self, i: int, kv_layer: torch.Tensor, job: BlendJob, active: torch.Tensor, seen: dict,
+                      keep_cached: bool, plan):
         """Attention of the active span tokens against [0, end): fresh KV at their positions,
-        cached KV everywhere else. kv_layer [2, end, KV, D] is updated in place."""
+        cached KV everywhere else. kv_layer [2, end, KV, D] is updated in place; with a paged
+        plan it is written to the engine's cache first and the engine's kernel attends."""
         m = self.m
-        rows = (active + start).to(kv_layer.device)
+        rows = (active + job.start).to(kv_layer.device)
 
         def attend(q, k, v):
             k, v = k.view(-1, m.num_kv_heads, m.head_dim), v.view(-1, m.num_kv_heads, m.head_dim)
@@ -102,7 +114,10 @@ class Blender:
                 seen["k_cached"], seen["v_cached"] = kv_layer[0, rows].clone(), kv_layer[1, rows].clone()
                 seen["k"], seen["v"], seen["q"] = k, v, q.view(-1, m.num_heads, m.head_dim)
             kv_layer[0, rows], kv_layer[1, rows] = k, v
-            return self._attention(q.view(-1, m.num_heads, m.head_dim), kv_layer[0], kv_layer[1], rows)
+            if plan is None:
+                return self._attention(q.view(-1, m.num_heads, m.head_dim), kv_layer[0], kv_layer[1], rows)
+            m.write_kv(i, kv_layer[0, job.start:], kv_layer[1, job.start:], job.slots)
+            return m.paged_attention(i, q, plan)
         return attend
 
     def _select(self, job: BlendJob, kv_layer: torch.Tensor, seen: dict, chunk_of: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,9 @@ except that its attention module is swapped for the blender's for the length of 
 forward context or attention metadata is needed and nothing in vLLM is patched.
 
     VLLMModelAdapter(model, kv_caches)    or ValueError naming what is not supported
+    paged_plan(q_pos, block_table) / paged_attention(i, q, plan)   attention through the engine's
+        own kernel over its paged cache (CPU backend); paged_plan is None on other backends, where
+        the blender uses torch SDPA over its own copy of the KV
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ class VLLMModelAdapter:
         self.device = next(model.parameters()).device
         self._caches = [kv_caches[a.layer_name] for a in self.attn]
         self._rope = _rope_of(first.rotary_emb)
+        self.paged_plan = self._cpu_plan if _is_cpu_backend(self.attn[0]) else None
 
     @property
     def rope(self) -> tuple[torch.Tensor, str]:
@@ -72,6 +76,46 @@ class VLLMModelAdapter:
     def write_kv(self, i, k, v, slots):
         a = self.attn[i]
         a.impl.do_kv_cache_update(a, k.contiguous(), v.contiguous(), self._caches[i], slots.to(k.device))
+
+
+    def paged_attention(self, i, q, plan):
+        """q [T, H*D] at the plan's positions, against layer i's paged cache at positions <= each."""
+        a = self.attn[i]
+        out = torch.empty_like(q)
+        a.impl.forward(a, q.view(-1, self.num_heads, self.head_dim), None, None, self._caches[i], plan,
+                       out.view(-1, self.num_heads, self.head_dim))
+        return out
+
+    def _cpu_plan(self, q_pos, block_table):
+        """CPU attention metadata for queries at q_pos (ascending) of one request: one causal
+        sequence when they are contiguous, else one single-query sequence per token (a decode
+        batch over the same blocks)."""
+        from vllm import _custom_ops as ops
+        from vllm import envs
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+
+        a, n = self.attn[0], q_pos.numel()
+        bt = block_table.to(torch.int32).view(1, -1)
+        if int(q_pos[-1]) - int(q_pos[0]) + 1 == n:
+            starts = torch.tensor([0, n], dtype=torch.int32)
+            seq_lens = torch.tensor([int(q_pos[-1]) + 1], dtype=torch.int32)
+        else:
+            starts = torch.arange(n + 1, dtype=torch.int32)
+            seq_lens = (q_pos + 1).to(torch.int32)
+            bt = bt.expand(n, -1).contiguous()
+        sched = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=seq_lens.numel(), num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, seq_lens=seq_lens, dtype=self.dtype, query_start_loc=starts, causal=True,
+            sliding_window_size=-1, isa=a.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+            kv_cache_dtype=a.impl.kv_cache_dtype)
+        return CPUAttentionMetadata(
+            num_actual_tokens=n, max_query_len=int((starts[1:] - starts[:-1]).max()), query_start_loc=starts,
+            max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=bt,
+            slot_mapping=torch.empty(0, dtype=torch.int64), scheduler_metadata=sched, causal=True)
+
+
+def _is_cpu_backend(attn) -> bool:
+    return type(attn.impl).__name__ == "CPUAttentionBackendImpl" and hasattr(attn, "isa")
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

@@ -46,7 +46,7 @@ class _Request:
     namespace: str  # the tenant (cache_salt) owning the units, for quotas
     block_ids: list[int] = field(default_factory=list)
     saved_upto: int = 0  # blocks [0, saved_upto) are cached or planned
-    chunks: list[tuple[int, int, bytes | None]] | None = None  # blend chunks, once computed
+    blend: tuple[float, str, list[tuple[int, int, bytes | None]]] | None = None  # (ratio, policy, chunks)
 
 
 class SchedulerHalf:
@@ -110,10 +110,34 @@ class SchedulerHalf:
         st = self._reqs.get(request.request_id)
         if st is None:
             tokens = request.prompt_token_ids or []
-            keys = prefix_block_keys(self.facts.namespace, tokens, self.bs, request.cache_salt)
+            blend = self._blend_params(request)
+            # Blocks of a blended request hold blended KV: they are saved and found under their
+            # own root (per ratio and policy), never served to a request that asked for exact KV.
+            salt = request.cache_salt if blend is None else f"{request.cache_salt or ''}\0blend:{blend[0]}:{blend[1]}"
+            keys = prefix_block_keys(self.facts.namespace, tokens, self.bs, salt)
             st = self._reqs[request.request_id] = _Request(request.request_id, keys, len(tokens),
-                                                              request.cache_salt or "")
+                                                              request.cache_salt or "", blend=blend)
         return st
+
+    def _blend_params(self, request):
+        """(ratio, policy, chunks) when this request is to be blended, else None."""
+        b = self.cfg.blend
+        if not b.enabled or not self._load_enabled:
+            return None
+        tokens = request.prompt_token_ids or []
+        try:
+            enabled, ratio, policy, ends = request_blend_params(request.kv_transfer_params, b)
+            if not enabled:
+                return None
+            spans = spans_from_ends(ends, len(tokens)) if ends is not None else chunk_spans(tokens, self._separator)
+        except ValueError as e:
+            logger.warning("kvplug: request %s: %s; not blended", request.request_id, e)
+            return None
+        if not spans:
+            return None
+        chunks = [(lo, hi, chunk_key(self.facts.namespace, tokens[lo:hi], request.cache_salt)
+                   if hi - lo >= b.blend_min_chunk_tokens else None) for lo, hi in spans]
+        return ratio, policy, chunks
 
     def num_matched(self, request, num_computed: int) -> int:
         if not self._load_enabled or num_computed % self.bs or request.prompt_token_ids is None:
@@ -123,51 +147,35 @@ class SchedulerHalf:
         usable = min(len(st.keys), (st.prompt_len - 1) // self.bs)
         first = num_computed // self.bs
         tiers = self.manager.lookup(st.keys[first:usable])
-        self._blend_lookups.pop(request.request_id, None)
-        plan = self._blend_plan(request, st, num_computed, num_computed + len(tiers) * self.bs)
-        if plan is not None:  # covers more than the prefix tiers: blend instead
-            self._blend_lookups[request.request_id] = plan
-            return plan.end - plan.start
         self._lookups[request.request_id] = (num_computed, tiers)
+        self._blend_lookups.pop(request.request_id, None)
+        # The prefix tiers' blocks load first; blending covers the rest of the chunks.
+        plan = self._blend_plan(request, st, num_computed + len(tiers) * self.bs)
+        if plan is not None:
+            self._blend_lookups[request.request_id] = plan
+            return plan.end - num_computed
         return len(tiers) * self.bs
 
-    def _blend_plan(self, request, st: _Request, num_computed: int, prefix_end: int) -> BlendPlan | None:
-        b = self.cfg.blend
-        if not b.enabled:
+    def _blend_plan(self, request, st: _Request, start: int) -> BlendPlan | None:
+        """Blend [start, end of the last chunk) where start is what vLLM and the prefix tiers hold."""
+        if st.blend is None:
             return None
-        try:
-            enabled, ratio, policy, ends = request_blend_params(request.kv_transfer_params, b)
-            if not enabled:
-                return None
-            if st.chunks is None:
-                tokens = request.prompt_token_ids
-                spans = spans_from_ends(ends, len(tokens)) if ends is not None else chunk_spans(tokens, self._separator)
-                st.chunks = [(lo, hi, chunk_key(self.facts.namespace, tokens[lo:hi], request.cache_salt)
-                              if hi - lo >= b.blend_min_chunk_tokens else None) for lo, hi in spans]
-        except ValueError as e:
-            logger.warning("kvplug: request %s: %s; not blended", request.request_id, e)
-            return None
-        if not st.chunks:
-            return None
-        last = st.chunks[-1][1]
+        ratio, policy, chunks = st.blend
+        last = chunks[-1][1]
         end = min(last, st.prompt_len - 1)  # vLLM computes at least the last prompt token
-        if end <= max(num_computed, prefix_end):
+        if end <= start:
             return None
-        return BlendPlan(st.req_id, list(request.prompt_token_ids[:last]), num_computed, end, st.chunks, ratio, policy)
+        return BlendPlan(st.req_id, list(request.prompt_token_ids[:last]), start, end, chunks, ratio, policy)
 
     def after_alloc(self, request, block_ids: list[int], num_external: int) -> None:
         plan = self._blend_lookups.pop(request.request_id, None)
-        st = self._reqs.get(request.request_id)
-        if plan is not None and st is not None:
-            if num_external == plan.end - plan.start:
-                plan.block_ids = list(block_ids)
-                self._meta.blends.append(plan)
-                # Blended KV approximates the prompt's own: never save it as exact prefix blocks.
-                st.saved_upto = len(st.keys)
-            return
         lookup = self._lookups.pop(request.request_id, None)
+        st = self._reqs.get(request.request_id)
         if lookup is None or st is None:
             return
+        if plan is not None and num_external > 0:  # vLLM takes all that is offered, or nothing
+            plan.block_ids = list(block_ids)
+            self._meta.blends.append(plan)
         local, tiers = lookup
         first = local // self.bs
         queried = min(len(st.keys), (st.prompt_len - 1) // self.bs) - first

@@ -48,15 +48,22 @@ def main(model_path: str, out_path: str) -> None:
     hits_before = blender.store.take_stats()
 
     captured = {}
+    write = blender.m.write_kv
 
-    def capture(i, k, v, slots):
+    def capture(i, k, v, slots):  # the last write of each layer is what the cache keeps
         captured[i] = torch.stack([k.clone(), v.clone()])
+        write(i, k, v, slots)
 
     blender.m.write_kv = capture
+    # Blocks 1.. of the engine's cache (block 0 is vLLM's null block): the engine is idle and
+    # serves nothing after this, so the blender may use them as the request's blocks.
+    bs = facts.block_size
+    table = torch.arange(1, (end + bs - 1) // bs + 1)
+    slots = table[torch.arange(end) // bs] * bs + torch.arange(end) % bs
     results = {}
     for ratio in (1.0, 0.0):
         captured.clear()
-        job = BlendJob(ids, 0, end, chunks, torch.arange(end), ratio)
+        job = BlendJob(ids, 0, end, chunks, slots, ratio, block_table=table)
         report = blender.run(job)
         results[ratio] = (torch.stack([captured[i] for i in range(len(captured))]), report)
     stats = blender.store.take_stats()

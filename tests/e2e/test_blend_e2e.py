@@ -59,14 +59,16 @@ def blended(model, tokens, tmp_path_factory):
         {"prompts": [B], "kv_transfer_params": [params()], "reset_prefix_cache": True},
         {"prompts": [C], "kv_transfer_params": [params()]},  # vLLM's prefix cache holds [SYSTEM, D3] from B
         {"prompts": [B], "kv_transfer_params": [{}], "reset_prefix_cache": True},  # the engine's 0.15
+        {"prompts": [B], "kv_transfer_params": [{}], "reset_prefix_cache": True},  # again: its saved blocks
         {"prompts": [B], "kv_transfer_params": [{"recompute_policy": "adaptive"}], "reset_prefix_cache": True},
         {"prompts": [B], "kv_transfer_params": [{"recompute_ratio": 0.0}], "reset_prefix_cache": True},
         {"prompts": [B], "kv_transfer_params": [{"blend": False}], "reset_prefix_cache": True},
         {"prompts": [B], "kv_transfer_params": [{"recompute_ratio": 7}], "reset_prefix_cache": True},
-        {"prompts": [{"prompt_token_ids": tokens["A"]}], "kv_transfer_params": [params(chunk_ends=ends_a)],
+        {"prompts": [{"prompt_token_ids": tokens["A"], "cache_salt": "other"}],
+         "kv_transfer_params": [params(chunk_ends=ends_a)],
          "reset_prefix_cache": True},
     ]
-    names = ["new", "reorder", "prefix", "fixed", "adaptive", "zero", "optout", "bad", "ends"]
+    names = ["new", "reorder", "prefix", "fixed", "fixed_again", "adaptive", "zero", "optout", "bad", "ends"]
     out = drive(tmp_path_factory.mktemp("blend"), "blend", {
         "model": model, "steps": steps,
         "extra": {"cpu_bytes": 1e8, "blend": True, "blend_min_chunk_tokens": 8}})
@@ -113,6 +115,15 @@ def test_fixed_ratio_recomputes_that_share(blended, tokens):
     assert c["blend_tokens"] == n and c["blend_chunk_hits"] == 4
     # 15% of the cached tokens (all span tokens here), rounded.
     assert c["blend_recomputed_tokens"] == round(0.15 * n)
+
+
+def test_blended_prompt_again_comes_from_the_prefix_tier(blended, tokens):
+    """A blended request's blocks are saved (under a root of their own): the same prompt with
+    the same ratio later loads its full blocks, and blends only the chunk tokens after them."""
+    c = blended["fixed_again"]["counters"]
+    loaded = (len(tokens["B"]) - 1) // 128 * 128
+    assert c["cpu_hit_tokens"] == loaded
+    assert c["blend_requests"] == 1 and c["blend_tokens"] == span(tokens["B"]) - loaded
 
 
 def test_adaptive_spends_no_more_than_fixed(blended):
