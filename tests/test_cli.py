@@ -176,7 +176,7 @@ def test_bench_forwards_to_offload_benchmark():
 def test_help_says_what_warm_hits():
     out = kvplug("warm", "--help")
     assert out.returncode == 0 and "BEGINS with the document's exact text" in out.stdout
-    assert "blending" in out.stdout
+    assert "--blend" in out.stdout and "at any position" in out.stdout
 
 
 @pytest.mark.e2e
@@ -205,3 +205,24 @@ def test_warm_stores_documents_on_disk(tmp_path):
     assert re.search(r"doc0\.txt\s+\d+\s+[1-9]", out.stdout)  # per-document row with blocks
     stats = json.loads(kvplug("stats", str(disk), "--json", "--verify").stdout)
     assert stats["units"] == blocks and stats["corrupt"] == 0
+
+
+def test_warm_blend_stores_chunks_in_both_forms(tmp_path):
+    """--blend: each document becomes two chunks (first in a prompt, after a separator), on disk."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_model import tiny_model_path
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(2):
+        (docs / f"doc{i}.txt").write_text(" ".join(f"fact{(i * 31 + j * 17) % 97} of topic {i}" for j in range(40)))
+    disk = tmp_path / "disk"
+    out = subprocess.run([sys.executable, "-m", "kvplug.cli.main", "warm", "--blend", "--model",
+                          str(tiny_model_path()), "--disk-path", str(disk), "--max-model-len", "2048", str(docs)],
+                         cwd=ROOT, env={**ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    m = re.search(r"blend chunks: (\d+) stored; chunk files in \S+: 0 -> (\d+)", out.stdout)
+    assert m, out.stdout[-2000:]
+    assert m.groups() == ("4", "4")
+    assert len(list((disk / "chunks").glob("??/*.kvp"))) == 4

@@ -20,7 +20,9 @@ Prefill every document once through an offline vLLM engine with the KVPlugConnec
 KV blocks are stored in DISK_PATH. Afterwards any engine started with the same disk_path (and
 the same model, dtype and block size) loads them instead of recomputing: a query hits when it
 BEGINS with the document's exact text (prefix caching; only whole blocks before the first
-differing token are reused). Reusing a document anywhere inside a prompt comes with blending.
+differing token are reused). With --blend each document is also stored as a blend chunk, so
+engines started with "blend": true reuse it at any position in a prompt whose documents are
+joined by the chunk separator.
 """
 
 
@@ -169,6 +171,8 @@ def _add_warm(sub) -> None:
     p.add_argument("--dtype", default="auto", help="must match the serving engines' dtype")
     p.add_argument("--cuda-graphs", action="store_true", help="capture CUDA graphs (slower start)")
     p.add_argument("--wait-s", type=float, default=120.0, help="longest wait for disk writes")
+    p.add_argument("--blend", action="store_true", help="also store each document as a blend chunk")
+    p.add_argument("--chunk-separator", default=" # # ", help="the engines' chunk_separator (' # # ')")
     p.set_defaults(func=cmd_warm)
 
 

@@ -8,6 +8,11 @@ vLLM and torch are imported inside warm() only, so `kvplug --help` and `kvplug s
 A later query hits when it *begins* with a document's exact text: the disk tier stores whole
 KV blocks of prompt prefixes (keys chain over all tokens before them), so only full blocks of
 the document before the first token that differs are reusable.
+
+With --blend each document is also stored as a blend chunk (in DISK_PATH/chunks), in both
+forms a prompt can hold it: first in the prompt, and after a chunk separator. Engines started
+with blend on then reuse it at any position. The prompt sent is `DOC SEP DOC SEP .`, whose two
+chunks are exactly those two forms.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ class DocResult:
     name: str
     tokens: int = 0
     stored_blocks: int = 0  # blocks newly saved by this prefill
+    stored_chunks: int = 0  # blend chunks computed and stored (--blend)
     cached_tokens: int = 0  # tokens already held by a kvplug tier (nothing to do for them)
     skipped: str = ""  # why nothing was done, if so
 
@@ -39,10 +45,16 @@ class WarmResult:
     units_after: int = 0
     wait_s: float = 0.0
     settled: bool = True  # every expected unit file appeared before the wait timed out
+    chunks_before: int = 0
+    chunks_after: int = 0
 
     @property
     def stored_blocks(self) -> int:
         return sum(d.stored_blocks for d in self.docs)
+
+    @property
+    def stored_chunks(self) -> int:
+        return sum(d.stored_chunks for d in self.docs)
 
 
 def find_documents(docs_dir: str, pattern: str = "*.txt") -> list[Path]:
@@ -71,6 +83,8 @@ def _engine(args):
 
     extra = {"cpu_bytes": int(args.cpu_bytes), "disk_path": str(args.disk_path),
              "disk_bytes": int(args.disk_bytes)}
+    if args.blend:
+        extra.update(blend=True, chunk_separator=args.chunk_separator)
     kwargs = {"max_model_len": args.max_model_len} if args.max_model_len else {}
     return LLM(model=args.model, enforce_eager=not args.cuda_graphs, dtype=args.dtype,
                disable_log_stats=False, kv_transfer_config={
@@ -78,7 +92,7 @@ def _engine(args):
                    "kv_connector_extra_config": extra}, **kwargs)
 
 
-def _prefill(llm, sp, path: Path) -> DocResult:
+def _prefill(llm, sp, path: Path, separator: str | None) -> DocResult:
     res = DocResult(name=path.name)
     text = path.read_text(errors="replace")
     if not text.strip():
@@ -86,14 +100,16 @@ def _prefill(llm, sp, path: Path) -> DocResult:
         return res
     res.tokens = len(llm.get_tokenizer().encode(text))
     before = _counters(llm)
+    prompt = text if separator is None else f"{text}{separator}{text}{separator}."
     try:
-        llm.generate([text], sp, use_tqdm=False)
+        llm.generate([prompt], sp, use_tqdm=False)
     except ValueError as e:  # e.g. longer than max_model_len: vLLM rejects the prompt
         res.skipped = str(e).splitlines()[0][:120]
         return res
     after = _counters(llm)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     res.stored_blocks = int(delta.get("saved_blocks", 0))
+    res.stored_chunks = int(delta.get("blend_chunk_misses", 0))
     res.cached_tokens = int(sum(delta.get(f"{tier}_hit_tokens", 0) for tier in HIT_TIERS))
     return res
 
@@ -101,17 +117,24 @@ def _prefill(llm, sp, path: Path) -> DocResult:
 def _wait_for_disk(result: WarmResult, timeout_s: float, quiet_s: float = 3.0) -> None:
     """The connector writes files from a background thread: wait until the expected number is
     there, or until nothing is in flight and the count stopped moving (evictions, drops)."""
-    expected = result.units_before + result.stored_blocks
+    chunks = Path(result.disk_path) / "chunks"
+    expected = result.units_before + result.stored_blocks + result.chunks_before + result.stored_chunks
+
+    def count() -> int:
+        return count_units(result.disk_path) + (count_units(chunks) if chunks.is_dir() else 0)
+
     t0 = last_change = time.monotonic()
-    last = count_units(result.disk_path)
+    last = count()
     while last < expected and time.monotonic() - t0 < timeout_s:
         time.sleep(0.2)
-        now = count_units(result.disk_path)
-        if now != last or count_tmp(result.disk_path):
+        now = count()
+        if now != last or count_tmp(result.disk_path) or (chunks.is_dir() and count_tmp(chunks)):
             last, last_change = now, time.monotonic()
         elif time.monotonic() - last_change >= quiet_s:
             break
-    result.units_after, result.wait_s = last, time.monotonic() - t0
+    result.wait_s = time.monotonic() - t0
+    result.units_after = count_units(result.disk_path)
+    result.chunks_after = count_units(chunks) if chunks.is_dir() else 0
     result.settled = last >= expected
 
 
@@ -120,11 +143,13 @@ def warm(args) -> WarmResult:
     _check_model(args.model)
     from vllm import SamplingParams
 
-    result = WarmResult(disk_path=str(args.disk_path), units_before=count_units(args.disk_path))
+    chunks = Path(args.disk_path) / "chunks"
+    result = WarmResult(disk_path=str(args.disk_path), units_before=count_units(args.disk_path),
+                        chunks_before=count_units(chunks) if chunks.is_dir() else 0)
     llm = _engine(args)
     sp = SamplingParams(max_tokens=1, temperature=0.0)
     for path in files:
-        result.docs.append(_prefill(llm, sp, path))
+        result.docs.append(_prefill(llm, sp, path, args.chunk_separator if args.blend else None))
     _wait_for_disk(result, args.wait_s)
     return result
 
@@ -136,8 +161,12 @@ def report(r: WarmResult) -> str:
     lines = [format_table(rows, ["document", "tokens", "stored_blocks", "already_cached_tokens", "note"]),
              f"kvplug warm: {done} documents prefilled, {r.stored_blocks} blocks stored; unit files in "
              f"{r.disk_path}: {r.units_before} -> {r.units_after}"]
+    if r.stored_chunks or r.chunks_before:
+        lines.append(f"blend chunks: {r.stored_chunks} stored; chunk files in {r.disk_path}/chunks: "
+                     f"{r.chunks_before} -> {r.chunks_after}")
     if not r.settled:
-        lines.append(f"warning: expected {r.units_before + r.stored_blocks} unit files after "
+        lines.append(f"warning: expected {r.units_before + r.stored_blocks + r.chunks_before + r.stored_chunks} "
+                     f"unit and chunk files after "
                      f"{r.wait_s:.0f} s; disk_bytes may be too small (evictions) or writes failed "
                      "(see the engine log)")
     return "\n".join(lines)
