@@ -3,10 +3,13 @@
     ttft_distribution(report, path)   TTFT per configuration and policy: box plot + points
     throughput(report, path)          requests/s and output tokens/s per configuration (bars)
     policies(report, path)            hit rate and TTFT p50/p90 per eviction policy (bars)
-    write_all(report, prefix) -> list[Path]   the three above as <prefix>{ttft,throughput,policies}.png
+    blend(report, path)               chunk hit rate and recomputed fraction per blend configuration
+    write_all(report, prefix) -> list[Path]   the above as <prefix>{ttft,throughput,policies,blend}.png
+                                      (policies and blend only when the report has them)
 
 A report is the dict ``benchmarks/serve.py`` writes: "configs" and "policies" hold per-run
-stats, "requests" the per-request records (``ttft_s`` per request) keyed by configuration.
+stats, "requests" the per-request records (``ttft_s`` per request) keyed by configuration,
+"blend" the blend summary of each blend configuration.
 """
 from __future__ import annotations
 
@@ -114,6 +117,27 @@ def policies(report: dict, path) -> Path:
     return _save(fig, path)
 
 
+def blend(report: dict, path) -> Path:
+    stats = report.get("blend", {})
+    names = list(stats)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(names) + 3), 4.2))
+    x = range(len(names))
+    hit = [100 * stats[n].get("blend_chunk_hit_rate", math.nan) for n in names]
+    rec = [100 * stats[n].get("blend_recomputed_frac", math.nan) for n in names]
+    b1 = ax.bar([i - 0.2 for i in x], hit, width=0.4, label="chunk hit rate", color=MAIN_COLOR)
+    b2 = ax.bar([i + 0.2 for i in x], rec, width=0.4, label="recomputed fraction", color=POLICY_COLOR)
+    _bar_labels(ax, list(b1) + list(b2), "{:.1f}%")
+    reqs = [stats[n].get("blend_requests", 0) for n in names]
+    ax.set_xticks(list(x), [f"{n}\n({r:.0f} blended req)" for n, r in zip(names, reqs)])
+    ax.set_ylabel("% (hits / chunk lookups; recomputed / blended tokens)")
+    ax.set_ylim(0, 115)
+    ax.legend(fontsize=8, loc="upper right", ncols=2)
+    ax.grid(axis="y", alpha=0.3)
+    ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle("Blending per configuration (same trace)\n" + _subtitle(report), fontsize=9)
+    return _save(fig, path)
+
+
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,4 +151,6 @@ def write_all(report: dict, prefix: str) -> list[Path]:
     out = [ttft_distribution(report, f"{prefix}ttft.png"), throughput(report, f"{prefix}throughput.png")]
     if report.get("policies"):
         out.append(policies(report, f"{prefix}policies.png"))
+    if report.get("blend"):
+        out.append(blend(report, f"{prefix}blend.png"))
     return out

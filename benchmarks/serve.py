@@ -3,27 +3,49 @@
     python benchmarks/serve.py [--quick] [--json PATH] [--concurrency 4] [--configs a,b] [--policies a,b]
 
 Configurations (registry ``CONFIGS``, one fresh server each, the same request trace each):
-  main group      vLLM alone (prefix caching on); kvplug CPU tier (holds the working set);
-                  kvplug CPU + disk (CPU tier half the working set, disk the rest);
-                  blending configurations plug in here later as one ``register(...)`` each
-                  (see BLEND HOOK below).
+  main group      vllm: vLLM alone (prefix caching on);
+                  kvplug_cpu: kvplug CPU tier (holds the working set);
+                  kvplug_cpu_disk: kvplug CPU + disk (CPU tier half the working set, disk the rest);
+                  kvplug_cpu_remote: CPU tier half the working set + a Redis remote tier;
+                  kvplug_blend: the kvplug_cpu tier plus chunk blending (CacheBlend) at a fixed
+                  recompute ratio of 0.15 (chunk KV store 1.5x the working set, so every
+                  document chunk of the trace fits);
+                  kvplug_blend_adaptive: the same with the adaptive (per-chunk, Cache-Craft)
+                  recompute budget.
   eviction group  kvplug with a CPU tier far smaller than the working set, once per
                   ``eviction_policy`` (lru, lfu, fifo, arc, s3fifo, cost_aware), on a prefix of
                   the same trace.
+
+Modes. Each configuration is a fresh server (~20 s to start, the first ~2 min when the page
+cache is cold), so the number of servers dominates a quick run:
+  --quick  16 requests over 8 contexts; main group vllm, kvplug_cpu, kvplug_cpu_disk,
+           kvplug_blend, kvplug_blend_adaptive (no remote tier); eviction policies lru,
+           s3fifo, cost_aware on the same 16 requests with a CPU tier of 0.5x their working
+           set (8 servers, ~8.5 min on 2 CPU cores with a warm page cache: a blend run pays
+           ~10 s per request with a new context, so 16 rather than 20 requests keeps the margin;
+           the first 12 and 16 requests reuse the same 5 contexts).
+  full     64 requests; the main group plus kvplug_cpu_remote; all six eviction policies on
+           the whole trace with a CPU tier of 0.35x its working set (12 servers).
+``--configs``, ``--policies``, ``--requests``, ``--evict-requests`` and ``--evict-cpu-frac``
+override either mode.
 
 Workload ("rag_sessions"): the RAG generator (``benchmarks/workloads/rag.py``: ~512-token
 documents, 4-8 per query, Zipf document popularity, seeded) makes C retrieved contexts; each
 request picks a context by a second Zipf draw and appends a new question. Requests of one
 context share its whole retrieved text as a prefix, so prefix caching (vLLM's and kvplug's)
 has real reuse; the same document at different positions across contexts is what blending
-will add. vLLM's own KV cache is sized to a few requests so its prefix cache cannot keep the
+reuses (the documents are joined by the " # # " separator the blend configurations split
+at). vLLM's own KV cache is sized to a few requests so its prefix cache cannot keep the
 working set.
 
 Recorded per configuration: TTFT p50/p90/p99, inter-token latency (per request: mean gap
 between streamed chunks after the first), requests/s, output and prompt tokens/s, kvplug's
-counters and hit rates per tier, vLLM's prefix-cache hit rate, ratios vs vLLM alone.
+counters and hit rates per tier, vLLM's prefix-cache hit rate, ratios vs vLLM alone; for blend
+configurations blended requests, chunk hit rate (chunk hits / (hits + misses)), recomputed
+fraction (recomputed tokens / blended tokens) and blend seconds per blended request.
 Writes ``benchmarks/results/serve.json`` (the ``quick`` field says which mode) and PNG plots
-``serve_ttft.png``, ``serve_throughput.png``, ``serve_policies.png`` through ``plots.py``.
+``serve_ttft.png``, ``serve_throughput.png``, ``serve_policies.png``, ``serve_blend.png``
+through ``plots.py``.
 """
 from __future__ import annotations
 
@@ -51,6 +73,9 @@ from workloads.text import question  # noqa: E402
 
 BLOCK = 128  # vLLM's CPU block size (tokens)
 POLICIES = ("lru", "lfu", "fifo", "arc", "s3fifo", "cost_aware")  # kvplug.config.EVICTION_POLICIES
+MAIN_FULL = ("vllm", "kvplug_cpu", "kvplug_cpu_disk", "kvplug_cpu_remote", "kvplug_blend", "kvplug_blend_adaptive")
+MAIN_QUICK = tuple(n for n in MAIN_FULL if n != "kvplug_cpu_remote")  # a Redis server and one more start
+POLICIES_QUICK = ("lru", "s3fifo", "cost_aware")  # the best, the baseline and the worst of the long run
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKLOAD = "rag_sessions"
 
@@ -125,12 +150,22 @@ def _cpu_remote(p: Plan) -> dict:
 
 register(ServeConfig("kvplug_cpu_remote", "main", _cpu_remote,
                      "kvplug CPU tier 0.5x the working set + a Redis remote tier (loopback redis-server)"))
-# BLEND HOOK: when blending lands, each blend configuration is one entry, e.g.
-#   register(ServeConfig("kvplug_blend_0.15", "main",
-#            lambda p: {**_cpu_all(p), "blend": True, "recompute_ratio": 0.15}, "blend, fixed 0.15"))
-#   register(ServeConfig("kvplug_blend_adaptive", "main", lambda p: {...}, "blend, adaptive ratio"))
-# The rag_sessions trace already places the same document at different positions across
-# contexts, which is what blending reuses and prefix caching cannot.
+
+
+# Blending: the rag_sessions trace places the same document at different positions across
+# contexts, which blending reuses and prefix caching cannot. The chunk store is sized like the
+# CPU tier (1.5x the working set: every distinct document chunk fits, so misses are first sights).
+def _blend(policy: str, ratio: float = 0.15) -> Callable[[Plan], dict]:
+    def extra(p: Plan) -> dict:
+        return {**_cpu_all(p), "blend": True, "recompute_ratio": ratio, "recompute_policy": policy,
+                "blend_cpu_bytes": _mb(1.5 * p.working_set_bytes)}
+    return extra
+
+
+register(ServeConfig("kvplug_blend", "main", _blend("fixed"),
+                     "kvplug_cpu + chunk blending, fixed recompute ratio 0.15"))
+register(ServeConfig("kvplug_blend_adaptive", "main", _blend("adaptive"),
+                     "kvplug_cpu + chunk blending, adaptive recompute budget (ratio 0.15)"))
 for _p in POLICIES:
     register(ServeConfig(f"evict_{_p}", "eviction", _evict(_p),
                          f"kvplug CPU tier a fraction of the working set, eviction_policy={_p}", policy=_p))
@@ -281,6 +316,22 @@ def hit_rates(kv: dict, prefix: dict) -> dict:
     return out
 
 
+BLEND_COUNTERS = ("blend_requests", "blend_tokens", "blend_recomputed_tokens", "blend_chunk_hits",
+                  "blend_chunk_misses", "blend_errors", "blend_seconds")
+
+
+def blend_summary(kv: dict) -> dict:
+    """Blend counters of one run (0 when the server does not blend) and their rates: chunk hit
+    rate = chunk hits / (hits + misses), recomputed fraction = recomputed / blended tokens,
+    blend seconds per blended request; NaN where the denominator is 0."""
+    out = {k: kv.get(k, 0.0) for k in BLEND_COUNTERS}
+    hits, misses = out["blend_chunk_hits"], out["blend_chunk_misses"]
+    out["blend_chunk_hit_rate"] = _ratio(hits, hits + misses)
+    out["blend_recomputed_frac"] = _ratio(out["blend_recomputed_tokens"], out["blend_tokens"])
+    out["blend_s_per_request"] = _ratio(out["blend_seconds"], out["blend_requests"])
+    return out
+
+
 def with_ratios(stats: dict, base: dict) -> dict:
     return {**stats, "throughput_ratio_vs_vllm": _ratio(stats["requests_per_s"], base["requests_per_s"]),
             "tokens_per_s_ratio_vs_vllm": _ratio(stats["output_tokens_per_s"], base["output_tokens_per_s"]),
@@ -312,7 +363,7 @@ def run_config(cfg: ServeConfig, extra: dict | None, args, trace, env, serve_arg
     counters = {k: serving.counter_delta(after[k], before[k]) for k in after}
     log_text = log.read_text(errors="replace")
     stats = {"config": cfg.name, "group": cfg.group, "policy": cfg.policy, **aggregate(results, wall),
-             **hit_rates(counters["kvplug"], counters["prefix_cache"])}
+             **hit_rates(counters["kvplug"], counters["prefix_cache"]), **blend_summary(counters["kvplug"])}
     for r in results:
         if r.error:
             print(f"  [{cfg.name}] request {r.index} failed: {r.error}", flush=True)
@@ -356,15 +407,17 @@ class LoadSampler:
 # ---------------------------------------------------------------- main
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer requests and contexts (< 10 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer requests, contexts and servers: main group without kvplug_cpu_remote, "
+                        f"eviction policies {','.join(POLICIES_QUICK)} only (8 servers, < 9 min on 2 CPU cores)")
     p.add_argument("--json", type=Path, default=RESULTS / "serve.json", help="output JSON")
     p.add_argument("--plots-prefix", default=None, help="PNG path prefix (default: <JSON folder>/serve_)")
     p.add_argument("--model", default=None, help="model folder (default: the converted SmolLM2)")
     p.add_argument("--data-dir", default=".data")
     p.add_argument("--concurrency", type=int, default=4, help="client threads")
-    p.add_argument("--requests", type=int, default=None, help="main trace length (quick 20, else 64)")
+    p.add_argument("--requests", type=int, default=None, help="main trace length (quick 16, else 64)")
     p.add_argument("--evict-requests", type=int, default=None,
-                   help="eviction runs use the first this many requests of the trace (quick 12, else all)")
+                   help="eviction runs use the first this many requests of the trace (quick 16, else all)")
     p.add_argument("--contexts", type=int, default=None, help="distinct retrieved sets (quick 8, else 16)")
     p.add_argument("--docs", type=int, default=40, help="RAG document pool")
     p.add_argument("--doc-tokens", type=int, default=512)
@@ -376,18 +429,25 @@ def parse_args(argv):
     p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (quick 16, else 32)")
     p.add_argument("--vllm-kv-blocks", type=int, default=64, help="vLLM's own KV cache, 128-token blocks")
     p.add_argument("--max-model-len", type=int, default=5120)
-    p.add_argument("--evict-cpu-frac", type=float, default=0.35,
-                   help="eviction runs: CPU tier bytes / the eviction trace's working set")
+    p.add_argument("--evict-cpu-frac", type=float, default=None,
+                   help="eviction runs: CPU tier bytes / the eviction trace's working set (quick 0.5: "
+                        "a small trace needs a larger share for the policies to differ; else 0.35)")
     p.add_argument("--evict-disk", action="store_true", help="eviction runs: add a disk tier of 2x the CPU tier")
-    p.add_argument("--configs", default="vllm,kvplug_cpu,kvplug_cpu_disk,kvplug_cpu_remote",
-                   help="main-group configurations")
-    p.add_argument("--policies", default=",".join(POLICIES), help="eviction policies ('' = skip)")
+    p.add_argument("--configs", default=None,
+                   help=f"main-group configurations (quick {','.join(MAIN_QUICK)}; else {','.join(MAIN_FULL)})")
+    p.add_argument("--policies", default=None,
+                   help=f"eviction policies, '' = skip (quick {','.join(POLICIES_QUICK)}; else all six)")
     p.add_argument("--reserved-cpus", type=int, default=1)
     p.add_argument("--kvplug-rev", default=None,
                    help="run the servers on kvplug as committed at this git revision (default: working tree)")
     a = p.parse_args(argv)
-    a.requests = a.requests or (20 if a.quick else 64)
-    a.evict_requests = min(a.evict_requests or (12 if a.quick else a.requests), a.requests)
+    a.requests = a.requests or (16 if a.quick else 64)
+    a.evict_requests = min(a.evict_requests or (16 if a.quick else a.requests), a.requests)
+    a.evict_cpu_frac = a.evict_cpu_frac if a.evict_cpu_frac is not None else (0.5 if a.quick else 0.35)
+    if a.configs is None:
+        a.configs = ",".join(MAIN_QUICK if a.quick else MAIN_FULL)
+    if a.policies is None:
+        a.policies = ",".join(POLICIES_QUICK if a.quick else POLICIES)
     a.contexts = a.contexts or (8 if a.quick else 16)
     a.max_tokens = a.max_tokens or (16 if a.quick else 32)
     return a
@@ -518,6 +578,8 @@ def build_report(args, runs, workload, plan, per_tok, serve_args, wall_s, load) 
         "serve_args": serve_args, "reserved_cpus": args.reserved_cpus,
         "failed_configs": [c.name for c in selected(args) if c.name not in runs],
         "configs": main_stats, "policies": ev_stats,
+        "blend": {n: {k: r["stats"][k] for k in BLEND_SUMMARY_KEYS}
+                  for n, r in runs.items() if (r["extra_config"] or {}).get("blend")},
         "config_details": {n: {k: r[k] for k in ("description", "extra_config", "server_start_s",
                                                   "omp_core_ids", "load", "counters")} for n, r in runs.items()},
         "requests": {n: r["requests"] for n, r in runs.items()},
@@ -527,7 +589,11 @@ def build_report(args, runs, workload, plan, per_tok, serve_args, wall_s, load) 
             "kvplug_hit_rate": "kvplug hit tokens (all tiers) / kvplug lookup_tokens (tokens beyond vLLM's own "
                                "prefix cache), counter deltas over the trace",
             "vllm_prefix_hit_rate": "vllm:prefix_cache_hits / vllm:prefix_cache_queries over the trace",
-            "ratios": "configuration / vLLM alone on the same trace (throughput: requests/s)"},
+            "ratios": "configuration / vLLM alone on the same trace (throughput: requests/s)",
+            "blend": "kvplug blend counter deltas over the trace, per blend configuration; "
+                     "blend_chunk_hit_rate = blend_chunk_hits / (blend_chunk_hits + blend_chunk_misses), "
+                     "blend_recomputed_frac = blend_recomputed_tokens / blend_tokens, "
+                     "blend_s_per_request = blend_seconds / blend_requests"},
         "notes": ["disk tier: the OS page cache was not dropped, so disk hits may be served from RAM",
                   "eviction runs use the first eviction_requests requests of the same trace"],
     }
@@ -537,6 +603,9 @@ MAIN_COLUMNS = ["config", "requests", "errors", "ttft_p50_s", "ttft_p90_s", "ttf
                 "requests_per_s", "output_tokens_per_s", "throughput_ratio_vs_vllm", "ttft_p90_ratio_vs_vllm"]
 HIT_COLUMNS = ["config", "lookup_tokens", "cpu_hit_rate", "disk_hit_rate", "remote_hit_rate", "kvplug_hit_rate",
                "vllm_prefix_hit_rate"]
+BLEND_COLUMNS = ["config", "blend_requests", "blend_tokens", "blend_chunk_hits", "blend_chunk_misses",
+                 "blend_chunk_hit_rate", "blend_recomputed_frac", "blend_s_per_request", "blend_errors"]
+BLEND_SUMMARY_KEYS = BLEND_COLUMNS[1:] + ["blend_recomputed_tokens", "blend_seconds"]
 POLICY_COLUMNS = ["policy", "requests", "kvplug_hit_rate", "vllm_prefix_hit_rate", "ttft_p50_s", "ttft_p90_s",
                   "ttft_p99_s", "requests_per_s"]
 
@@ -547,6 +616,9 @@ def print_report(report: dict) -> None:
           f"{report['workload']['concurrency']}); ratios vs vLLM alone")
     serving.print_table(rows, MAIN_COLUMNS)
     serving.print_table(rows, HIT_COLUMNS)
+    if report.get("blend"):
+        print("\nblending (chunk hit rate = hits / (hits + misses); recomputed = recomputed / blended tokens)")
+        serving.print_table([{"config": n, **b} for n, b in report["blend"].items()], BLEND_COLUMNS)
     if report["policies"]:
         print(f"\neviction policies ({report['workload']['eviction_requests']} requests, CPU tier "
               f"{report['sizing']['evict_cpu_frac']:.2f} x working set)")

@@ -103,8 +103,82 @@ def test_selected_requires_vllm_and_known_names():
         serve.selected(serve.parse_args(["--configs", "kvplug_cpu"]))
     with pytest.raises(SystemExit):
         serve.selected(serve.parse_args(["--policies", "mru"]))
-    names = [c.name for c in serve.selected(serve.parse_args(["--quick"]))]
-    assert names[:4] == ["vllm", "kvplug_cpu", "kvplug_cpu_disk", "kvplug_cpu_remote"] and len(names) == 10
+
+
+def test_quick_and_full_defaults():
+    quick = serve.parse_args(["--quick"])
+    names = [c.name for c in serve.selected(quick)]
+    # 8 servers: the main group without the remote tier, three eviction policies
+    assert names == ["vllm", "kvplug_cpu", "kvplug_cpu_disk", "kvplug_blend", "kvplug_blend_adaptive",
+                     "evict_lru", "evict_s3fifo", "evict_cost_aware"]
+    assert (quick.requests, quick.evict_requests, quick.evict_cpu_frac) == (16, 16, 0.5)
+    assert (quick.contexts, quick.max_tokens) == (8, 16)
+    full = serve.parse_args([])
+    names = [c.name for c in serve.selected(full)]
+    assert names == ["vllm", "kvplug_cpu", "kvplug_cpu_disk", "kvplug_cpu_remote", "kvplug_blend",
+                     "kvplug_blend_adaptive"] + [f"evict_{p}" for p in serve.POLICIES]
+    assert (full.requests, full.evict_requests, full.evict_cpu_frac) == (64, 64, 0.35)
+    # explicit values override either mode; '' skips the eviction group
+    a = serve.parse_args(["--quick", "--requests", "4", "--evict-requests", "40", "--evict-cpu-frac", "0.2",
+                          "--configs", "vllm,kvplug_blend", "--policies", ""])
+    assert (a.requests, a.evict_requests, a.evict_cpu_frac) == (4, 4, 0.2)  # evict_requests <= requests
+    assert [c.name for c in serve.selected(a)] == ["vllm", "kvplug_blend"]
+
+
+@pytest.mark.parametrize("name,policy", [("kvplug_blend", "fixed"), ("kvplug_blend_adaptive", "adaptive")])
+def test_blend_configs_registered_with_valid_extra_config(name, policy):
+    from kvplug.config import KVPlugConfig
+
+    cfg = serve.CONFIGS[name]
+    assert cfg.group == "main" and cfg.policy is None
+    plan = serve.Plan(working_set_bytes=400 << 20, evict_working_set_bytes=100 << 20, work_dir="/w")
+    extra = cfg.extra(plan)
+    assert extra["blend"] is True and extra["recompute_ratio"] == 0.15 and extra["recompute_policy"] == policy
+    assert extra["blend_cpu_bytes"] >= 1.5 * plan.working_set_bytes  # every document chunk fits
+    assert extra["cpu_bytes"] == serve.CONFIGS["kvplug_cpu"].extra(plan)["cpu_bytes"]  # the kvplug_cpu tier
+    c = KVPlugConfig.from_dict(extra)
+    assert c.blend.enabled and c.blend.recompute_policy == policy and c.blend.recompute_ratio == 0.15
+    assert c.blend.blend_cpu_bytes == extra["blend_cpu_bytes"] and c.tiers.cpu_bytes == extra["cpu_bytes"]
+    assert c.blend.chunk_separator == SEPARATOR  # the rag trace's document separator
+
+
+def test_blend_summary_from_counters():
+    kv = {"lookup_tokens": 5000.0, "cpu_hit_tokens": 1000.0, "blend_requests": 4.0, "blend_tokens": 8000.0,
+          "blend_recomputed_tokens": 1200.0, "blend_chunk_hits": 9.0, "blend_chunk_misses": 3.0,
+          "blend_errors": 1.0, "blend_seconds": 2.0}
+    b = serve.blend_summary(kv)
+    assert b["blend_requests"] == 4.0 and b["blend_errors"] == 1.0 and b["blend_tokens"] == 8000.0
+    assert b["blend_chunk_hit_rate"] == pytest.approx(0.75)
+    assert b["blend_recomputed_frac"] == pytest.approx(0.15)
+    assert b["blend_s_per_request"] == pytest.approx(0.5)
+    none = serve.blend_summary({"lookup_tokens": 10.0})  # a server that does not blend
+    assert none["blend_requests"] == 0.0 and math.isnan(none["blend_chunk_hit_rate"])
+    assert math.isnan(none["blend_recomputed_frac"]) and math.isnan(none["blend_s_per_request"])
+
+
+def test_report_has_blend_section_and_table(capsys):
+    kv = {"blend_requests": 2.0, "blend_tokens": 1000.0, "blend_recomputed_tokens": 150.0,
+          "blend_chunk_hits": 3.0, "blend_chunk_misses": 1.0, "blend_seconds": 0.4}
+
+    def run(name, extra, counters):
+        stats = {"config": name, "group": "main", "policy": None, **serve.aggregate([_timed(0, 1.0, [1.0, 1.1])], 2.0),
+                 **serve.hit_rates(counters, {}), **serve.blend_summary(counters)}
+        return {"stats": stats, "extra_config": extra, "description": name, "server_start_s": 1.0,
+                "omp_core_ids": "[0]", "load": {}, "counters": {"kvplug": counters}, "requests": []}
+
+    plan = serve.Plan(working_set_bytes=1 << 20, evict_working_set_bytes=1 << 20, work_dir="/w")
+    args = serve.parse_args(["--configs", "vllm,kvplug_blend", "--policies", "", "--requests", "1"])
+    args.model, args.kvplug_source = "m", {}
+    runs = {"vllm": run("vllm", None, {}), "kvplug_blend": run("kvplug_blend", {"blend": True}, kv)}
+    rep = serve.build_report(args, runs, {"requests": 1, "concurrency": 4}, plan, 1, [], 1.0, {})
+    assert list(rep["blend"]) == ["kvplug_blend"]
+    b = rep["blend"]["kvplug_blend"]
+    assert b["blend_requests"] == 2.0 and b["blend_chunk_hit_rate"] == pytest.approx(0.75)
+    assert b["blend_recomputed_frac"] == pytest.approx(0.15)
+    assert rep["configs"]["kvplug_blend"]["blend_chunk_hit_rate"] == pytest.approx(0.75)
+    serve.print_report(rep)
+    out = capsys.readouterr().out
+    assert "blend_chunk_hit_rate" in out and "kvplug_blend" in out
 
 
 def test_rag_session_trace_is_deterministic_and_reuses_prefixes():
@@ -136,6 +210,8 @@ def _fake_report():
             "sizing": {"evict_cpu_frac": 0.35},
             "configs": {"vllm": cfg(0.5, 4.0), "kvplug_cpu": cfg(0.9, 1.0)},
             "policies": {p: cfg(0.6, 2.0, "eviction", p) for p in serve.POLICIES},
+            "blend": {"kvplug_blend": {"blend_requests": 10.0, "blend_chunk_hit_rate": 0.8,
+                                       "blend_recomputed_frac": 0.15}},
             "requests": {"vllm": reqs(4), "kvplug_cpu": reqs(1),
                          **{f"evict_{p}": reqs(2) for p in serve.POLICIES}}}
 
@@ -143,7 +219,8 @@ def _fake_report():
 def test_plots_write_pngs(tmp_path):
     import plots  # matplotlib comes with the test extra: no skip
     paths = plots.write_all(_fake_report(), str(tmp_path / "serve_"))
-    assert [p.name for p in paths] == ["serve_ttft.png", "serve_throughput.png", "serve_policies.png"]
+    assert [p.name for p in paths] == ["serve_ttft.png", "serve_throughput.png", "serve_policies.png",
+                                       "serve_blend.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
 
@@ -151,7 +228,7 @@ def test_plots_write_pngs(tmp_path):
 def test_plots_without_policies_or_with_nan(tmp_path):
     import plots
     rep = _fake_report()
-    rep["policies"] = {}
+    rep["policies"], rep["blend"] = {}, {}
     rep["requests"]["vllm"] = [{"ttft_s": None}, {"ttft_s": float("nan")}]
     paths = plots.write_all(rep, str(tmp_path / "x_"))
     assert [p.name for p in paths] == ["x_ttft.png", "x_throughput.png"]
