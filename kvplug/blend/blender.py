@@ -5,8 +5,12 @@
     Blender.compute_chunk(tokens) -> kv      a chunk's own KV [L, 2, n, KV, D] at positions 0..n-1
 
 How `run` works (CacheBlend, with Cache-Craft's per-chunk budget as the adaptive policy):
-1. Every chunk overlapping [0, end) is fetched from the store; a miss is computed on its own
-   (compute_chunk) and stored for next time. Its tokens inside the span are always recomputed.
+1. Every chunk overlapping [0, end) is fetched from the store. A missed chunk's tokens are
+   recomputed in every layer; when the run ends, their KV, keys rotated back to the chunk's own
+   positions 0..n-1, is stored for next time. (CacheBlend prefills each chunk alone first; the
+   KV of the chunk's first context costs no extra pass, and selective recompute corrects it the
+   same way when the chunk comes back elsewhere.) A missed chunk that starts before the span
+   (the engine already holds its start) is prefilled alone (compute_chunk) instead.
 2. Cached keys are re-rotated from their positions inside the chunk to their positions in the
    prompt, so the concatenation is a complete, approximate KV for [0, end).
 3. With ratio > 0, layers 0..check run on every span token against that KV (fresh KV replaces
@@ -69,7 +73,7 @@ class Blender:
     def run(self, job: BlendJob) -> BlendReport:
         _check_job(job)
         report = BlendReport(tokens=job.end - job.start)
-        kv, chunk_of = self._gather(job, report)
+        kv, chunk_of, fill = self._gather(job, report)
         n = job.end - job.start
         score = job.ratio > 0 and bool((chunk_of >= 0).any())
         active = torch.arange(n) if score else torch.nonzero(chunk_of < 0).flatten()
@@ -98,7 +102,17 @@ class Blender:
                 hidden, residual = hidden[picked.to(dev)], residual[picked.to(dev)]
                 active, q_pos = picked, None
         report.recomputed = int(active.numel())
+        self._store_recomputed(kv, fill)
         return report
+
+    def _store_recomputed(self, kv: torch.Tensor, fill: list[tuple[int, int, bytes]]) -> None:
+        """Store missed chunks from the KV just computed for them, keys back at 0..n-1."""
+        inv_freq, style = self.m.rope
+        for begin, stop, key in fill:
+            chunk = kv[:, :, begin:stop].clone()
+            pos = torch.arange(begin, stop, device=kv.device)
+            rerotate_keys(chunk[:, 0], pos, pos - begin, inv_freq.to(kv.device), style, out=chunk[:, 0])
+            self.store.put(key, chunk)
 
     def _mixed_attend(self, i: int, kv_layer: torch.Tensor, job: BlendJob, active: torch.Tensor, seen: dict,
                       keep_cached: bool, plan):
@@ -156,10 +170,12 @@ class Blender:
         return out
 
     # ---- chunks --------------------------------------------------------------------------
-    def _gather(self, job: BlendJob, report: BlendReport) -> tuple[torch.Tensor, torch.Tensor]:
-        """KV for [0, end) from the chunks, keys rotated to their prompt positions; and per span
-        token its cached chunk's index (numbered in order), or -1 when it must be recomputed."""
-        pieces, old_pos, new_pos = [], [], []
+    def _gather(self, job: BlendJob, report: BlendReport) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """KV for [0, end) from the chunks, keys rotated to their prompt positions; per span
+        token its cached chunk's index (numbered in order), or -1 when it must be recomputed;
+        and the missed chunks to store once the run has computed them."""
+        m = self.m
+        pieces, old_pos, new_pos, fill = [], [], [], []
         chunk_of = torch.full((job.end - job.start,), -1, dtype=torch.long)
         n_cached = 0
         for begin, stop, key in job.chunks:
@@ -170,12 +186,16 @@ class Blender:
             if key is not None:
                 report.chunk_hits += hit
                 report.chunk_misses += not hit
-            if not hit:
+            used = min(stop, job.end) - begin
+            if not hit and begin >= job.start:  # recomputed in the run: a placeholder until then
+                kv = torch.zeros((m.num_layers, 2, used, m.num_kv_heads, m.head_dim), dtype=m.dtype, device=m.device)
+                if key is not None and stop <= job.end:
+                    fill.append((begin, stop, key))
+            elif not hit:
                 kv = self.compute_chunk(job.tokens[begin:stop])
                 if key is not None:
                     self.store.put(key, kv)
-            used = min(stop, job.end) - begin
-            pieces.append(kv[:, :, :used].to(self.m.device))
+            pieces.append(kv[:, :, :used].to(m.device))
             old_pos.append(torch.arange(used))
             new_pos.append(torch.arange(begin, begin + used))
             lo, hi = max(begin, job.start) - job.start, min(stop, job.end) - job.start
@@ -187,7 +207,7 @@ class Blender:
         dev = kv.device
         rerotate_keys(kv[:, 0], torch.cat(old_pos).to(dev), torch.cat(new_pos).to(dev), inv_freq.to(dev), style,
                       out=kv[:, 0])
-        return kv, chunk_of
+        return kv, chunk_of, fill
 
     @torch.inference_mode()
     def compute_chunk(self, tokens: list[int]) -> torch.Tensor:

@@ -173,6 +173,20 @@ def test_missed_chunks_are_computed_stored_and_recomputed():
     assert (again.chunk_hits, again.recomputed) == (4, 0)
 
 
+def test_missed_chunks_are_stored_from_their_first_context():
+    """No separate pass: a missed chunk is stored as the KV the run computed for it in context,
+    keys rotated back to the chunk's own positions."""
+    toy = Toy()
+    tokens, chunks, end = prompt()
+    store = DictStore()
+    Blender(toy, store).run(job(tokens, chunks, end, 0.5))
+    full = toy.reference_kv(tokens[:end])
+    for b, e, key in chunks:
+        want = full[:, :, b:e].clone()
+        want[:, 0] = rerotate_keys_ref(want[:, 0], torch.arange(b, e), torch.arange(e - b), toy.inv_freq, "neox")
+        torch.testing.assert_close(store.d[key], want, rtol=1e-4, atol=1e-4)
+
+
 def test_uncacheable_chunks_are_always_recomputed():
     toy = Toy()
     tokens, chunks, end = prompt()

@@ -4,9 +4,10 @@
 
 After one request has put its chunks in the store, the blender is run again on the same chunks
 in a new order with its cache writes captured, at recompute_ratio 1.0 and 0. The references are
-computed by Hugging Face transformers, not by kvplug: the full prefill of the prompt, and each
-chunk prefilled on its own with its keys re-rotated (kvplug.ops.rerotate_keys_ref) and
-concatenated. OUT: max abs differences per case, and the KV scale.
+computed by Hugging Face transformers, not by kvplug: the full prefill of the new prompt; and the
+full prefill of the first prompt (where the chunks were stored from), cut into its chunks, keys
+re-rotated to their new positions (kvplug.ops.rerotate_keys_ref) and concatenated in the new
+order. OUT: max abs differences per case, and the KV scale.
 """
 import json
 import os
@@ -76,11 +77,15 @@ def main(model_path: str, out_path: str) -> None:
                       for i in range(hf.config.num_hidden_layers)]
             return torch.stack([torch.stack([k[0].transpose(0, 1), v[0].transpose(0, 1)]) for k, v in layers])
         full = hf_kv(ids[:end])
+        first_ids = tok(first).input_ids
+        first_kv = hf_kv(first_ids)
+        where = {tuple(first_ids[b:e]): b for b, e in chunk_spans(first_ids, sep)}
         pieces = []
         for b, e in spans:
-            kv = hf_kv(ids[b:e])
-            kv[:, 0] = rerotate_keys_ref(kv[:, 0], torch.arange(e - b), torch.arange(b, e), blender.m.rope[0],
-                                         blender.m.rope[1])
+            at = where[tuple(ids[b:e])]  # the chunk's position in the first prompt
+            kv = first_kv[:, :, at:at + e - b].clone()
+            kv[:, 0] = rerotate_keys_ref(kv[:, 0], torch.arange(at, at + e - b), torch.arange(b, e),
+                                         blender.m.rope[0], blender.m.rope[1])
             pieces.append(kv)
         concat = torch.cat(pieces, dim=2)
     blended_full, r1 = results[1.0]

@@ -155,7 +155,8 @@ def test_explicit_chunk_ends(blended, baseline, tokens):
 
 def test_blended_kv_against_transformers(model, tmp_path):
     """Tensor level, against Hugging Face transformers: ratio 1.0 = the full prefill's KV;
-    ratio 0 = the chunks' own KV, keys re-rotated to their new positions, concatenated."""
+    ratio 0 = the chunks' KV from the prompt that stored them, keys re-rotated to their new
+    positions, concatenated in the new order."""
     import json
     import subprocess
 
