@@ -105,6 +105,26 @@ def rerotate_keys_ref(keys, old_pos, new_pos, inv_freq, style: str = "neox") -> 
     return torch.cat([y, rest], dim=-1).to(keys.dtype)
 
 
+def _rerotate_torch(keys, old_pos, new_pos, inv_freq, style: str, out: torch.Tensor) -> None:
+    """rerotate_keys_ref's math (fp32), written straight into `out` half by half, so the
+    blender's [layers, tokens, heads, dim] keys take a few half-size temporaries, not six
+    full-size ones."""
+    r = 2 * inv_freq.numel()
+    angle = (new_pos - old_pos).to(torch.float32)[:, None] * inv_freq.float()[None, :]
+    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
+    if style == "neox":
+        x1, x2 = keys[..., : r // 2].float(), keys[..., r // 2:r].float()
+        o1, o2 = out[..., : r // 2], out[..., r // 2:r]
+    else:
+        x1, x2 = keys[..., 0:r:2].float(), keys[..., 1:r:2].float()
+        o1, o2 = out[..., 0:r:2], out[..., 1:r:2]
+    y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin  # both before writing: out may be keys
+    o1.copy_(y1)
+    o2.copy_(y2)
+    if r < keys.shape[-1] and out.data_ptr() != keys.data_ptr():
+        out[..., r:].copy_(keys[..., r:])
+
+
 def _as_4d(x: torch.Tensor, name: str) -> torch.Tensor:
     """[..., T, H, D] -> [N, T, H, D] as a view; ValueError when no view exists."""
     try:
@@ -119,7 +139,7 @@ def _rerotate_keys_op(keys: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.
                       style: str, out: torch.Tensor, backend: str) -> None:
     which = _backend.choose("rerotate_keys", keys.device, backend)
     if which == "torch":
-        out.copy_(rerotate_keys_ref(keys, old_pos, new_pos, inv_freq, style))
+        _rerotate_torch(keys, old_pos, new_pos, inv_freq, style, out)
         return
     out4 = _as_4d(out, "out")
     keys4 = keys.reshape(-1, *keys.shape[-3:])  # a copy only if keys' leading dims do not flatten
