@@ -124,7 +124,14 @@ def _separator_ids(vllm_config, cfg: KVPlugConfig) -> tuple[int, ...]:
     from kvplug.core.chunking import separator_ids
 
     mc = vllm_config.model_config
-    tok = AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision,
-                                        trust_remote_code=mc.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision,
+                                            trust_remote_code=mc.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any loader failure gets the same advice
+        raise ValueError(f"blend=true: cannot load the tokenizer of {mc.tokenizer} to find chunk_separator's "
+                         f"token ids ({e}); fix the tokenizer, or set blend=false") from e
     ids = tok(cfg.blend.chunk_separator, add_special_tokens=False).input_ids
-    return separator_ids(ids, tok.decode)
+    try:
+        return separator_ids(ids, tok.decode)
+    except ValueError as e:
+        raise ValueError(f"chunk_separator={cfg.blend.chunk_separator!r}: {e}") from e
