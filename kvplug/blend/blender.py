@@ -25,7 +25,7 @@ to with their cached-chunk KV here, and never written.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,7 @@ class BlendJob:
     # engine's attention kernel reads its own cache, which then holds [0, start) and each layer's
     # blended KV before that layer's attention runs.
     block_table: torch.Tensor | None = None
+    tail: list[int] = field(default_factory=list)  # the question after the span (adaptive: relevance)
 
 
 @dataclass
@@ -87,6 +88,9 @@ class Blender:
         paged = job.block_table is not None and getattr(self.m, "paged_plan", None) is not None
         hidden, residual = self.m.embed(ids[active.to(dev)]), None
         q_pos = None
+        # Adaptive: the question runs beside the span up to the check layer (never written) so
+        # its attention can say which chunks it reads.
+        question = self._Question(self, job) if score and job.policy == "adaptive" and job.tail else None
         for i in range(self.m.num_layers):
             if q_pos is None:  # the first layer, and after the selection
                 q_pos = positions[active.to(dev)]
@@ -97,8 +101,10 @@ class Blender:
             hidden, residual = self.m.forward_layer(i, q_pos, hidden, residual, attend)
             if plan is None:
                 self.m.write_kv(i, kv[i, 0, job.start:], kv[i, 1, job.start:], job.slots)
+            if question is not None and i <= self.check_layer:
+                question.step(i, kv[i])
             if check:
-                picked = self._select(job, kv[i], seen, chunk_of)
+                picked = self._select(job, kv[i], seen, chunk_of, question)
                 hidden, residual = hidden[picked.to(dev)], residual[picked.to(dev)]
                 active, q_pos = picked, None
         report.recomputed = int(active.numel())
@@ -134,14 +140,46 @@ class Blender:
             return m.paged_attention(i, q, plan)
         return attend
 
-    def _select(self, job: BlendJob, kv_layer: torch.Tensor, seen: dict, chunk_of: torch.Tensor) -> torch.Tensor:
+    class _Question:
+        """The question tokens through layers 0..check, attending to the span's KV as it is
+        computed; at the check layer, the share of their attention on each cached chunk."""
+
+        def __init__(self, blender: "Blender", job: BlendJob):
+            m = blender.m
+            self.b, self.job = blender, job
+            self.pos = torch.arange(job.end, job.end + len(job.tail), device=m.device)
+            self.hidden = m.embed(torch.tensor(job.tail, dtype=torch.long, device=m.device))
+            self.residual = None
+            self.q = self.k = None
+
+        def step(self, i: int, kv_layer: torch.Tensor) -> None:
+            m = self.b.m
+
+            def attend(q, k, v):
+                k, v = k.view(-1, m.num_kv_heads, m.head_dim), v.view(-1, m.num_kv_heads, m.head_dim)
+                self.q, self.k = q.view(-1, m.num_heads, m.head_dim), torch.cat([kv_layer[0], k])
+                return self.b._attention(self.q, self.k, torch.cat([kv_layer[1], v]), self.pos)
+            self.hidden, self.residual = m.forward_layer(i, self.pos, self.hidden, self.residual, attend)
+
+        def shares(self, chunk_of: torch.Tensor, n_chunks: int) -> list[float]:
+            m = self.b.m
+            k = self.k.float().repeat_interleave(m.num_heads // m.num_kv_heads, dim=1)
+            s = torch.einsum("thd,khd->htk", self.q.float(), k) * m.scale
+            causal = torch.arange(k.shape[0], device=s.device)[None, None, :] > self.pos[None, :, None]
+            p = s.masked_fill(causal, float("-inf")).softmax(-1).mean(dim=(0, 1))  # [keys]
+            span = p[self.job.start:self.job.end].cpu()
+            return [float(span[chunk_of == c].sum()) for c in range(n_chunks)]
+
+    def _select(self, job: BlendJob, kv_layer: torch.Tensor, seen: dict, chunk_of: torch.Tensor,
+                question: "_Question | None" = None) -> torch.Tensor:
         scores, _ = deviation_topk(seen["k"], seen["k_cached"], 0, seen["v"], seen["v_cached"])
         scores = scores.cpu()
         if job.policy == "adaptive":
             n_chunks = int(chunk_of.max()) + 1
             sizes = [int((chunk_of == c).sum()) for c in range(n_chunks)]
             mass = self._outside_mass(job, seen["q"], kv_layer[0], chunk_of, n_chunks)
-            return pick_tokens(scores, chunk_of, adaptive_budget(sizes, mass, job.ratio))
+            relevance = question.shares(chunk_of, n_chunks) if question is not None else [1.0] * n_chunks
+            return pick_tokens(scores, chunk_of, adaptive_budget(sizes, mass, relevance, job.ratio))
         pooled, budget = fixed_budget(chunk_of, job.ratio)
         return pick_tokens(scores, pooled, budget)
 

@@ -19,6 +19,7 @@ class BlendPlan:
     ratio: float
     policy: str
     block_ids: list[int] = field(default_factory=list)  # the request's blocks, from position 0
+    tail: list[int] = field(default_factory=list)  # the question after the span (adaptive policy)
 
 
 @dataclass

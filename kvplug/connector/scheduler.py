@@ -165,7 +165,9 @@ class SchedulerHalf:
         end = min(last, st.prompt_len - 1)  # vLLM computes at least the last prompt token
         if end <= start:
             return None
-        return BlendPlan(st.req_id, list(request.prompt_token_ids[:last]), start, end, chunks, ratio, policy)
+        tail = list(request.prompt_token_ids[end:]) if policy == "adaptive" else []
+        return BlendPlan(st.req_id, list(request.prompt_token_ids[:last]), start, end, chunks, ratio, policy,
+                         tail=tail)
 
     def after_alloc(self, request, block_ids: list[int], num_external: int) -> None:
         plan = self._blend_lookups.pop(request.request_id, None)

@@ -127,7 +127,8 @@ class WorkerHalf:
         pos = torch.arange(plan.start, plan.end)
         blocks = torch.tensor(plan.block_ids, dtype=torch.long)
         slots = blocks[pos // bs] * bs + pos % bs
-        job = BlendJob(plan.tokens, plan.start, plan.end, plan.chunks, slots, plan.ratio, plan.policy, block_table=blocks)
+        job = BlendJob(plan.tokens, plan.start, plan.end, plan.chunks, slots, plan.ratio, plan.policy, block_table=blocks,
+                       tail=plan.tail)
         try:
             r = self.blender.run(job)
         except Exception:  # noqa: BLE001 - a failed blend is recomputed by vLLM, never a dead engine

@@ -198,13 +198,14 @@ def test_uncacheable_chunks_are_always_recomputed():
     assert blender.run(job(tokens, chunks, end, 0.0)).recomputed == chunks[0][1]
 
 
-def test_adaptive_gives_position_zero_nothing_and_never_exceeds_fixed():
+@pytest.mark.parametrize("tail", [[], [3, 9, 27, 4]])
+def test_adaptive_gives_position_zero_nothing_and_never_exceeds_fixed(tail):
     toy = Toy()
     tokens, chunks, end = prompt()
     blender = Blender(toy, DictStore())
     warm(blender, tokens, chunks)
     fixed = blender.run(job(tokens, chunks, end, 0.3))
-    adaptive = blender.run(job(tokens, chunks, end, 0.3, policy="adaptive"))
+    adaptive = blender.run(BlendJob(tokens, 0, end, chunks, torch.arange(end), 0.3, "adaptive", tail=tail))
     assert 0 < adaptive.recomputed <= fixed.recomputed
 
 
@@ -224,7 +225,10 @@ def test_budgets_by_hand():
     chunk_of = torch.tensor([-1, 0, 0, 0, 1, 1, -1, 1, 1])
     pooled, budget = fixed_budget(chunk_of, 0.5)
     assert budget == [round(0.5 * 7)] and pooled.tolist() == [-1, 0, 0, 0, 0, 0, -1, 0, 0]
-    assert adaptive_budget([10, 20, 30], [0.0, 0.2, 0.4], 0.5) == [0, 5, 15]
-    assert adaptive_budget([10, 20], [0.0, 0.0], 0.5) == [0, 0]
+    # budget 0.5 x 60 = 30, split by share x relevance: weights 0, 0.2, 0.4 -> 0, 10, 20
+    assert adaptive_budget([10, 20, 30], [0.0, 0.2, 0.4], [1, 1, 1], 0.5) == [0, 10, 20]
+    # the question reads chunk 1 only: it takes the whole budget, capped at its 20 tokens
+    assert adaptive_budget([10, 20, 30], [0.3, 0.2, 0.4], [0.0, 1.0, 0.0], 0.5) == [0, 20, 0]
+    assert adaptive_budget([10, 20], [0.0, 0.0], [1, 1], 0.5) == [0, 0]
     scores = torch.tensor([9.0, 1, 5, 3, 2, 8, 0, 7, 4])
     assert pick_tokens(scores, chunk_of, [1, 2]).tolist() == [0, 2, 5, 6, 7]
