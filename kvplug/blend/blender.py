@@ -107,6 +107,10 @@ class Blender:
                 picked = self._select(job, kv[i], seen, chunk_of, question)
                 hidden, residual = hidden[picked.to(dev)], residual[picked.to(dev)]
                 active, q_pos = picked, None
+                if active.numel() == 0:  # nothing picked: the other layers keep the cached KV
+                    for j in range(i + 1, self.m.num_layers):
+                        self.m.write_kv(j, kv[j, 0, job.start:], kv[j, 1, job.start:], job.slots)
+                    break
         report.recomputed = int(active.numel())
         self._store_recomputed(kv, fill)
         return report

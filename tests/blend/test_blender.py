@@ -159,6 +159,21 @@ def test_partial_ratio_recomputes_only_the_picked_tokens():
         assert 0 < changed <= report.recomputed
 
 
+@pytest.mark.parametrize("policy", ["fixed", "adaptive"])
+def test_a_budget_of_nothing_keeps_the_cached_kv_after_the_check_layer(policy):
+    """ratio > 0 but too small to pick a token (or an adaptive budget of 0): the check layer's
+    full pass is written, every later layer gets the cached KV, nothing crashes."""
+    toy = Toy()
+    tokens, chunks, end = prompt()
+    blender = Blender(toy, DictStore(), check_layer=0)
+    warm(blender, tokens, chunks)
+    report = blender.run(BlendJob(tokens, 0, end, chunks, torch.arange(end), 0.001, policy, tail=[1, 2]))
+    assert report.recomputed == 0
+    written, concat = toy.written_kv(), concat_reference(toy, tokens, chunks, end)
+    torch.testing.assert_close(written[1:], concat[1:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(written[0], toy.reference_kv(tokens[:end])[0], rtol=1e-4, atol=1e-4)
+
+
 def test_missed_chunks_are_computed_stored_and_recomputed():
     toy = Toy()
     tokens, chunks, end = prompt()
