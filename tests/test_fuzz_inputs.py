@@ -6,9 +6,10 @@ result, never in another exception:
     remote.decode_value(random / truncated / flipped bytes) -> the written payload or CorruptUnit
     DiskStore.get on a fuzzed unit file                     -> the written payload or None (file removed)
     hashing.prefix_block_keys(tokens, block size, salt)    -> keys with the chain properties, or ValueError
+    chunking.chunk_spans(tokens, separator)                -> spans tiling the prompt before its question
+    chunking.spans_from_ends(any JSON-like value, length)  -> spans tiling [0, last end), or ValueError
 
-(The disk format's own reader is fuzzed in tests/tiers/test_disk_format.py. There is no chunker yet:
-it comes with blending.)
+(The disk format's own reader is fuzzed in tests/tiers/test_disk_format.py.)
 """
 import shutil
 import tempfile
@@ -19,13 +20,14 @@ import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from kvplug.config import KVPlugConfig, NamespaceQuota, TierConfig
+from kvplug.config import BLEND_USER_KEYS, KVPlugConfig, NamespaceQuota, TierConfig
+from kvplug.core.chunking import chunk_key, chunk_spans, spans_from_ends
 from kvplug.core.hashing import namespace_digest, prefix_block_keys
 from kvplug.tiers.disk import DiskStore, unit_path
 from kvplug.tiers.disk_format import KEY_BYTES, CorruptUnit
 from kvplug.tiers.remote import decode_value, encode_value
 
-KNOWN_KEYS = sorted([f for f in TierConfig.__dataclass_fields__] + ["namespaces", "model_id"])
+KNOWN_KEYS = sorted([f for f in TierConfig.__dataclass_fields__] + ["namespaces", "model_id"] + list(BLEND_USER_KEYS))
 LAYOUT = "fuzz-layout|float32"
 
 # ---- config --------------------------------------------------------------------------------------
@@ -207,3 +209,52 @@ def test_prefix_block_keys_edges(toks):
     keys = prefix_block_keys(NS, toks, 16)
     assert len(keys) == len(toks) // 16
 
+
+
+# ---- chunker ---------------------------------------------------------------------------------------
+
+SEPS = st.lists(st.integers(min_value=0, max_value=3), min_size=1, max_size=3).map(tuple)
+
+
+@st.composite
+def prompts_with_separators(draw):
+    """Token lists over a tiny alphabet, so separators land at the edges, twice in a row and
+    overlapping themselves; sometimes long."""
+    sep = draw(SEPS)
+    parts = draw(st.lists(st.lists(st.integers(min_value=0, max_value=5), max_size=6), max_size=12))
+    tokens = []
+    for part in parts:
+        tokens += part + (list(sep) if draw(st.booleans()) else [])
+    if draw(st.booleans()):
+        tokens = list(sep) + tokens
+    return tokens * draw(st.sampled_from([1, 1, 1, 2000])), sep
+
+
+@settings(max_examples=400, deadline=None)
+@given(prompts_with_separators())
+def test_chunk_spans_tile_the_prompt_before_its_question(case):
+    tokens, sep = case
+    spans = chunk_spans(tokens, sep)
+    at = 0
+    for i, (b, e) in enumerate(spans):
+        assert b == at < e, (spans, tokens, sep)
+        if i or b:
+            assert tuple(tokens[b:b + len(sep)]) == sep
+        at = e
+    if spans:
+        assert tuple(tokens[at:at + len(sep)]) == sep  # the question starts with the last separator
+        assert at + len(sep) <= len(tokens)
+        assert len({chunk_key(b"ns", tokens[b:e]) for b, e in spans[:3]}) <= 3
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_values | st.lists(st.integers(min_value=-3, max_value=70), max_size=8), st.integers(-1, 64))
+def test_spans_from_ends_tiles_or_raises_value_error(ends, n):
+    try:
+        spans = spans_from_ends(ends, n)
+    except ValueError:
+        return
+    at = 0
+    for b, e in spans:
+        assert b == at < e <= n
+        at = e
