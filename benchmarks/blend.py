@@ -49,6 +49,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from serving import percentile  # noqa: E402
 
 RESULTS = HERE / "results"
 RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
@@ -115,15 +116,6 @@ def value_agreement(texts: list[str], ref_texts: list[str]) -> tuple[int, int]:
 
 def counter_delta(after: dict, before: dict) -> dict:
     return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in set(after) | set(before)}
-
-
-def percentile(values, q: float) -> float:
-    xs = sorted(float(v) for v in values)
-    if not xs:
-        return math.nan
-    pos = (len(xs) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def ratio(a: float, b: float) -> float:
