@@ -6,6 +6,7 @@ start-up with a ValueError that names the key and what is allowed.
 
     KVPlugConfig.from_dict(extra)      validate and build (the only constructor users reach)
     KVPlugConfig.to_dict()             the resolved values, for logs and `kvplug stats`
+    request_blend(blend_config, kv_transfer_params)   one request's blend settings (or opt-out)
 """
 from __future__ import annotations
 
@@ -209,14 +210,34 @@ def _validate_tiers(t: TierConfig) -> None:
         raise ValueError("remote_namespace='': must be a non-empty string")
 
 
+def request_blend(b: BlendConfig, params: Any) -> tuple[BlendConfig | None, list | None]:
+    """The engine's blend settings with a request's `kv_transfer_params` applied: (settings, or
+    None when the request opts out with "blend": false; its "chunk_ends", unchecked, or None).
+    Bad values raise ValueError naming kv_transfer_params.<key>, as bad engine keys do."""
+    params = params or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"kv_transfer_params={params!r}: must be an object")
+    if not _coerce(BlendConfig, "enabled", params.get("blend", True), name="kv_transfer_params.blend"):
+        return None, None
+    over = {k: _coerce(BlendConfig, k, params[k], name=f"kv_transfer_params.{k}")
+            for k in ("recompute_ratio", "recompute_policy") if k in params}
+    b = dataclasses.replace(b, **over)
+    _check_recompute(b, prefix="kv_transfer_params.")
+    return b, params.get("chunk_ends")
+
+
+def _check_recompute(b: BlendConfig, prefix: str = "") -> None:
+    if not 0.0 <= b.recompute_ratio <= 1.0:
+        raise ValueError(f"{prefix}recompute_ratio={b.recompute_ratio!r}: must be a number from 0 to 1")
+    if b.recompute_policy not in RECOMPUTE_POLICIES:
+        raise ValueError(f"{prefix}recompute_policy={b.recompute_policy!r}: "
+                         f"allowed values are {', '.join(RECOMPUTE_POLICIES)}")
+
+
 def _validate_blend(b: BlendConfig, t: TierConfig) -> None:
     if not isinstance(b.chunk_separator, str) or not b.chunk_separator:
         raise ValueError(f"chunk_separator={b.chunk_separator!r}: must be a non-empty string")
-    if not 0.0 <= b.recompute_ratio <= 1.0:
-        raise ValueError(f"recompute_ratio={b.recompute_ratio!r}: must be a number from 0 to 1")
-    if b.recompute_policy not in RECOMPUTE_POLICIES:
-        raise ValueError(f"recompute_policy={b.recompute_policy!r}: "
-                         f"allowed values are {', '.join(RECOMPUTE_POLICIES)}")
+    _check_recompute(b)
     if b.blend_check_layer < 0:
         raise ValueError(f"blend_check_layer={b.blend_check_layer!r}: must be an integer >= 0")
     if b.blend_min_chunk_tokens < 1:

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 
 from kvplug.blend.adapter import ModelAdapter
 from kvplug.blend.selection import adaptive_budget, fixed_budget, pick_tokens
+from kvplug.config import RECOMPUTE_POLICIES
 from kvplug.ops.deviation_topk import deviation_topk
 from kvplug.ops.rope import rerotate_keys
 
-POLICIES = ("fixed", "adaptive")
 _QUERY_BLOCK = 256  # queries per attention call: bounds the [H, q, k] score matrix
 _MASS_STRIDE = 4  # the adaptive estimator samples every 4th token of a chunk
 
@@ -74,13 +74,13 @@ class Blender:
     def run(self, job: BlendJob) -> BlendReport:
         _check_job(job)
         report = BlendReport(tokens=job.end - job.start)
-        kv, chunk_of, fill = self._gather(job, report)
+        kv, chunk_of, begins, fill = self._gather(job, report)
         n = job.end - job.start
         score = job.ratio > 0 and bool((chunk_of >= 0).any())
         active = torch.arange(n) if score else torch.nonzero(chunk_of < 0).flatten()
         if active.numel() == 0:
             for i in range(self.m.num_layers):
-                self.m.write_kv(i, kv[i, 0, job.start:], kv[i, 1, job.start:], job.slots)
+                self._write(i, kv[i], job)
             return report
         dev = self.m.device
         ids = torch.tensor(job.tokens[job.start:job.end], dtype=torch.long, device=dev)
@@ -100,20 +100,24 @@ class Blender:
             attend = self._mixed_attend(i, kv[i], job, active, seen, check, plan)
             hidden, residual = self.m.forward_layer(i, q_pos, hidden, residual, attend)
             if plan is None:
-                self.m.write_kv(i, kv[i, 0, job.start:], kv[i, 1, job.start:], job.slots)
+                self._write(i, kv[i], job)
             if question is not None and i <= self.check_layer:
                 question.step(i, kv[i])
             if check:
-                picked = self._select(job, kv[i], seen, chunk_of, question)
+                picked = self._select(job, kv[i], seen, chunk_of, begins, question)
                 hidden, residual = hidden[picked.to(dev)], residual[picked.to(dev)]
                 active, q_pos = picked, None
                 if active.numel() == 0:  # nothing picked: the other layers keep the cached KV
                     for j in range(i + 1, self.m.num_layers):
-                        self.m.write_kv(j, kv[j, 0, job.start:], kv[j, 1, job.start:], job.slots)
+                        self._write(j, kv[j], job)
                     break
         report.recomputed = int(active.numel())
         self._store_recomputed(kv, fill)
         return report
+
+    def _write(self, i: int, kv_layer: torch.Tensor, job: BlendJob) -> None:
+        """Layer i's KV of the span into the engine's cache."""
+        self.m.write_kv(i, kv_layer[0, job.start:], kv_layer[1, job.start:], job.slots)
 
     def _store_recomputed(self, kv: torch.Tensor, fill: list[tuple[int, int, bytes]]) -> None:
         """Store missed chunks from the KV just computed for them, keys back at 0..n-1."""
@@ -140,7 +144,7 @@ class Blender:
             kv_layer[0, rows], kv_layer[1, rows] = k, v
             if plan is None:
                 return self._attention(q.view(-1, m.num_heads, m.head_dim), kv_layer[0], kv_layer[1], rows)
-            m.write_kv(i, kv_layer[0, job.start:], kv_layer[1, job.start:], job.slots)
+            self._write(i, kv_layer, job)
             return m.paged_attention(i, q, plan)
         return attend
 
@@ -166,60 +170,54 @@ class Blender:
             self.hidden, self.residual = m.forward_layer(i, self.pos, self.hidden, self.residual, attend)
 
         def shares(self, chunk_of: torch.Tensor, n_chunks: int) -> list[float]:
-            m = self.b.m
-            k = self.k.float().repeat_interleave(m.num_heads // m.num_kv_heads, dim=1)
-            s = torch.einsum("thd,khd->htk", self.q.float(), k) * m.scale
-            causal = torch.arange(k.shape[0], device=s.device)[None, None, :] > self.pos[None, :, None]
-            p = s.masked_fill(causal, float("-inf")).softmax(-1).mean(dim=(0, 1))  # [keys]
+            p = self.b._attention_weights(self.q, self.k, self.pos).mean(dim=(0, 1))  # [keys]
             span = p[self.job.start:self.job.end].cpu()
             return [float(span[chunk_of == c].sum()) for c in range(n_chunks)]
 
     def _select(self, job: BlendJob, kv_layer: torch.Tensor, seen: dict, chunk_of: torch.Tensor,
-                question: "_Question | None" = None) -> torch.Tensor:
+                begins: list[int], question: "_Question | None" = None) -> torch.Tensor:
         scores, _ = deviation_topk(seen["k"], seen["k_cached"], 0, seen["v"], seen["v_cached"])
         scores = scores.cpu()
         if job.policy == "adaptive":
-            n_chunks = int(chunk_of.max()) + 1
-            sizes = [int((chunk_of == c).sum()) for c in range(n_chunks)]
-            mass = self._outside_mass(job, seen["q"], kv_layer[0], chunk_of, n_chunks)
-            relevance = question.shares(chunk_of, n_chunks) if question is not None else [1.0] * n_chunks
+            sizes = [int((chunk_of == c).sum()) for c in range(len(begins))]
+            mass = self._outside_mass(job, seen["q"], kv_layer[0], chunk_of, begins)
+            relevance = question.shares(chunk_of, len(begins)) if question is not None else [1.0] * len(begins)
             return pick_tokens(scores, chunk_of, adaptive_budget(sizes, mass, relevance, job.ratio))
         pooled, budget = fixed_budget(chunk_of, job.ratio)
         return pick_tokens(scores, pooled, budget)
 
     def _outside_mass(self, job: BlendJob, q: torch.Tensor, keys: torch.Tensor, chunk_of: torch.Tensor,
-                      n_chunks: int) -> list[float]:
+                      begins: list[int]) -> list[float]:
         """Per cached chunk: the share of its tokens' attention (fresh queries, check layer) that
         goes to positions before the chunk. See selection.py for why this sets the budget."""
-        m = self.m
-        group = m.num_heads // m.num_kv_heads
         out = []
-        for c in range(n_chunks):
-            members = torch.nonzero(chunk_of == c).flatten()
-            begin = job.start + int(members[0]) if members.numel() else 0
-            begin = next(b for b, e, _ in job.chunks if b <= begin < e)
-            if begin == 0 or members.numel() == 0:
+        for c, begin in enumerate(begins):
+            if begin == 0:  # nothing before it: its cached KV is exact
                 out.append(0.0)
                 continue
-            rows = members[::_MASS_STRIDE]
+            rows = torch.nonzero(chunk_of == c).flatten()[::_MASS_STRIDE]
             pos = (rows + job.start).to(keys.device)
-            kmax = int(pos.max()) + 1
-            k = keys[:kmax].float().repeat_interleave(group, dim=1)  # [k, H, D]
-            s = torch.einsum("thd,khd->htk", q[rows.to(q.device)].float(), k) * m.scale
-            s = s.masked_fill(torch.arange(kmax, device=s.device)[None, None, :] > pos[None, :, None], float("-inf"))
-            share = torch.exp(torch.logsumexp(s[..., :begin], -1) - torch.logsumexp(s, -1))
-            out.append(float(share.mean()))
+            p = self._attention_weights(q[rows.to(q.device)], keys[:int(pos.max()) + 1], pos)
+            out.append(float(p[..., :begin].sum(-1).mean()))
         return out
 
+    def _attention_weights(self, q: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """Causal softmax weights [H, T, K] (fp32) of queries q [T, H, D] at q_pos over keys [K, KV, D]."""
+        m = self.m
+        k = keys.float().repeat_interleave(m.num_heads // m.num_kv_heads, dim=1)
+        s = torch.einsum("thd,khd->htk", q.float(), k) * m.scale
+        future = torch.arange(k.shape[0], device=s.device)[None, None, :] > q_pos.to(s.device)[None, :, None]
+        return s.masked_fill(future, float("-inf")).softmax(-1)
+
     # ---- chunks --------------------------------------------------------------------------
-    def _gather(self, job: BlendJob, report: BlendReport) -> tuple[torch.Tensor, torch.Tensor, list]:
+    def _gather(self, job: BlendJob, report: BlendReport) -> tuple[torch.Tensor, torch.Tensor, list[int], list]:
         """KV for [0, end) from the chunks, keys rotated to their prompt positions; per span
         token its cached chunk's index (numbered in order), or -1 when it must be recomputed;
-        and the missed chunks to store once the run has computed them."""
+        where each numbered chunk begins in the prompt; and the missed chunks to store once the
+        run has computed them."""
         m = self.m
-        pieces, old_pos, new_pos, fill = [], [], [], []
+        pieces, old_pos, new_pos, fill, begins = [], [], [], [], []
         chunk_of = torch.full((job.end - job.start,), -1, dtype=torch.long)
-        n_cached = 0
         for begin, stop, key in job.chunks:
             if begin >= job.end:
                 break
@@ -242,14 +240,14 @@ class Blender:
             new_pos.append(torch.arange(begin, begin + used))
             lo, hi = max(begin, job.start) - job.start, min(stop, job.end) - job.start
             if hit and hi > lo:
-                chunk_of[lo:hi] = n_cached
-                n_cached += 1
+                chunk_of[lo:hi] = len(begins)
+                begins.append(begin)
         kv = torch.cat(pieces, dim=2)
         inv_freq, style = self.m.rope
         dev = kv.device
         rerotate_keys(kv[:, 0], torch.cat(old_pos).to(dev), torch.cat(new_pos).to(dev), inv_freq.to(dev), style,
                       out=kv[:, 0])
-        return kv, chunk_of, fill
+        return kv, chunk_of, begins, fill
 
     @torch.inference_mode()
     def compute_chunk(self, tokens: list[int]) -> torch.Tensor:
@@ -292,8 +290,8 @@ def _check_job(job: BlendJob) -> None:
         raise ValueError(f"blend span [{job.start}, {job.end}) outside a prompt of {len(job.tokens)} tokens")
     if job.slots.numel() != job.end - job.start:
         raise ValueError(f"{job.slots.numel()} slots for a span of {job.end - job.start} tokens")
-    if job.policy not in POLICIES:
-        raise ValueError(f"recompute_policy={job.policy!r}: allowed values are {', '.join(POLICIES)}")
+    if job.policy not in RECOMPUTE_POLICIES:
+        raise ValueError(f"recompute_policy={job.policy!r}: allowed values are {', '.join(RECOMPUTE_POLICIES)}")
     if not 0.0 <= job.ratio <= 1.0:
         raise ValueError(f"recompute_ratio={job.ratio!r}: must be in [0, 1]")
     covered = 0

@@ -41,18 +41,18 @@ class VLLMModelAdapter:
         self._embed = inner.embed_input_ids if hasattr(inner, "embed_input_ids") else inner.embed_tokens
         first = self.layers[0].self_attn
         self.attn = [layer.self_attn.attn for layer in self.layers]
+        weight = next(model.parameters())
+        self.dtype, self.device = weight.dtype, weight.device
         for a in self.attn:
             impl = a.impl
             if getattr(impl, "sliding_window", -1) not in (None, -1) or getattr(impl, "logits_soft_cap", 0) or \
                     getattr(impl, "alibi_slopes", None) is not None:
                 raise ValueError(f"blend does not support sliding-window, soft-capped or ALiBi attention ({a.layer_name})")
-            if getattr(impl, "kv_cache_dtype", "auto") not in ("auto", str(model_dtype(model)).removeprefix("torch.")):
+            if getattr(impl, "kv_cache_dtype", "auto") not in ("auto", str(self.dtype).removeprefix("torch.")):
                 raise ValueError(f"blend needs an unquantized KV cache, got kv_cache_dtype={impl.kv_cache_dtype}")
         self.num_layers = len(self.layers)
         self.num_heads, self.num_kv_heads = first.num_heads, first.num_kv_heads
         self.head_dim, self.scale = first.head_dim, float(first.scaling)
-        self.dtype = model_dtype(model)
-        self.device = next(model.parameters()).device
         self._caches = [kv_caches[a.layer_name] for a in self.attn]
         self._rope = _rope_of(first.rotary_emb)
         self.paged_plan = self._cpu_plan if _is_cpu_backend(self.attn[0]) else None
@@ -76,7 +76,6 @@ class VLLMModelAdapter:
     def write_kv(self, i, k, v, slots):
         a = self.attn[i]
         a.impl.do_kv_cache_update(a, k.contiguous(), v.contiguous(), self._caches[i], slots.to(k.device))
-
 
     def paged_attention(self, i, q, plan):
         """q [T, H*D] at the plan's positions, against layer i's paged cache at positions <= each."""
@@ -116,10 +115,6 @@ class VLLMModelAdapter:
 
 def _is_cpu_backend(attn) -> bool:
     return type(attn.impl).__name__ == "CPUAttentionBackendImpl" and hasattr(attn, "isa")
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
 
 
 def _rope_of(rotary_emb) -> tuple[torch.Tensor, str]:

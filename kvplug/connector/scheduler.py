@@ -5,7 +5,7 @@ block keys and how far saving has got; per step it turns the tier manager's plan
 KVPlugMetadata for the workers.
 
     num_matched(request, num_computed)    tokens kvplug can load or blend beyond vLLM's own hit
-    after_alloc(request, blocks, n_ext)   plan the loads for the tokens vLLM accepted
+    after_alloc(request, blocks, n_ext)   plan the loads and the blend for the tokens vLLM accepted
     build_meta(scheduler_output)          plan saves of newly computed prompt blocks; emit metadata
     on_redo(units)                        failed loads / refused saves: forget them, save again later
     finished(request)                     forget the request
@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvplug.config import KVPlugConfig
+from kvplug.config import KVPlugConfig, request_blend
 from kvplug.connector.engine_facts import EngineFacts
 from kvplug.connector.metadata import BlendPlan, KVPlugMetadata
 from kvplug.connector.stats import KVPlugStats
@@ -75,7 +75,7 @@ class SchedulerHalf:
             logger.warning("cpu_bytes=%d holds no %d-byte block: CPU tier disabled", tiers.cpu_bytes, facts.unit_bytes)
         self._reqs: dict[str, _Request] = {}
         self._lookups: dict[str, tuple[int, list[str]]] = {}  # req -> (local tokens, tier per hit block)
-        self._blend_lookups: dict[str, BlendPlan] = {}
+        self._blend_lookups: dict[str, tuple[int, int]] = {}  # req -> blended span [start, end)
         self._meta = KVPlugMetadata()
         self._stats: dict[str, int] = {}
         if self._disk_root:
@@ -121,13 +121,12 @@ class SchedulerHalf:
 
     def _blend_params(self, request):
         """(ratio, policy, chunks) when this request is to be blended, else None."""
-        b = self.cfg.blend
-        if not b.enabled or not self._load_enabled:
+        if not self.cfg.blend.enabled or not self._load_enabled:
             return None
         tokens = request.prompt_token_ids or []
         try:
-            enabled, ratio, policy, ends = request_blend_params(request.kv_transfer_params, b)
-            if not enabled:
+            b, ends = request_blend(self.cfg.blend, request.kv_transfer_params)
+            if b is None:
                 return None
             spans = spans_from_ends(ends, len(tokens)) if ends is not None else chunk_spans(tokens, self._separator)
         except ValueError as e:
@@ -137,7 +136,7 @@ class SchedulerHalf:
             return None
         chunks = [(lo, hi, chunk_key(self.facts.namespace, tokens[lo:hi], request.cache_salt)
                    if hi - lo >= b.blend_min_chunk_tokens else None) for lo, hi in spans]
-        return ratio, policy, chunks
+        return b.recompute_ratio, b.recompute_policy, chunks
 
     def num_matched(self, request, num_computed: int) -> int:
         if not self._load_enabled or num_computed % self.bs or request.prompt_token_ids is None:
@@ -150,34 +149,26 @@ class SchedulerHalf:
         self._lookups[request.request_id] = (num_computed, tiers)
         self._blend_lookups.pop(request.request_id, None)
         # The prefix tiers' blocks load first; blending covers the rest of the chunks.
-        plan = self._blend_plan(request, st, num_computed + len(tiers) * self.bs)
-        if plan is not None:
-            self._blend_lookups[request.request_id] = plan
-            return plan.end - num_computed
+        start = num_computed + len(tiers) * self.bs
+        if st.blend is not None:
+            end = min(st.blend[2][-1][1], st.prompt_len - 1)  # vLLM computes at least the last token
+            if end > start:
+                self._blend_lookups[request.request_id] = (start, end)
+                return end - num_computed
         return len(tiers) * self.bs
 
-    def _blend_plan(self, request, st: _Request, start: int) -> BlendPlan | None:
-        """Blend [start, end of the last chunk) where start is what vLLM and the prefix tiers hold."""
-        if st.blend is None:
-            return None
-        ratio, policy, chunks = st.blend
-        last = chunks[-1][1]
-        end = min(last, st.prompt_len - 1)  # vLLM computes at least the last prompt token
-        if end <= start:
-            return None
-        tail = list(request.prompt_token_ids[end:]) if policy == "adaptive" else []
-        return BlendPlan(st.req_id, list(request.prompt_token_ids[:last]), start, end, chunks, ratio, policy,
-                         tail=tail)
-
     def after_alloc(self, request, block_ids: list[int], num_external: int) -> None:
-        plan = self._blend_lookups.pop(request.request_id, None)
+        span = self._blend_lookups.pop(request.request_id, None)
         lookup = self._lookups.pop(request.request_id, None)
         st = self._reqs.get(request.request_id)
         if lookup is None or st is None:
             return
-        if plan is not None and num_external > 0:  # vLLM takes all that is offered, or nothing
-            plan.block_ids = list(block_ids)
-            self._meta.blends.append(plan)
+        if span is not None and num_external > 0:  # vLLM takes all that is offered, or nothing
+            (start, end), (ratio, policy, chunks) = span, st.blend
+            tokens = request.prompt_token_ids
+            self._meta.blends.append(BlendPlan(
+                st.req_id, list(tokens[:chunks[-1][1]]), start, end, chunks, ratio, policy, list(block_ids),
+                tail=list(tokens[end:]) if policy == "adaptive" else []))
         local, tiers = lookup
         first = local // self.bs
         queried = min(len(st.keys), (st.prompt_len - 1) // self.bs) - first
@@ -256,22 +247,3 @@ class SchedulerHalf:
         self._count(cpu_evictions=c["cpu_evictions"], disk_evictions=c["disk_evictions"])
         stats, self._stats = KVPlugStats.new(**self._stats), {}
         return None if stats.is_empty() else stats
-
-
-def request_blend_params(params, b) -> tuple[bool, float, str, list[int] | None]:
-    """(blend this request?, recompute_ratio, recompute_policy, chunk_ends or None) from the
-    request's kv_transfer_params over the engine's BlendConfig; ValueError for bad values."""
-    params = params or {}
-    if not isinstance(params, dict):
-        raise ValueError(f"kv_transfer_params={params!r}: must be an object")
-    enabled = params.get("blend", True)
-    ratio = params.get("recompute_ratio", b.recompute_ratio)
-    policy = params.get("recompute_policy", b.recompute_policy)
-    ends = params.get("chunk_ends")
-    if not isinstance(enabled, bool):
-        raise ValueError(f"kv_transfer_params.blend={enabled!r}: allowed values are true, false")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
-        raise ValueError(f"kv_transfer_params.recompute_ratio={ratio!r}: must be a number in [0, 1]")
-    if policy not in ("fixed", "adaptive"):
-        raise ValueError(f"kv_transfer_params.recompute_policy={policy!r}: allowed values are fixed, adaptive")
-    return enabled, float(ratio), policy, ends

@@ -109,3 +109,22 @@ def test_blend_defaults_and_round_trip(tmp_path):
                                 "disk_path": str(tmp_path / "d")})
     # Disabled blending with no chunk memory is not an error: nothing would use it.
     assert KVPlugConfig.from_dict({"blend_cpu_bytes": 0}).blend.blend_cpu_bytes == 0
+
+
+def test_request_blend_overrides_opt_out_and_bad_values():
+    from kvplug.config import BlendConfig, request_blend
+
+    base = BlendConfig(enabled=True, recompute_ratio=0.15)
+    assert request_blend(base, None) == (base, None)
+    assert request_blend(base, {"blend": False, "recompute_ratio": 9}) == (None, None)
+    b, ends = request_blend(base, {"recompute_ratio": 1, "recompute_policy": "adaptive", "chunk_ends": [3, 9]})
+    assert (b.recompute_ratio, b.recompute_policy, ends) == (1.0, "adaptive", [3, 9])
+    assert b.chunk_separator == base.chunk_separator
+    for params, key in [({"recompute_ratio": 7}, "recompute_ratio"), ({"recompute_ratio": "0.2"}, "recompute_ratio"),
+                        ({"recompute_ratio": float("nan")}, "recompute_ratio"), ({"recompute_ratio": True}, "recompute_ratio"),
+                        ({"recompute_policy": "all"}, "recompute_policy"), ({"recompute_policy": None}, "recompute_policy"),
+                        ({"blend": "yes"}, "blend")]:
+        with pytest.raises(ValueError, match=f"kv_transfer_params.{key}="):
+            request_blend(base, params)
+    with pytest.raises(ValueError, match="must be an object"):
+        request_blend(base, [1])
