@@ -226,6 +226,8 @@ class WorkerHalf:
             r = self.remote.stats.take()
             self._count(remote_write_bytes=r.bytes_written, remote_read_bytes=r.bytes_read,
                         remote_errors=r.timeouts + r.write_errors + r.dropped, remote_corrupt=r.corrupt)
+        if self.blender is not None:  # chunk files are disk files too
+            self._count(disk_corrupt=self.blender.store.take_stats()["corrupt"])
         stats, self._stats = KVPlugStats.new(**self._stats), {}
         return None if stats.is_empty() else stats
 
