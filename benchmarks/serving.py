@@ -319,11 +319,7 @@ def redis_server(work_dir: str | os.PathLike, timeout_s: float = 30) -> Iterator
                 time.sleep(0.1)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, grace_s=10)
 
 
 def machine_info() -> dict:
