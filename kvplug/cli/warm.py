@@ -56,6 +56,15 @@ class WarmResult:
     def stored_chunks(self) -> int:
         return sum(d.stored_chunks for d in self.docs)
 
+    @property
+    def expected_files(self) -> int:
+        """Unit and chunk files once every write of this run has landed."""
+        return self.units_before + self.stored_blocks + self.chunks_before + self.stored_chunks
+
+
+def _chunks_dir(disk_path) -> Path:
+    return Path(disk_path) / "chunks"  # where the engines' chunk store writes (count_* accept a missing dir)
+
 
 def find_documents(docs_dir: str, pattern: str = "*.txt") -> list[Path]:
     root = Path(docs_dir)
@@ -117,24 +126,24 @@ def _prefill(llm, sp, path: Path, separator: str | None) -> DocResult:
 def _wait_for_disk(result: WarmResult, timeout_s: float, quiet_s: float = 3.0) -> None:
     """The connector writes files from a background thread: wait until the expected number is
     there, or until nothing is in flight and the count stopped moving (evictions, drops)."""
-    chunks = Path(result.disk_path) / "chunks"
-    expected = result.units_before + result.stored_blocks + result.chunks_before + result.stored_chunks
+    chunks = _chunks_dir(result.disk_path)
+    expected = result.expected_files
 
     def count() -> int:
-        return count_units(result.disk_path) + (count_units(chunks) if chunks.is_dir() else 0)
+        return count_units(result.disk_path) + count_units(chunks)
 
     t0 = last_change = time.monotonic()
     last = count()
     while last < expected and time.monotonic() - t0 < timeout_s:
         time.sleep(0.2)
         now = count()
-        if now != last or count_tmp(result.disk_path) or (chunks.is_dir() and count_tmp(chunks)):
+        if now != last or count_tmp(result.disk_path) or count_tmp(chunks):
             last, last_change = now, time.monotonic()
         elif time.monotonic() - last_change >= quiet_s:
             break
     result.wait_s = time.monotonic() - t0
     result.units_after = count_units(result.disk_path)
-    result.chunks_after = count_units(chunks) if chunks.is_dir() else 0
+    result.chunks_after = count_units(chunks)
     result.settled = last >= expected
 
 
@@ -143,9 +152,8 @@ def warm(args) -> WarmResult:
     _check_model(args.model)
     from vllm import SamplingParams
 
-    chunks = Path(args.disk_path) / "chunks"
     result = WarmResult(disk_path=str(args.disk_path), units_before=count_units(args.disk_path),
-                        chunks_before=count_units(chunks) if chunks.is_dir() else 0)
+                        chunks_before=count_units(_chunks_dir(args.disk_path)))
     llm = _engine(args)
     sp = SamplingParams(max_tokens=1, temperature=0.0)
     for path in files:
@@ -165,8 +173,7 @@ def report(r: WarmResult) -> str:
         lines.append(f"blend chunks: {r.stored_chunks} stored; chunk files in {r.disk_path}/chunks: "
                      f"{r.chunks_before} -> {r.chunks_after}")
     if not r.settled:
-        lines.append(f"warning: expected {r.units_before + r.stored_blocks + r.chunks_before + r.stored_chunks} "
-                     f"unit and chunk files after "
+        lines.append(f"warning: expected {r.expected_files} unit and chunk files after "
                      f"{r.wait_s:.0f} s; disk_bytes may be too small (evictions) or writes failed "
                      "(see the engine log)")
     return "\n".join(lines)
