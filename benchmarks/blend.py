@@ -49,7 +49,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serving import percentile  # noqa: E402
+from serving import counter_delta, percentile, ratio  # noqa: E402
 
 RESULTS = HERE / "results"
 RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
@@ -112,14 +112,6 @@ def value_agreement(texts: list[str], ref_texts: list[str]) -> tuple[int, int]:
     if len(texts) != len(ref_texts):
         raise ValueError(f"{len(texts)} texts vs {len(ref_texts)} reference texts")
     return sum(first_number(a) == first_number(b) for a, b in zip(texts, ref_texts)), len(texts)
-
-
-def counter_delta(after: dict, before: dict) -> dict:
-    return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in set(after) | set(before)}
-
-
-def ratio(a: float, b: float) -> float:
-    return a / b if b else math.nan
 
 
 # ---------------------------------------------------------------- engine worker (subprocess)

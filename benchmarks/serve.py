@@ -300,18 +300,14 @@ def aggregate(results: list[Timed], wall_s: float) -> dict:
             "output_tokens": out_tok, "prompt_tokens": prompt_tok}
 
 
-def _ratio(a: float, b: float) -> float:
-    return a / b if b else float("nan")
-
-
 def hit_rates(kv: dict, prefix: dict) -> dict:
     """kvplug: tier hit tokens / lookup tokens (lookups are tokens beyond vLLM's own prefix
     cache); vLLM: prefix-cache hit tokens / queried tokens."""
     lookup = kv.get("lookup_tokens", 0.0)
     hits = {t: kv.get(f"{t}_hit_tokens", 0.0) for t in ("cpu", "disk", "remote")}
-    out = {f"{t}_hit_rate": _ratio(h, lookup) for t, h in hits.items()}
-    out["kvplug_hit_rate"] = _ratio(sum(hits.values()), lookup)
-    out["vllm_prefix_hit_rate"] = _ratio(prefix.get("hits", 0.0), prefix.get("queries", 0.0))
+    out = {f"{t}_hit_rate": serving.ratio(h, lookup) for t, h in hits.items()}
+    out["kvplug_hit_rate"] = serving.ratio(sum(hits.values()), lookup)
+    out["vllm_prefix_hit_rate"] = serving.ratio(prefix.get("hits", 0.0), prefix.get("queries", 0.0))
     out["lookup_tokens"], out["hit_tokens"] = lookup, sum(hits.values())
     return out
 
@@ -326,17 +322,17 @@ def blend_summary(kv: dict) -> dict:
     blend seconds per blended request; NaN where the denominator is 0."""
     out = {k: kv.get(k, 0.0) for k in BLEND_COUNTERS}
     hits, misses = out["blend_chunk_hits"], out["blend_chunk_misses"]
-    out["blend_chunk_hit_rate"] = _ratio(hits, hits + misses)
-    out["blend_recomputed_frac"] = _ratio(out["blend_recomputed_tokens"], out["blend_tokens"])
-    out["blend_s_per_request"] = _ratio(out["blend_seconds"], out["blend_requests"])
+    out["blend_chunk_hit_rate"] = serving.ratio(hits, hits + misses)
+    out["blend_recomputed_frac"] = serving.ratio(out["blend_recomputed_tokens"], out["blend_tokens"])
+    out["blend_s_per_request"] = serving.ratio(out["blend_seconds"], out["blend_requests"])
     return out
 
 
 def with_ratios(stats: dict, base: dict) -> dict:
-    return {**stats, "throughput_ratio_vs_vllm": _ratio(stats["requests_per_s"], base["requests_per_s"]),
-            "tokens_per_s_ratio_vs_vllm": _ratio(stats["output_tokens_per_s"], base["output_tokens_per_s"]),
-            "ttft_p90_ratio_vs_vllm": _ratio(stats["ttft_p90_s"], base["ttft_p90_s"]),
-            "ttft_p50_ratio_vs_vllm": _ratio(stats["ttft_p50_s"], base["ttft_p50_s"])}
+    return {**stats, "throughput_ratio_vs_vllm": serving.ratio(stats["requests_per_s"], base["requests_per_s"]),
+            "tokens_per_s_ratio_vs_vllm": serving.ratio(stats["output_tokens_per_s"], base["output_tokens_per_s"]),
+            "ttft_p90_ratio_vs_vllm": serving.ratio(stats["ttft_p90_s"], base["ttft_p90_s"]),
+            "ttft_p50_ratio_vs_vllm": serving.ratio(stats["ttft_p50_s"], base["ttft_p50_s"])}
 
 
 # ---------------------------------------------------------------- one configuration

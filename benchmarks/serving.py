@@ -243,6 +243,11 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN when b is 0 (a rate of nothing, not an error)."""
+    return a / b if b else math.nan
+
+
 def summarize(values: Sequence[float]) -> dict[str, float]:
     return {"n": len(values), "p50": percentile(values, 50), "p90": percentile(values, 90),
             "mean": (sum(values) / len(values)) if values else math.nan,
