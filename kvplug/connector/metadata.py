@@ -24,8 +24,8 @@ class BlendPlan:
 
 @dataclass
 class KVPlugMetadata(KVConnectorMetadata):
-    demotes: list[tuple[bytes, int]] = field(default_factory=list)  # (key, cpu slot): slot -> disk
-    disk_deletes: list[bytes] = field(default_factory=list)
+    # In order: (key, cpu slot) writes the slot to disk, (key, -1) deletes the key's file (StepOps)
+    disk_ops: list[tuple[bytes, int]] = field(default_factory=list)
     # (request id, key, gpu block, source tier "cpu"|"disk"|"remote",
     #  cpu: the source slot; disk/remote: the CPU slot to promote into, or -1)
     loads: list[tuple[str, bytes, int, str, int]] = field(default_factory=list)
@@ -35,7 +35,7 @@ class KVPlugMetadata(KVConnectorMetadata):
     blends: list[BlendPlan] = field(default_factory=list)  # run after the loads
 
     def is_empty(self) -> bool:
-        return not (self.demotes or self.disk_deletes or self.loads or self.saves or self.blends)
+        return not (self.disk_ops or self.loads or self.saves or self.blends)
 
 
 @dataclass

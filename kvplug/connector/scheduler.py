@@ -201,7 +201,7 @@ class SchedulerHalf:
             self._plan_saves(st, cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(req_id, 0))
         ops = self.manager.end_step()
         meta, self._meta = self._meta, KVPlugMetadata()
-        meta.demotes, meta.disk_deletes = ops.demotes, ops.disk_deletes
+        meta.disk_ops = ops.disk_ops
         return meta
 
     def _plan_saves(self, st: _Request, computed: int) -> None:

@@ -73,11 +73,11 @@ class WorkerHalf:
         if meta.is_empty():
             return
         start = time.perf_counter()
-        for key, slot in meta.demotes:
-            if self._row_keys[slot] == key:
+        for key, slot in meta.disk_ops:  # before the loads and saves below may reuse a demoted slot
+            if slot < 0:
+                self.disk.delete(key)
+            elif self._row_keys[slot] == key:
                 self._put(key, self.rows.row(slot).clone(), to_disk=True, to_remote=False)
-        for key in meta.disk_deletes:
-            self.disk.delete(key)
         # Fetched units first: one promoted into a row this step may also be read from that row
         # by a request planned after the promotion. (Rows read this step are pinned, never reused.)
         for tier in ("disk", "remote"):

@@ -56,8 +56,18 @@ class Save:
 
 @dataclass
 class StepOps:
-    demotes: list[tuple[bytes, int]] = field(default_factory=list)  # (key, cpu slot) -> disk
-    disk_deletes: list[bytes] = field(default_factory=list)
+    # (key, cpu slot): write the slot's unit to disk; (key, -1): delete the key's file. In the order
+    # planned, which deletes an evicted unit before writing the unit that displaced it, so the disk
+    # never holds more than disk_bytes plus the one file being written.
+    disk_ops: list[tuple[bytes, int]] = field(default_factory=list)
+
+    @property
+    def demotes(self) -> list[tuple[bytes, int]]:
+        return [(key, slot) for key, slot in self.disk_ops if slot >= 0]
+
+    @property
+    def disk_deletes(self) -> list[bytes]:
+        return [key for key, slot in self.disk_ops if slot < 0]
 
 
 @dataclass
@@ -164,7 +174,7 @@ class TierManager:
         """Whether a save of `key` would be redundant; syncs the disk index with the files."""
         if self._cpu.expired(key) or self._disk.expired(key):
             if key in self._disk:
-                self._ops.disk_deletes.append(key)
+                self._ops.disk_ops.append((key, -1))
             self.forget(key)  # past its tenant's TTL: drop it and save it afresh
             return False
         if key in self._slots:
@@ -248,7 +258,7 @@ class TierManager:
             self._free_slots.append(slot)
             self.counters.cpu_evictions += 1
             if self.disk_enabled and victim not in self._disk and self._admit_disk(victim, victim_ns, 1.0):
-                self._ops.demotes.append((victim, slot))
+                self._ops.disk_ops.append((victim, slot))
         if not admitted:
             return -1
         slot = self._free_slots.pop()
@@ -261,7 +271,7 @@ class TierManager:
             return False
         admitted, evicted = self._disk.admit(key, ns, cost, self._pinned)
         for victim, _ in evicted:
-            self._ops.disk_deletes.append(victim)
+            self._ops.disk_ops.append((victim, -1))
             self._deleted[victim] = self._clock()
             self._deleted.move_to_end(victim)
         if admitted:
