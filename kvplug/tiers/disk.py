@@ -23,9 +23,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import queue
 import re
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ import torch
 from kvplug.tiers.counters import Counters
 from kvplug.tiers.disk_format import (KEY_BYTES, CorruptUnit, Header, checksum, encode_header,
                                       read_header, verify)
+from kvplug.tiers.writer import PUT, AsyncWriter
 
 logger = logging.getLogger("kvplug")
 
@@ -94,9 +93,6 @@ class ScanStats:
     other_layout: int = 0  # skipped, left in place
 
 
-_PUT, _DELETE = "put", "delete"
-
-
 class DiskStore:
     """Worker-side disk tier of one rank; see the module docstring for the methods."""
 
@@ -113,18 +109,11 @@ class DiskStore:
         self.backoff_s, self.max_pending_bytes = backoff_s, max_pending_bytes
         self.stats = DiskStats()
         self._log = on_error
-        # Invariant: _inflight[key] is the newest queued-but-unfinished op on key, as (seq, tensor)
-        # for a put or (seq, None) for a delete; the writer removes it only if seq still matches.
-        self._inflight: dict[bytes, tuple[int, torch.Tensor | None]] = {}
-        self._pending_bytes = 0
-        self._seq = 0
-        self._closed = False
-        self._lock = threading.Lock()
         self._backoff_until = 0.0  # monotonic time before which writes are skipped
         self._failing = False  # a write failed and none succeeded since: log only the first
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name=f"kvplug-disk-r{rank}", daemon=True)
-        self._thread.start()
+        # The op is looked up per call, so tests can wrap it.
+        self._writes = AsyncWriter(f"kvplug-disk-r{rank}", lambda *op: self._carry_out(*op),
+                                   max_pending_bytes, on_bug=lambda: self.stats.add(write_errors=1))
 
     # ---- caller side -------------------------------------------------------------------------
 
@@ -137,29 +126,22 @@ class DiskStore:
                     if isinstance(payload, torch.Tensor) else type(payload).__name__)
             raise ValueError(f"payload must be a contiguous CPU torch.uint8 tensor, got {desc}")
         self.stats.add(puts=1)
-        with self._lock:
-            self._check_open()
-            full = self._pending_bytes > 0 and self._pending_bytes + payload.nbytes > self.max_pending_bytes
-            if full or time.monotonic() < self._backoff_until:
-                self.stats.add(dropped=1)
-                return
-            self._pending_bytes += payload.nbytes
-            self._enqueue(_PUT, key, payload)
+        self._check_open()
+        if time.monotonic() < self._backoff_until or not self._writes.put(key, payload):
+            self.stats.add(dropped=1)
 
     def delete(self, key: bytes) -> None:
         unit_path(self.root, key, self.rank)
-        with self._lock:
-            self._check_open()
-            self._enqueue(_DELETE, key, None)
+        self._check_open()
+        self._writes.delete(key)
 
     def get(self, key: bytes) -> torch.Tensor | None:
         """The payload (do not modify it), or None; never raises for a bad or missing file."""
         path = unit_path(self.root, key, self.rank)
-        with self._lock:
-            entry = self._inflight.get(key)
-        if entry is not None:
-            self.stats.add(gets=1, hits=int(entry[1] is not None))
-            return entry[1]
+        queued, tensor = self._writes.pending(key)
+        if queued:
+            self.stats.add(gets=1, hits=int(tensor is not None))
+            return tensor
         out = self._read(path, key)
         self.stats.add(gets=1, hits=int(out is not None))
         return out
@@ -170,20 +152,14 @@ class DiskStore:
 
     def exists(self, key: bytes) -> bool:
         path = unit_path(self.root, key, self.rank)
-        with self._lock:
-            entry = self._inflight.get(key)
-        return entry[1] is not None if entry is not None else path.exists()
+        queued, tensor = self._writes.pending(key)
+        return tensor is not None if queued else path.exists()
 
     def flush(self) -> None:
-        self._queue.join()
+        self._writes.flush()
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(None)  # FIFO: every op queued before it is still carried out
-        self._thread.join()
+        self._writes.close()
 
     def __enter__(self) -> "DiskStore":
         return self
@@ -192,14 +168,8 @@ class DiskStore:
         self.close()
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._writes.closed:
             raise RuntimeError(f"DiskStore at {self.root} is closed")
-
-    def _enqueue(self, kind: str, key: bytes, tensor: torch.Tensor | None) -> None:
-        # Under self._lock, so queue order and _inflight agree.
-        self._seq += 1
-        self._inflight[key] = (self._seq, tensor)
-        self._queue.put((kind, key, tensor, self._seq))
 
     # ---- reads -------------------------------------------------------------------------------
 
@@ -233,33 +203,11 @@ class DiskStore:
 
     # ---- writer thread -----------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while True:
-            op = self._queue.get()
-            try:
-                if op is None:
-                    return
-                kind, key, tensor, seq = op
-                try:
-                    if kind == _PUT:
-                        self._do_put(key, tensor)
-                    else:
-                        self._do_delete(key)
-                finally:
-                    self._release(key, seq, tensor)
-            except Exception:  # a bug must not kill the writer, or flush() would wait forever
-                self.stats.add(write_errors=1)
-                logger.exception("kvplug disk tier: unexpected error in the writer thread")
-            finally:
-                self._queue.task_done()
-
-    def _release(self, key: bytes, seq: int, tensor: torch.Tensor | None) -> None:
-        with self._lock:
-            entry = self._inflight.get(key)
-            if entry is not None and entry[0] == seq:
-                del self._inflight[key]
-            if tensor is not None:
-                self._pending_bytes -= tensor.nbytes
+    def _carry_out(self, kind: str, key: bytes, tensor: torch.Tensor | None, _arg) -> None:
+        if kind == PUT:
+            self._do_put(key, tensor)
+        else:
+            self._do_delete(key)
 
     def _do_put(self, key: bytes, tensor: torch.Tensor) -> None:
         if time.monotonic() < self._backoff_until:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from redis.retry import Retry
 
 from kvplug.tiers.counters import Counters
 from kvplug.tiers.disk_format import KEY_BYTES, CorruptUnit, checksum, decode_unit, encode_header
+from kvplug.tiers.writer import PUT, AsyncWriter
 
 logger = logging.getLogger("kvplug")
 
@@ -233,9 +233,6 @@ def decode_value(value, key: bytes, layout: str) -> torch.Tensor:
     return out
 
 
-_PUT, _DELETE = "put", "delete"
-
-
 class RemoteStore:
     """Worker-side remote tier of one rank; see the module docstring for the methods.
 
@@ -265,16 +262,10 @@ class RemoteStore:
         self._writer = _Remote(url, write_timeout_s, cluster)
         self.breaker = CircuitBreaker(f"{redact(url)} (rank {rank})", backoff_s)
         self.stats = RemoteStats()
-        self._lock = threading.Lock()
-        # key -> (seq, tensor or None for a queued delete) of ops not yet carried out: reads see them.
-        self._inflight: dict[bytes, tuple[int, torch.Tensor | None]] = {}
-        self._pending_bytes = 0
-        self._seq = 0
-        self._closed = False
         self._refused = False  # the server refused a write (e.g. out of memory) and none succeeded since
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name=f"kvplug-remote-r{rank}", daemon=True)
-        self._thread.start()
+        # The op is looked up per call, so tests can wrap it.
+        self._writes = AsyncWriter(f"kvplug-remote-r{rank}", lambda *op: self._carry_out(*op),
+                                  max_pending_bytes, on_bug=lambda: self.stats.add(write_errors=1))
 
     def _rkey(self, key: bytes) -> str:
         return redis_key(self.namespace, key, self.rank)
@@ -287,21 +278,15 @@ class RemoteStore:
         _check_key(key)
         _check_payload(payload)
         self.stats.add(puts=1)
-        with self._lock:
-            self._check_open()
-            full = self._pending_bytes > 0 and self._pending_bytes + payload.nbytes > self.max_pending_bytes
-            if full or not self.breaker.allow():
-                self.stats.add(dropped=1)
-                return
-            self._pending_bytes += payload.nbytes
-            ttl_ms = self._ttl_ms if ttl_s is None else (max(1, round(ttl_s * 1000)) if ttl_s > 0 else None)
-            self._enqueue(_PUT, key, payload, ttl_ms)
+        self._check_open()
+        ttl_ms = self._ttl_ms if ttl_s is None else (max(1, round(ttl_s * 1000)) if ttl_s > 0 else None)
+        if not self.breaker.allow() or not self._writes.put(key, payload, ttl_ms):
+            self.stats.add(dropped=1)
 
     def delete(self, key: bytes) -> None:
         _check_key(key)
-        with self._lock:
-            self._check_open()
-            self._enqueue(_DELETE, key, None)
+        self._check_open()
+        self._writes.delete(key)
 
     def get(self, key: bytes) -> torch.Tensor | None:
         """The payload (do not modify it), or None; never raises for a bad value or a network error."""
@@ -314,13 +299,10 @@ class RemoteStore:
             _check_key(k)
         out: list[torch.Tensor | None] = [None] * len(keys)
         todo = []
-        with self._lock:
-            for i, k in enumerate(keys):
-                entry = self._inflight.get(k)
-                if entry is None:
-                    todo.append(i)
-                else:
-                    out[i] = entry[1]
+        for i, k in enumerate(keys):
+            queued, out[i] = self._writes.pending(k)
+            if not queued:
+                todo.append(i)
         for i, value in zip(todo, self._fetch([keys[i] for i in todo])):
             if value is not None:
                 out[i] = self._decode(keys[i], value)
@@ -328,15 +310,12 @@ class RemoteStore:
         return out
 
     def flush(self) -> None:
-        self._queue.join()
+        self._writes.flush()
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(None)  # FIFO: every op queued before it is still carried out
-        self._thread.join()
+        if self._writes.closed:
+            return
+        self._writes.close()
         self._reader.close()
         self._writer.close()
 
@@ -347,14 +326,8 @@ class RemoteStore:
         self.close()
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._writes.closed:
             raise RuntimeError(f"RemoteStore of rank {self.rank} is closed")
-
-    def _enqueue(self, kind: str, key: bytes, tensor: torch.Tensor | None, ttl_ms: int | None = None) -> None:
-        # Under self._lock, so queue order and _inflight agree.
-        self._seq += 1
-        self._inflight[key] = (self._seq, tensor)
-        self._queue.put((kind, key, tensor, self._seq, ttl_ms))
 
     # ---- reads -------------------------------------------------------------------------------
 
@@ -405,38 +378,13 @@ class RemoteStore:
 
     # ---- writer thread -----------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while True:
-            op = self._queue.get()
-            try:
-                if op is None:
-                    return
-                kind, key, tensor, seq, ttl_ms = op
-                try:
-                    self._carry_out(kind, key, tensor, ttl_ms)
-                finally:
-                    self._release(key, seq, tensor)
-            except Exception:  # a bug must not kill the writer, or flush() would wait forever
-                self.stats.add(write_errors=1)
-                logger.exception("kvplug remote tier: unexpected error in the writer thread")
-            finally:
-                self._queue.task_done()
-
-    def _release(self, key: bytes, seq: int, tensor: torch.Tensor | None) -> None:
-        with self._lock:
-            entry = self._inflight.get(key)
-            if entry is not None and entry[0] == seq:
-                del self._inflight[key]
-            if tensor is not None:
-                self._pending_bytes -= tensor.nbytes
-
     def _carry_out(self, kind: str, key: bytes, tensor: torch.Tensor | None, ttl_ms: int | None) -> None:
         if not self.breaker.allow():  # the server went away after this op was queued
-            self.stats.add(**({"dropped": 1} if kind == _PUT else {"write_errors": 1}))
+            self.stats.add(**({"dropped": 1} if kind == PUT else {"write_errors": 1}))
             return
         try:
             client = self._writer.client()
-            if kind == _PUT:
+            if kind == PUT:
                 value = encode_value(key, self.layout, tensor)
                 # A memoryview: redis-py before 8 accepts bytes and memoryview but not bytearray.
                 client.set(self._rkey(key), memoryview(value), px=ttl_ms)
