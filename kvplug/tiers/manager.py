@@ -71,7 +71,9 @@ class StepOps:
 
 
 @dataclass
-class Counters:
+class PlanCounters:
+    """What the plans decided (scheduler thread only, so no lock; the stores' own counters are
+    kvplug.tiers.counters.Counters, shared with their writer threads)."""
     cpu_hits: int = 0
     disk_hits: int = 0
     remote_hits: int = 0
@@ -131,7 +133,7 @@ class TierManager:
                                self.ttls, clock)
         self._pinned: set[bytes] = set()
         self._ops = StepOps()
-        self.counters = Counters()
+        self.counters = PlanCounters()
         # Units whose deletion we queued: the worker deletes asynchronously, and until it has,
         # the file is still there for the probe to find. key -> when the delete was planned.
         self._clock = clock
