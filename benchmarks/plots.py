@@ -84,6 +84,7 @@ def throughput(report: dict, path) -> Path:
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
         ax.tick_params(axis="x", labelsize=8)
+        plt.setp(ax.get_xticklabels(), rotation=20, ha="right")  # six names do not fit level
     fig.suptitle("Throughput per configuration (same trace)\n" + _subtitle(report), fontsize=9)
     return _save(fig, path)
 
