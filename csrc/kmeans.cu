@@ -6,7 +6,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/argsort.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/zeros.h>
 
 #include <tuple>
 
@@ -75,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_typed(const at::Tensor& keys
   launch_assign<T>(keys, cen, assign, stream);
   sizes.scatter_add_(1, assign, at::ones_like(assign));
   const at::Tensor order = at::argsort(assign, /*stable=*/true, /*dim=*/1, /*descending=*/false).contiguous();
-  const at::Tensor offsets = (at::cumsum(sizes, 1) - sizes).contiguous();
+  const at::Tensor offsets = at::cumsum(sizes, 1).sub_(sizes).contiguous();
   at::Tensor out = at::empty({H, C, keys.size(2)}, cen.options());
   launch_update<T>(keys, cen, order, offsets, sizes, out, stream);
   return {out, assign, sizes};

@@ -5,7 +5,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/argsort.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/zeros.h>
 
 #include <tuple>
 
@@ -55,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_clusters_cuda(const at::Ten
   at::Tensor sizes = at::zeros({H, C}, assign.options());
   sizes.scatter_add_(1, assign, at::ones_like(assign));
   const at::Tensor order = at::argsort(assign, /*stable=*/true, /*dim=*/1, /*descending=*/false).contiguous();
-  const at::Tensor offsets = (at::cumsum(sizes, 1) - sizes).contiguous();
+  const at::Tensor offsets = at::cumsum(sizes, 1).sub_(sizes).contiguous();
   at::Tensor mk = at::empty({H, C, keys.size(2)}, keys.options());
   at::Tensor mv = at::empty_like(mk);
   at::Tensor log_size = at::empty({H, C}, keys.options().dtype(at::kFloat));
