@@ -174,9 +174,11 @@ class ChunkStore:
             self._disk_forget(key)
             self._disk_units[key] = size
             self._disk_total += size
+            # Victims' deletes are queued before the write that displaces them, so the folder never
+            # holds more than disk_bytes plus the one file being written.
+            self._disk_evict(keep=key)
             # view(-1) first: a bf16 tensor reinterprets as uint8 only along a contiguous last dim.
             self._disk.put(key, kv.view(-1).view(torch.uint8))
-            self._disk_evict(keep=key)
 
     def _disk_evict(self, keep: bytes | None) -> None:
         """Delete least recent units until the disk total fits disk_bytes (under the lock)."""

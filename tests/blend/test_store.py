@@ -153,6 +153,28 @@ def test_disk_cap_evicts_least_recent(tmp_path):
         assert s2.get(key(1)) is None and s2.get(key(3)) is not None and s2.get(key(4)) is not None
 
 
+def test_disk_folder_never_exceeds_the_cap_while_writes_are_carried_out(tmp_path, monkeypatch):
+    # The tier manager had this bug (a write queued before the delete of the unit it displaced);
+    # watch the folder after every disk op the writer carries out.
+    with make(tmp_path, cpu_bytes=0) as probe:
+        probe.put(key(0), rand_kv(4))
+        probe.flush()
+    size = _file_size(tmp_path, key(0))
+    os.unlink(unit_path(tmp_path / "chunks", key(0), 0))
+    s = make(tmp_path, cpu_bytes=0, disk_bytes=2 * size)
+    seen, carry_out = [], s._disk._carry_out
+
+    def watched(*op):
+        carry_out(*op)
+        seen.append(sum(f.stat().st_size for f in (tmp_path / "chunks").glob("??/*.kvp")))
+    monkeypatch.setattr(s._disk, "_carry_out", watched)
+    for i in range(1, 7):
+        s.put(key(i), rand_kv(4))
+    s.flush()
+    assert len(seen) == 6 + 4 and max(seen) <= 2 * size  # 6 writes, 4 evictions
+    s.close()
+
+
 def test_unit_larger_than_the_disk_cap_is_not_written(tmp_path):
     with make(tmp_path, disk_bytes=100) as s:
         s.put(key(1), rand_kv(4))
