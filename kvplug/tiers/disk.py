@@ -106,7 +106,7 @@ class DiskStore:
                              "must be >= 0")
         self.root = _prepare_root(Path(root))
         self.layout, self.rank, self.fsync = layout, rank, fsync
-        self.backoff_s, self.max_pending_bytes = backoff_s, max_pending_bytes
+        self.backoff_s = backoff_s
         self.stats = DiskStats()
         self._log = on_error
         self._backoff_until = 0.0  # monotonic time before which writes are skipped

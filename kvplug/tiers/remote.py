@@ -256,7 +256,7 @@ class RemoteStore:
         _check_seconds("write_timeout_s", write_timeout_s, positive=True)
         _check_seconds("backoff_s", backoff_s, positive=False)
         self.layout, self.rank, self.namespace = layout, rank, namespace
-        self.ttl_s, self.max_pending_bytes = ttl_s, max_pending_bytes
+        self.ttl_s = ttl_s
         self._ttl_ms = max(1, round(ttl_s * 1000)) if ttl_s > 0 else None
         self._reader = _Remote(url, timeout_s, cluster)
         self._writer = _Remote(url, write_timeout_s, cluster)
