@@ -8,12 +8,14 @@ DiskStores (engines, ranks) may share a root: they coordinate only through those
 unit_path(root, key, rank) -> Path          where a unit's file lives (the scheduler tests .exists())
 scan_units(root, layout=None) -> iterator   UnitInfo of every good unit, by headers only (index rebuild)
 
-DiskStore(root, layout, rank=0, on_error=logger, fsync=False, ...) methods:
-    put(key, payload)    enqueue an asynchronous write of a contiguous CPU uint8 tensor; returns at once
+DiskStore(root, layout, rank=0, on_error=logger, fsync=False, ...) methods (registered as tier "disk",
+see kvplug/tiers/tier.py; `layout` is the default layout tag, a call may name another):
+    put(key, payload, layout=None)   enqueue an asynchronous write of a contiguous CPU uint8 tensor
     delete(key)          enqueue a delete, ordered after earlier puts of the same store
-    get(key)             the payload tensor, or None on a miss; corrupt files are removed, never raised
-    get_many(keys)       get() of each key, in order
+    get(key, layout=None)  the payload tensor, or None on a miss; corrupt files are removed, never raised
+    get_many(keys, layout=None)  get() of each key, in order
     exists(key)          whether get would find the unit (queued ops first, then the file)
+    lookup(keys) / put_many(units) / delete(keys) / stats()   the Tier interface
     flush()              block until every queued op is done
     close()              flush and stop the writer thread (also on leaving a `with` block)
     stats                a DiskStats; stats.take() returns and resets the counts since the last take
@@ -35,6 +37,7 @@ import torch
 from kvplug.tiers.counters import Counters
 from kvplug.tiers.disk_format import (KEY_BYTES, CorruptUnit, Header, checksum, encode_header,
                                       read_header, verify)
+from kvplug.tiers.tier import Unit, register_tier
 from kvplug.tiers.writer import PUT, AsyncWriter
 
 logger = logging.getLogger("kvplug")
@@ -93,6 +96,7 @@ class ScanStats:
     other_layout: int = 0  # skipped, left in place
 
 
+@register_tier("disk")
 class DiskStore:
     """Worker-side disk tier of one rank; see the module docstring for the methods."""
 
@@ -117,7 +121,7 @@ class DiskStore:
 
     # ---- caller side -------------------------------------------------------------------------
 
-    def put(self, key: bytes, payload: torch.Tensor) -> None:
+    def put(self, key: bytes, payload: torch.Tensor, layout: str | None = None) -> None:
         """Queue a write; `payload` is kept by reference, so the caller must not modify it again."""
         unit_path(self.root, key, self.rank)  # validates key
         if (not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8
@@ -127,7 +131,7 @@ class DiskStore:
             raise ValueError(f"payload must be a contiguous CPU torch.uint8 tensor, got {desc}")
         self.stats.add(puts=1)
         self._check_open()
-        if time.monotonic() < self._backoff_until or not self._writes.put(key, payload):
+        if time.monotonic() < self._backoff_until or not self._writes.put(key, payload, layout or self.layout):
             self.stats.add(dropped=1)
 
     def delete(self, key: bytes) -> None:
@@ -135,20 +139,38 @@ class DiskStore:
         self._check_open()
         self._writes.delete(key)
 
-    def get(self, key: bytes) -> torch.Tensor | None:
+    def get(self, key: bytes, layout: str | None = None) -> torch.Tensor | None:
         """The payload (do not modify it), or None; never raises for a bad or missing file."""
         path = unit_path(self.root, key, self.rank)
-        queued, tensor = self._writes.pending(key)
+        layout = layout or self.layout
+        queued, tensor, queued_layout = self._writes.pending_with_arg(key)
         if queued:
-            self.stats.add(gets=1, hits=int(tensor is not None))
-            return tensor
-        out = self._read(path, key)
+            hit = tensor is not None and queued_layout == layout
+            self.stats.add(gets=1, hits=int(hit))
+            return tensor if hit else None
+        out = self._read(path, key, layout)
         self.stats.add(gets=1, hits=int(out is not None))
         return out
 
-    def get_many(self, keys: list[bytes]) -> list[torch.Tensor | None]:
+    def get_many(self, keys, layout: str | None = None) -> list[torch.Tensor | None]:
         """get() of each key, in order (the remote store batches this; files need not)."""
-        return [self.get(key) for key in keys]
+        return [self.get(key, layout) for key in keys]
+
+    # ---- the Tier interface (kvplug/tiers/tier.py) ---------------------------------------------
+
+    def lookup(self, keys) -> list[bool]:
+        return [self.exists(key) for key in keys]
+
+    def put_many(self, units: list[Unit]) -> None:
+        for u in units:
+            self.put(u.key, u.payload, u.layout)
+
+    def delete_many(self, keys) -> None:
+        for key in keys:
+            self.delete(key)
+
+    def take_stats(self) -> dict[str, int]:
+        return {k: v for k, v in vars(self.stats.take()).items() if not k.startswith("_")}
 
     def exists(self, key: bytes) -> bool:
         path = unit_path(self.root, key, self.rank)
@@ -173,7 +195,7 @@ class DiskStore:
 
     # ---- reads -------------------------------------------------------------------------------
 
-    def _read(self, path: Path, key: bytes) -> torch.Tensor | None:
+    def _read(self, path: Path, key: bytes, layout: str) -> torch.Tensor | None:
         try:
             f = open(path, "rb")
         except FileNotFoundError:
@@ -186,7 +208,7 @@ class DiskStore:
             try:
                 st = os.fstat(f.fileno())
                 header = read_header(f)
-                _check_unit(header, key, self.layout, st.st_size)
+                _check_unit(header, key, layout, st.st_size)
                 out = torch.empty(header.nbytes, dtype=torch.uint8)
                 _readinto_exact(f, out.numpy())
                 verify(header, out.numpy())
@@ -203,28 +225,28 @@ class DiskStore:
 
     # ---- writer thread -----------------------------------------------------------------------
 
-    def _carry_out(self, kind: str, key: bytes, tensor: torch.Tensor | None, _arg) -> None:
+    def _carry_out(self, kind: str, key: bytes, tensor: torch.Tensor | None, layout) -> None:
         if kind == PUT:
-            self._do_put(key, tensor)
+            self._do_put(key, tensor, layout)
         else:
             self._do_delete(key)
 
-    def _do_put(self, key: bytes, tensor: torch.Tensor) -> None:
+    def _do_put(self, key: bytes, tensor: torch.Tensor, layout: str) -> None:
         if time.monotonic() < self._backoff_until:
             self.stats.add(dropped=1)
             return
         try:
-            n = self._write_unit(key, tensor)
+            n = self._write_unit(key, tensor, layout)
         except OSError as e:
             self._write_failed(e)
             return
         self._failing = False
         self.stats.add(bytes_written=n)
 
-    def _write_unit(self, key: bytes, tensor: torch.Tensor) -> int:
+    def _write_unit(self, key: bytes, tensor: torch.Tensor, layout: str) -> int:
         path = unit_path(self.root, key, self.rank)
         data = tensor.reshape(-1).numpy()  # zero-copy view of the caller's contiguous tensor
-        head = encode_header(key, self.layout, data.nbytes, checksum(data))
+        head = encode_header(key, layout, data.nbytes, checksum(data))
         path.parent.mkdir(exist_ok=True)
         # Unique per process and call: two engines writing the same key never share a temp file.
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")

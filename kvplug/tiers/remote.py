@@ -23,10 +23,12 @@ make_client(url, timeout_s, cluster=False)     redis.Redis or RedisCluster with 
 encode_value(key, layout, payload) -> bytearray    the stored value (disk-tier file bytes) of a unit
 decode_value(value, key, layout) -> Tensor         its payload, or CorruptUnit
 
-RemoteStore(url, layout, rank=0, namespace="kvplug", ttl_s=0, timeout_s=0.05, ...) (worker side):
-    put(key, payload)    queue a SET of a contiguous CPU uint8 tensor (with a TTL); returns at once
-    get(key)             the payload tensor or None; bad values are deleted, errors are misses, never raised
-    get_many(keys)       list of tensors/None in one round trip (one pipeline of GETs)
+RemoteStore(url, layout, rank=0, namespace="kvplug", ttl_s=0, timeout_s=0.05, ...) (worker side; tier
+"remote" of kvplug/tiers/tier.py; `layout` is the default layout tag, a call may name another):
+    put(key, payload, ttl_s=None, layout=None)  queue a SET of a contiguous CPU uint8 tensor; returns at once
+    get(key, layout=None)  the payload tensor or None; bad values are deleted, errors are misses, never raised
+    get_many(keys, layout=None)  list of tensors/None in one round trip (one pipeline of GETs)
+    lookup(keys) / put_many(units) / delete_many(keys) / take_stats()   the Tier interface
     delete(key)          queue a DEL, ordered after earlier puts of the same store
     flush()              block until every queued op is done
     close()              flush, stop the writer thread and close the connections
@@ -54,6 +56,7 @@ from redis.retry import Retry
 
 from kvplug.tiers.counters import Counters
 from kvplug.tiers.disk_format import KEY_BYTES, CorruptUnit, checksum, decode_unit, encode_header
+from kvplug.tiers.tier import Unit, register_tier
 from kvplug.tiers.writer import PUT, AsyncWriter
 
 logger = logging.getLogger("kvplug")
@@ -233,6 +236,7 @@ def decode_value(value, key: bytes, layout: str) -> torch.Tensor:
     return out
 
 
+@register_tier("remote")
 class RemoteStore:
     """Worker-side remote tier of one rank; see the module docstring for the methods.
 
@@ -272,7 +276,7 @@ class RemoteStore:
 
     # ---- caller side -------------------------------------------------------------------------
 
-    def put(self, key: bytes, payload: torch.Tensor, ttl_s: float | None = None) -> None:
+    def put(self, key: bytes, payload: torch.Tensor, ttl_s: float | None = None, layout: str | None = None) -> None:
         """Queue a SET; `payload` is kept by reference, so the caller must not modify it again.
         `ttl_s` overrides the store's expiry for this unit (a tenant's own TTL)."""
         _check_key(key)
@@ -280,7 +284,7 @@ class RemoteStore:
         self.stats.add(puts=1)
         self._check_open()
         ttl_ms = self._ttl_ms if ttl_s is None else (max(1, round(ttl_s * 1000)) if ttl_s > 0 else None)
-        if not self.breaker.allow() or not self._writes.put(key, payload, ttl_ms):
+        if not self.breaker.allow() or not self._writes.put(key, payload, (ttl_ms, layout or self.layout)):
             self.stats.add(dropped=1)
 
     def delete(self, key: bytes) -> None:
@@ -288,26 +292,55 @@ class RemoteStore:
         self._check_open()
         self._writes.delete(key)
 
-    def get(self, key: bytes) -> torch.Tensor | None:
+    def get(self, key: bytes, layout: str | None = None) -> torch.Tensor | None:
         """The payload (do not modify it), or None; never raises for a bad value or a network error."""
-        return self.get_many([key])[0]
+        return self.get_many([key], layout)[0]
 
-    def get_many(self, keys) -> list[torch.Tensor | None]:
+    def get_many(self, keys, layout: str | None = None) -> list[torch.Tensor | None]:
         """get() of every key, with the keys not queued here fetched in one round trip."""
         keys = list(keys)
         for k in keys:
             _check_key(k)
+        layout = layout or self.layout
         out: list[torch.Tensor | None] = [None] * len(keys)
         todo = []
         for i, k in enumerate(keys):
-            queued, out[i] = self._writes.pending(k)
+            queued, tensor, arg = self._writes.pending_with_arg(k)
             if not queued:
                 todo.append(i)
+            elif tensor is not None and arg[1] == layout:
+                out[i] = tensor
         for i, value in zip(todo, self._fetch([keys[i] for i in todo])):
             if value is not None:
-                out[i] = self._decode(keys[i], value)
+                out[i] = self._decode(keys[i], value, layout)
         self.stats.add(gets=len(keys), hits=sum(t is not None for t in out))
         return out
+
+    # ---- the Tier interface (kvplug/tiers/tier.py) ---------------------------------------------
+
+    def lookup(self, keys) -> list[bool]:
+        """Whether this rank's value of each key exists (queued ops first), in one round trip."""
+        keys = list(keys)
+        out: list[bool | None] = []
+        for k in keys:
+            _check_key(k)
+            queued, tensor = self._writes.pending(k)
+            out.append((tensor is not None) if queued else None)
+        todo = [i for i, v in enumerate(out) if v is None]
+        for i, found in zip(todo, self._exists([keys[i] for i in todo])):
+            out[i] = found
+        return [bool(v) for v in out]
+
+    def put_many(self, units: list[Unit]) -> None:
+        for u in units:
+            self.put(u.key, u.payload, u.ttl_s, u.layout)
+
+    def delete_many(self, keys) -> None:
+        for key in keys:
+            self.delete(key)
+
+    def take_stats(self) -> dict[str, int]:
+        return {k: v for k, v in vars(self.stats.take()).items() if not k.startswith("_")}
 
     def flush(self) -> None:
         self._writes.flush()
@@ -355,11 +388,30 @@ class RemoteStore:
             self.breaker.succeeded()
         return [None if isinstance(v, Exception) and not _is_wrong_type(v) else v for v in values]
 
-    def _decode(self, key: bytes, value) -> torch.Tensor | None:
+    def _exists(self, keys: list[bytes]) -> list[bool]:
+        """EXISTS of each key in one pipeline; every answer False when the server cannot be asked."""
+        if not keys:
+            return []
+        if not self.breaker.allow():
+            self.stats.add(skipped=len(keys))
+            return [False] * len(keys)
+        try:
+            pipe = self._reader.client().pipeline(transaction=False)
+            for k in keys:
+                pipe.exists(self._rkey(k))
+            found = pipe.execute()
+        except Exception as e:  # a miss, never the engine's problem
+            self.stats.add(timeouts=len(keys))
+            self.breaker.failed(e)
+            return [False] * len(keys)
+        self.breaker.succeeded()
+        return [bool(f) for f in found]
+
+    def _decode(self, key: bytes, value, layout: str) -> torch.Tensor | None:
         try:
             if isinstance(value, Exception):
                 raise CorruptUnit(f"the key holds another type ({value})")
-            out = decode_value(value, key, self.layout)
+            out = decode_value(value, key, layout)
         except CorruptUnit as e:
             self.stats.add(corrupt=1)
             logger.debug("kvplug remote tier: deleting bad value at %s: %s", self._rkey(key), e.reason)
@@ -378,14 +430,15 @@ class RemoteStore:
 
     # ---- writer thread -----------------------------------------------------------------------
 
-    def _carry_out(self, kind: str, key: bytes, tensor: torch.Tensor | None, ttl_ms: int | None) -> None:
+    def _carry_out(self, kind: str, key: bytes, tensor: torch.Tensor | None, arg) -> None:
+        ttl_ms, layout = arg if arg is not None else (None, self.layout)
         if not self.breaker.allow():  # the server went away after this op was queued
             self.stats.add(**({"dropped": 1} if kind == PUT else {"write_errors": 1}))
             return
         try:
             client = self._writer.client()
             if kind == PUT:
-                value = encode_value(key, self.layout, tensor)
+                value = encode_value(key, layout, tensor)
                 # A memoryview: redis-py before 8 accepts bytes and memoryview but not bytearray.
                 client.set(self._rkey(key), memoryview(value), px=ttl_ms)
                 self.stats.add(bytes_written=len(value))

@@ -9,6 +9,7 @@ AsyncWriter(name, carry_out, max_pending_bytes, on_bug)
     put(key, tensor, arg=None) -> bool   queue carry_out(PUT, key, tensor, arg); False if dropped (full)
     delete(key, arg=None)                queue carry_out(DELETE, key, None, arg)
     pending(key) -> (queued, tensor)     (True, tensor) for a queued put, (True, None) for a queued delete
+    pending_with_arg(key) -> (queued, tensor, arg)   the same, with the op's arg
     flush()                              block until every queued op is carried out
     close()                              carry out what is queued, then stop the thread
 carry_out must not raise for I/O trouble (count it, back off); an exception from it is a bug, which is
@@ -33,9 +34,9 @@ class AsyncWriter:
                  max_pending_bytes: int, on_bug: Callable[[], None]):
         self.name, self.max_pending_bytes = name, max_pending_bytes
         self._carry_out, self._on_bug = carry_out, on_bug
-        # Invariant: _inflight[key] is the newest queued-but-unfinished op on key, as (seq, tensor)
-        # for a put or (seq, None) for a delete; the thread removes it only if seq still matches.
-        self._inflight: dict[bytes, tuple[int, torch.Tensor | None]] = {}
+        # Invariant: _inflight[key] is the newest queued-but-unfinished op on key, as (seq, tensor, arg)
+        # for a put or (seq, None, arg) for a delete; the thread removes it only if seq still matches.
+        self._inflight: dict[bytes, tuple[int, torch.Tensor | None, object]] = {}
         self._pending_bytes = 0
         self._seq = 0
         self._closed = False
@@ -63,9 +64,13 @@ class AsyncWriter:
             self._enqueue(DELETE, key, None, arg)
 
     def pending(self, key: bytes) -> tuple[bool, torch.Tensor | None]:
+        queued, tensor, _ = self.pending_with_arg(key)
+        return queued, tensor
+
+    def pending_with_arg(self, key: bytes) -> tuple[bool, torch.Tensor | None, object]:
         with self._lock:
             entry = self._inflight.get(key)
-        return (False, None) if entry is None else (True, entry[1])
+        return (False, None, None) if entry is None else (True, entry[1], entry[2])
 
     def flush(self) -> None:
         self._queue.join()
@@ -85,7 +90,7 @@ class AsyncWriter:
     def _enqueue(self, kind: str, key: bytes, tensor: torch.Tensor | None, arg: object) -> None:
         # Under self._lock, so queue order and _inflight agree.
         self._seq += 1
-        self._inflight[key] = (self._seq, tensor)
+        self._inflight[key] = (self._seq, tensor, arg)
         self._queue.put((kind, key, tensor, arg, self._seq))
 
     def _run(self) -> None:

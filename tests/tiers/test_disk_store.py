@@ -41,9 +41,9 @@ def gate_writes(monkeypatch, store) -> threading.Event:
     """Hold the writer thread before each write until the returned event is set."""
     release, original = threading.Event(), store._write_unit
 
-    def gated(key, tensor):
+    def gated(key, tensor, layout):
         release.wait(timeout=60)
-        return original(key, tensor)
+        return original(key, tensor, layout)
 
     monkeypatch.setattr(store, "_write_unit", gated)
     return release
