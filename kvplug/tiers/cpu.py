@@ -11,6 +11,7 @@ time: the block interior is never interpreted (it may be ISA-packed on CPU backe
     load(rows, caches, blocks)               rows -> caches[l][blocks], every layer
     row(i)                                   the bytes of row i (a view)
     layout_tag()                             shapes and dtypes, for file headers
+UnitRows(block_rows, block_layout): which unit each row holds (blocks and chunks); see the class.
 """
 from __future__ import annotations
 
@@ -73,3 +74,73 @@ class BlockRows:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+class UnitRows:
+    """The CPU tier's rows and which unit each holds: a prefix block in one row, a chunk across
+    as many rows as its payload needs (the scheduler's plan says which). A unit is readable only
+    while every one of its rows still holds it, so a row reused by a later plan turns a stale
+    read into a miss, never into another unit's bytes.
+
+        holds(key, rows)                       every row still holds the unit
+        read(key, rows) -> Unit | None         a copy of the unit's payload, with its layout
+        store(key, rows, payload, layout)      payload bytes into the rows
+        store_blocks(keys, rows, caches, blocks) / load_blocks(rows, caches, blocks)   whole engine
+                                               blocks to and from rows (one row each)
+    """
+
+    def __init__(self, blocks: BlockRows, block_layout: str):
+        self.blocks, self.block_layout = blocks, block_layout
+        self.row_bytes = blocks.row_bytes
+        self._keys: list[bytes | None] = [None] * len(blocks)
+        self._units: dict[bytes, tuple[tuple[int, ...], str, int]] = {}  # key -> (rows, layout, nbytes)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def holds(self, key: bytes, rows: Sequence[int]) -> bool:
+        unit = self._units.get(key)
+        return unit is not None and unit[0] == tuple(rows) and all(self._keys[r] == key for r in rows)
+
+    def read(self, key: bytes, rows: Sequence[int]):
+        from kvplug.tiers.tier import Unit
+
+        if not rows or not self.holds(key, rows):
+            return None
+        _, layout, nbytes = self._units[key]
+        idx = torch.tensor(list(rows), dtype=torch.long)
+        return Unit(key, self.blocks.buffer.index_select(0, idx).view(-1)[:nbytes].clone(), layout)
+
+    def store(self, key: bytes, rows: Sequence[int], payload: torch.Tensor, layout: str) -> None:
+        rows = tuple(rows)
+        if payload.numel() > len(rows) * self.row_bytes:
+            raise ValueError(f"a {payload.numel()}-byte unit does not fit {len(rows)} row(s) of {self.row_bytes} bytes")
+        self._claim(key, rows, layout, payload.numel())
+        flat = payload.reshape(-1)
+        for i, r in enumerate(rows):
+            part = flat[i * self.row_bytes:(i + 1) * self.row_bytes]
+            self.blocks.buffer[r, :part.numel()].copy_(part)
+
+    def store_blocks(self, keys: Sequence[bytes], rows: Sequence[int], caches: Sequence[torch.Tensor],
+                     blocks: Sequence[int]) -> None:
+        self.blocks.store(list(rows), caches, list(blocks))
+        for key, r in zip(keys, rows, strict=True):
+            self._claim(key, (r,), self.block_layout, self.row_bytes)
+
+    def load_blocks(self, rows: Sequence[int], caches: Sequence[torch.Tensor], blocks: Sequence[int]) -> None:
+        self.blocks.load(list(rows), caches, list(blocks))
+
+    def forget(self, rows: Sequence[int]) -> None:
+        for r in rows:
+            key, self._keys[r] = self._keys[r], None
+            if key is not None:
+                self._units.pop(key, None)
+
+    def _claim(self, key: bytes, rows: tuple[int, ...], layout: str, nbytes: int) -> None:
+        self.forget(rows)  # whatever these rows held is gone as a whole
+        old = self._units.get(key)
+        if old is not None:
+            self.forget(old[0])
+        for r in rows:
+            self._keys[r] = key
+        self._units[key] = (rows, layout, nbytes)

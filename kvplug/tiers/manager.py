@@ -2,7 +2,9 @@
 
 It holds keys, sizes and slot numbers, never tensors (it runs in vLLM's scheduler). Tiers:
 CPU rows (slots), a disk directory (bytes), and optionally a remote store (capacity and
-expiry are the store's own). The worker carries out the moves planned here, in this order
+expiry are the store's own). A unit is a prefix block (one row, `unit_bytes`) or a blend
+chunk (its payload bytes, in as many rows as it needs); both kinds share every tier, its
+eviction policy, tenant quotas and TTLs. The worker carries out the moves planned here, in this order
 within one engine step:
     1. demotions (CPU slot -> disk) and disk deletions are queued, before any slot is reused
     2. loads: disk/remote -> GPU block (and into a CPU slot when promoted), then CPU -> GPU
@@ -11,13 +13,14 @@ within one engine step:
 Every key touched in the current step is pinned until end_step(), so nothing this step
 still reads or writes is evicted or deleted under it.
 
-Methods:
+Methods (`nbytes`: per key, the unit's payload bytes; omitted for prefix blocks):
     lookup(keys)                   the tier of each leading cached key; no side effects on the index
-    plan_loads(keys, costs, ns)    Loads for keys lookup() found; counts hits, may promote to CPU
-    plan_saves(keys, costs, ns)    Saves for new units (already-cached keys are skipped); may evict
+    lookup_each(keys)              the tier of every key, or None (chunks: each looked up on its own)
+    plan_loads(keys, tiers, costs, ns, nbytes, promote)  Loads for keys lookup() found; counts hits, may promote
+    plan_saves(keys, costs, ns, to_remote, nbytes)  Saves for new units (cached keys are skipped); may evict
     end_step()                     the demotions and deletions planned this step; unpins
     forget(key)                    drop every copy of a unit the worker could not read
-    restore_disk_index(keys)       account units found on disk at start-up
+    restore_disk_index(keys, sizes)  account units found on disk at start-up
     counters                       hit/eviction counters since the last counters.take()
 """
 from __future__ import annotations
@@ -43,31 +46,40 @@ _DELETE_GRACE_S = 30.0
 class Load:
     key: bytes
     tier: str  # where the unit comes from: cpu, disk or remote
-    slot: int  # cpu: the source slot; disk/remote: the CPU slot it is promoted into, or -1
+    slots: tuple[int, ...]  # cpu: the source rows; disk/remote: the CPU rows it is promoted into, or ()
+
+    @property
+    def slot(self) -> int:
+        """The first row, or -1 (a prefix block has one row)."""
+        return self.slots[0] if self.slots else -1
 
 
 @dataclass(frozen=True)
 class Save:
     key: bytes
-    cpu_slot: int  # -1 when the CPU tier cannot hold it
+    slots: tuple[int, ...]  # CPU rows, () when the CPU tier cannot hold it
     to_disk: bool
     to_remote: bool = False
+
+    @property
+    def cpu_slot(self) -> int:
+        return self.slots[0] if self.slots else -1
 
 
 @dataclass
 class StepOps:
-    # (key, cpu slot): write the slot's unit to disk; (key, -1): delete the key's file. In the order
-    # planned, which deletes an evicted unit before writing the unit that displaced it, so the disk
-    # never holds more than disk_bytes plus the one file being written.
-    disk_ops: list[tuple[bytes, int]] = field(default_factory=list)
+    # (key, rows): write the unit held in those CPU rows to disk; (key, ()): delete the key's file.
+    # In the order planned, which deletes an evicted unit before writing the unit that displaced
+    # it, so the disk never holds more than disk_bytes plus the one file being written.
+    disk_ops: list[tuple[bytes, tuple[int, ...]]] = field(default_factory=list)
 
     @property
-    def demotes(self) -> list[tuple[bytes, int]]:
-        return [(key, slot) for key, slot in self.disk_ops if slot >= 0]
+    def demotes(self) -> list[tuple[bytes, tuple[int, ...]]]:
+        return [(key, rows) for key, rows in self.disk_ops if rows]
 
     @property
     def disk_deletes(self) -> list[bytes]:
-        return [key for key, slot in self.disk_ops if slot < 0]
+        return [key for key, rows in self.disk_ops if not rows]
 
 
 @dataclass
@@ -80,7 +92,7 @@ class PlanCounters:
     cpu_evictions: int = 0
     disk_evictions: int = 0
     saves: int = 0
-    save_skips: int = 0  # full blocks already cached, not written again
+    save_skips: int = 0  # units already cached, not written again
 
     def take(self) -> dict[str, int]:
         out = dataclasses.asdict(self)
@@ -117,20 +129,23 @@ class TierManager:
         self.unit_bytes = unit_bytes
         self.num_slots = cpu_bytes // unit_bytes
         # On disk a unit also has a header (and one file per tensor-parallel rank): the caller
-        # says what a unit costs there, so that disk_bytes bounds the real directory size.
+        # says what a prefix block costs there, and a chunk costs its payload plus the same overhead.
         disk_unit = disk_unit_bytes or unit_bytes
+        self._disk_overhead = disk_unit - unit_bytes
         self.disk_enabled = disk_probe is not None and disk_bytes >= disk_unit
         self.write_through = disk_write == "through"
         self._probe, self._remote_probe = disk_probe, remote_probe
-        self._slots: dict[bytes, int] = {}
+        self._slots: dict[bytes, tuple[int, ...]] = {}
         self._free_slots = list(range(self.num_slots - 1, -1, -1))
         self.ttls = {ns: q.ttl_s for ns, q in quotas.items() if q.ttl_s}
+        # CPU accounting is by whole rows, so a unit admitted there always finds its rows free.
         self._cpu = TierIndex(self.num_slots * unit_bytes, unit_bytes, policy,
                               {ns: q.cpu_bytes for ns, q in quotas.items() if q.cpu_bytes is not None},
                               self.ttls, clock)
         self._disk = TierIndex(disk_bytes if self.disk_enabled else 0, disk_unit, policy,
                                {ns: q.disk_bytes for ns, q in quotas.items() if q.disk_bytes is not None},
                                self.ttls, clock)
+        self._payload: dict[bytes, int] = {}  # payload bytes of the CPU-resident units that are not blocks
         self._pinned: set[bytes] = set()
         self._ops = StepOps()
         self.counters = PlanCounters()
@@ -145,14 +160,10 @@ class TierManager:
         once, in a batch, for the keys after the local run."""
         tiers = []
         for key in keys:
-            if self._cpu.expired(key) or self._disk.expired(key):
+            tier = self._local_tier(key)
+            if tier is None:
                 break
-            if key in self._slots:
-                tiers.append(CPU)
-            elif self._on_disk(key):
-                tiers.append(DISK)
-            else:
-                break
+            tiers.append(tier)
         rest = keys[len(tiers) :]
         if rest and self._remote_probe is not None:
             for found in self._remote_probe(rest):
@@ -160,6 +171,23 @@ class TierManager:
                     break
                 tiers.append(REMOTE)
         return tiers
+
+    def lookup_each(self, keys: Sequence[bytes]) -> list[str | None]:
+        """The tier of every key (None: not cached): each key on its own, the remote store asked
+        once for all the keys no local tier holds."""
+        tiers = [self._local_tier(key) for key in keys]
+        ask = [i for i, t in enumerate(tiers) if t is None]
+        if ask and self._remote_probe is not None:
+            for i, found in zip(ask, self._remote_probe([keys[i] for i in ask])):
+                tiers[i] = REMOTE if found else None
+        return tiers
+
+    def _local_tier(self, key: bytes) -> str | None:
+        if self._cpu.expired(key) or self._disk.expired(key):
+            return None
+        if key in self._slots:
+            return CPU
+        return DISK if self._on_disk(key) else None
 
     def _on_disk(self, key: bytes) -> bool:
         # The file system is the truth (another engine may have written or deleted the unit),
@@ -172,11 +200,11 @@ class TierManager:
             self._deleted.popitem(last=False)
         return key in self._deleted
 
-    def _present(self, key: bytes, ns: str) -> bool:
+    def _present(self, key: bytes, ns: str, nbytes: int) -> bool:
         """Whether a save of `key` would be redundant; syncs the disk index with the files."""
         if self._cpu.expired(key) or self._disk.expired(key):
             if key in self._disk:
-                self._ops.disk_ops.append((key, -1))
+                self._ops.disk_ops.append((key, ()))
             self.forget(key)  # past its tenant's TTL: drop it and save it afresh
             return False
         if key in self._slots:
@@ -186,15 +214,19 @@ class TierManager:
         if self._recently_deleted(key) or self._probe(key) is None:
             self.forget(key)  # deleted by us or another engine, or removed as corrupt
             return False
-        return self._admit_disk(key, ns, 1.0)
+        return self._admit_disk(key, ns, 1.0, self._disk_size(nbytes))
 
     # ---- plans ---------------------------------------------------------------------------
-    def plan_loads(self, keys: Sequence[bytes], tiers: Sequence[str], costs: Sequence[float], ns: str = "") -> list[Load]:
-        """Loads for keys that lookup() placed in `tiers` (one entry per key)."""
+    def plan_loads(self, keys: Sequence[bytes], tiers: Sequence[str], costs: Sequence[float], ns: str = "",
+                   nbytes: Sequence[int] | None = None, promote: bool = True) -> list[Load]:
+        """Loads for keys that lookup() placed in `tiers` (one entry per key). promote: units from
+        disk or remote also get CPU rows (an asynchronous load does not: its rows could be reused
+        before it lands)."""
         loads = []
+        sizes = nbytes if nbytes is not None else [self.unit_bytes] * len(keys)
         # Pin all first: admitting one unit into a full tier must not evict the next one.
         self._pinned.update(keys)
-        for key, tier, cost in zip(keys, tiers, costs, strict=True):
+        for key, tier, cost, size in zip(keys, tiers, costs, sizes, strict=True):
             if key in self._slots:  # also a unit promoted earlier in this same plan
                 self._cpu.touch(key)
                 self.counters.cpu_hits += 1
@@ -207,28 +239,31 @@ class TierManager:
             if tier == DISK:
                 # Not admitted when the tier is full of this step's pinned units: the file is
                 # still read, it just stays out of our accounting.
-                if self._admit_disk(key, ns, cost):
+                if self._admit_disk(key, ns, cost, self._disk_size(size)):
                     self._disk.touch(key)
                 self.counters.disk_hits += 1
             else:
                 self.counters.remote_hits += 1
-            loads.append(Load(key, tier, self._allocate_slot(key, ns, cost)))
+            loads.append(Load(key, tier, self._allocate_slots(key, ns, cost, size) if promote else ()))
         return loads
 
-    def plan_saves(self, keys: Sequence[bytes], costs: Sequence[float], ns: str = "", to_remote: bool = False) -> list[Save]:
+    def plan_saves(self, keys: Sequence[bytes], costs: Sequence[float], ns: str = "", to_remote: bool = False,
+                   nbytes: Sequence[int] | None = None) -> list[Save]:
         saves = []
-        for key, cost in zip(keys, costs, strict=True):
-            if key in self._pinned or self._present(key, ns):
+        sizes = nbytes if nbytes is not None else [self.unit_bytes] * len(keys)
+        for key, cost, size in zip(keys, costs, sizes, strict=True):
+            if key in self._pinned or self._present(key, ns, size):
                 self.counters.save_skips += 1
                 continue
             self._pinned.add(key)
-            slot = self._allocate_slot(key, ns, cost)
-            to_disk = self.disk_enabled and (self.write_through or slot < 0) and self._admit_disk(key, ns, cost)
-            if slot < 0 and not to_disk and not to_remote:
+            slots = self._allocate_slots(key, ns, cost, size)
+            to_disk = self.disk_enabled and (self.write_through or not slots) and \
+                self._admit_disk(key, ns, cost, self._disk_size(size))
+            if not slots and not to_disk and not to_remote:
                 self._pinned.discard(key)
                 continue
             self.counters.saves += 1
-            saves.append(Save(key, slot, to_disk, to_remote))
+            saves.append(Save(key, slots, to_disk, to_remote))
         return saves
 
     def end_step(self) -> StepOps:
@@ -239,41 +274,58 @@ class TierManager:
     def forget(self, key: bytes) -> None:
         """Drop every copy of `key` from the index (the worker found it unreadable)."""
         if self._cpu.remove(key):
-            self._free_slots.append(self._slots.pop(key))
+            self._release_rows(key)
         self._disk.remove(key)
 
-    def restore_disk_index(self, keys: Sequence[bytes]) -> int:
-        """Index units found on disk at start-up, oldest first; returns how many were kept.
-        Past disk_bytes the oldest are deleted (queued for the first step)."""
-        return sum(self._admit_disk(key, "", 1.0) for key in keys)
+    def restore_disk_index(self, keys: Sequence[bytes], sizes: Sequence[int] | None = None) -> int:
+        """Index units found on disk at start-up, oldest first (`sizes`: their bytes on disk,
+        all ranks); returns how many were kept. Past disk_bytes the oldest are deleted (queued
+        for the first step)."""
+        sizes = sizes if sizes is not None else [None] * len(keys)
+        return sum(self._admit_disk(key, "", 1.0, size) for key, size in zip(keys, sizes, strict=True))
 
     # ---- tiers ---------------------------------------------------------------------------
-    def _allocate_slot(self, key: bytes, ns: str, cost: float) -> int:
-        """A CPU slot for `key` (now indexed there), or -1 if the CPU tier cannot take it."""
+    def _rows_for(self, nbytes: int) -> int:
+        return max(1, -(-nbytes // self.unit_bytes))
+
+    def _disk_size(self, nbytes: int) -> int | None:
+        """Bytes a unit of this payload takes on disk (None: a prefix block, the default)."""
+        return None if nbytes == self.unit_bytes else nbytes + self._disk_overhead
+
+    def _allocate_slots(self, key: bytes, ns: str, cost: float, nbytes: int) -> tuple[int, ...]:
+        """CPU rows for `key` (now indexed there), or () if the CPU tier cannot take it."""
         if self.num_slots == 0:
-            return -1
+            return ()
         if key in self._slots:
             return self._slots[key]
-        admitted, evicted = self._cpu.admit(key, ns, cost, self._pinned)
+        n = self._rows_for(nbytes)
+        admitted, evicted = self._cpu.admit(key, ns, cost, self._pinned, n * self.unit_bytes)
         for victim, victim_ns in evicted:
-            slot = self._slots.pop(victim)
-            self._free_slots.append(slot)
+            rows = self._release_rows(victim)
             self.counters.cpu_evictions += 1
-            if self.disk_enabled and victim not in self._disk and self._admit_disk(victim, victim_ns, 1.0):
-                self._ops.disk_ops.append((victim, slot))
+            size = self._disk_size(self._payload.pop(victim, self.unit_bytes))
+            if self.disk_enabled and victim not in self._disk and self._admit_disk(victim, victim_ns, 1.0, size):
+                self._ops.disk_ops.append((victim, rows))
         if not admitted:
-            return -1
-        slot = self._free_slots.pop()
-        self._slots[key] = slot
-        return slot
+            return ()
+        rows = tuple(self._free_slots.pop() for _ in range(n))
+        self._slots[key] = rows
+        if nbytes != self.unit_bytes:
+            self._payload[key] = nbytes
+        return rows
 
-    def _admit_disk(self, key: bytes, ns: str, cost: float) -> bool:
+    def _release_rows(self, key: bytes) -> tuple[int, ...]:
+        rows = self._slots.pop(key)
+        self._free_slots.extend(reversed(rows))
+        return rows
+
+    def _admit_disk(self, key: bytes, ns: str, cost: float, nbytes: int | None = None) -> bool:
         """Account `key` in the disk tier (ours, another engine's or a past run's unit)."""
         if not self.disk_enabled:
             return False
-        admitted, evicted = self._disk.admit(key, ns, cost, self._pinned)
+        admitted, evicted = self._disk.admit(key, ns, cost, self._pinned, nbytes)
         for victim, _ in evicted:
-            self._ops.disk_ops.append((victim, -1))
+            self._ops.disk_ops.append((victim, ()))
             self._deleted[victim] = self._clock()
             self._deleted.move_to_end(victim)
         if admitted:
@@ -287,7 +339,7 @@ class TierManager:
 
     @property
     def cpu_used_slots(self) -> int:
-        return len(self._slots)
+        return sum(len(rows) for rows in self._slots.values())
 
     def used_by(self, ns: str) -> tuple[int, int]:
         """(CPU bytes, disk bytes) held by namespace `ns`."""

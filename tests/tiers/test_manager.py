@@ -29,8 +29,8 @@ class FakeDisk(dict):
     def apply(self, mgr: TierManager, planned=(), ops=None):
         """Do what the worker does with a step's plans, in its order: the disk ops before the
         forward pass (as planned), the saves after it."""
-        for key, slot in ops.disk_ops if ops else ():
-            if slot < 0:
+        for key, rows in ops.disk_ops if ops else ():
+            if not rows:
                 self.pop(key, None)
             else:
                 self._write(key)
@@ -103,7 +103,7 @@ def test_on_evict_mode_demotes_only_when_cpu_evicts():
     assert not saves[0].to_disk and ops.demotes == []
     plan_saves(m, [k(2)])
     ops = m.end_step()
-    assert ops.demotes == [(k(1), 0)]  # k1's slot is written to disk before k2 reuses it
+    assert ops.demotes == [(k(1), (0,))]  # k1's slot is written to disk before k2 reuses it
     disk.apply(m, (), ops)
     assert m.lookup([k(1)]) == [DISK]
 
@@ -261,3 +261,48 @@ def test_disk_accounting_uses_the_size_a_unit_has_on_disk():
     for i in range(5):
         disk.apply(m, plan_saves(m, [k(i)]), m.end_step())
     assert m.disk_used == 2 * (U + 50) <= 3 * U  # a third unit would not fit with its header
+
+
+# ---- chunk units: variable sizes in the same tiers -------------------------------------------
+def test_a_chunk_takes_as_many_rows_as_its_bytes_need_and_shares_the_budget_with_blocks():
+    m = TierManager(unit_bytes=U, cpu_bytes=4 * U, policy="lru")
+    (block,) = plan_saves(m, [k(1)])
+    (chunk,) = m.plan_saves([k(2)], [1.0], nbytes=[2 * U + 1])  # 3 rows
+    assert len(block.slots) == 1 and len(chunk.slots) == 3 and not set(block.slots) & set(chunk.slots)
+    m.end_step()
+    assert m.cpu_used_slots == 4
+    (other,) = m.plan_saves([k(3)], [1.0], nbytes=[2 * U])  # 2 rows: the LRU (the block) and the chunk go
+    assert len(other.slots) == 2 and m.counters.take()["cpu_evictions"] == 2
+    m.end_step()
+    assert m.lookup_each([k(1), k(2), k(3)]) == [None, None, CPU]
+
+
+def test_lookup_each_finds_every_cached_key_not_only_the_leading_run():
+    disk = FakeDisk({k(5): 3 * U})
+    m = TierManager(unit_bytes=U, cpu_bytes=2 * U, disk_bytes=10 * U, disk_probe=disk.probe, policy="lru")
+    plan_saves(m, [k(2)])
+    m.end_step()
+    asked = []
+    m._remote_probe = lambda keys: asked.append(list(keys)) or [key == k(9) for key in keys]
+    assert m.lookup_each([k(1), k(2), k(5), k(9)]) == [None, CPU, DISK, "remote"]
+    assert asked == [[k(1), k(9)]]  # one batch for what no local tier holds
+
+
+def test_an_evicted_chunk_is_demoted_with_all_its_rows_and_its_own_disk_size():
+    disk = FakeDisk()
+    m = TierManager(unit_bytes=U, cpu_bytes=3 * U, disk_unit_bytes=U + 10, disk_bytes=20 * U,
+                    disk_probe=disk.probe, disk_write="on_evict", policy="fifo")
+    (c,) = m.plan_saves([k(1)], [1.0], nbytes=[3 * U])
+    m.end_step()
+    plan_saves(m, [k(2)])
+    ops = m.end_step()
+    assert ops.demotes == [(k(1), c.slots)]
+    assert m.disk_used == 3 * U + 10  # the chunk's payload plus the per-unit overhead
+
+
+def test_a_chunk_larger_than_the_cpu_tier_goes_to_disk_only():
+    disk = FakeDisk()
+    m = TierManager(unit_bytes=U, cpu_bytes=2 * U, disk_bytes=10 * U, disk_probe=disk.probe, policy="lru")
+    plan_saves(m, [k(1)])
+    (c,) = m.plan_saves([k(2)], [1.0], nbytes=[5 * U])
+    assert c.slots == () and c.to_disk and m.lookup([k(1)]) == [CPU]  # nothing evicted for it

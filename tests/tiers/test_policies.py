@@ -2,9 +2,9 @@
 probation queue, GDSF aging, make_policy errors, and a hypothesis property test.
 
 Trace language (one op per token): "a" inserts key a with size 1 and cost 1, "a:2" size 2,
-"a:2:10" size 2 cost 10, "*a" touches a, "-a" deletes a (remove(evicted=False)). The
-simulator does what the tier manager does in insert-first order: after an insert, while the
-tier is over capacity, v = victim(lambda k: True); remove(v, evicted=True).
+"a:2:10" size 2 cost 10, "*a" touches a, "-a" deletes a (remove(evicted=False)). The traces
+run through kvplug.tiers.index.TierIndex, the accounting the tier manager uses, so they check
+the one order of calls the manager makes (insert first, then victims while over capacity).
 """
 
 from __future__ import annotations
@@ -17,48 +17,31 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvplug.tiers.index import TierIndex
 from kvplug.tiers.policies import POLICIES, EvictionPolicy, make_policy
 
 ALL = sorted(POLICIES)
 
 
 class Sim:
-    """A tier of `capacity` bytes driven by one policy; records evicted keys in order."""
+    """A TierIndex of `capacity` bytes under one policy; records evicted keys in order."""
 
-    def __init__(self, name: str, capacity: int, evict_first: bool = False):
-        self.policy = make_policy(name, capacity)
-        self.capacity = capacity
-        self.evict_first = evict_first
-        self.sizes: dict[bytes, int] = {}
+    def __init__(self, name: str, capacity: int):
+        self.index = TierIndex(capacity, 1, name)
+        self.policy = self.index._policy
         self.evicted: list[bytes] = []
 
-    @property
-    def used(self) -> int:
-        return sum(self.sizes.values())
-
-    def insert(self, key: bytes, nbytes: int = 1, cost: float = 1.0) -> None:
-        if self.evict_first:
-            while self.used + nbytes > self.capacity:
-                self._evict_one()
-        self.policy.insert(key, nbytes, cost)
-        self.sizes[key] = nbytes
-        while self.used > self.capacity:
-            self._evict_one()
-
-    def _evict_one(self) -> None:
-        v = self.policy.victim(lambda k: True)
-        assert v is not None, "nothing pinned, so a victim must exist"
-        self.policy.remove(v, evicted=True)
-        del self.sizes[v]
-        self.evicted.append(v)
+    def insert(self, key: bytes, nbytes: int = 1, cost: float = 1.0) -> bool:
+        admitted, evicted = self.index.admit(key, "", cost, (), nbytes)
+        self.evicted += [k for k, _ in evicted]
+        return admitted
 
     def run(self, trace: str) -> str:
         for tok in trace.split():
             if tok[0] == "*":
-                self.policy.touch(tok[1:].encode())
+                self.index.touch(tok[1:].encode())
             elif tok[0] == "-":
-                self.policy.remove(tok[1:].encode(), evicted=False)
-                del self.sizes[tok[1:].encode()]
+                self.index.remove(tok[1:].encode())
             else:
                 key, *rest = tok.split(":")
                 nbytes = int(rest[0]) if rest else 1
@@ -154,22 +137,16 @@ def test_incoming_entry_is_the_last_resort(name):
     assert p.victim(lambda k: True) == b"a"
 
 
-@pytest.mark.parametrize("name", ["fifo", "lru", "lfu", "cost_aware"])
-@settings(max_examples=100, deadline=None)
-@given(ops=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 9)), max_size=40))
-def test_evict_first_order_gives_the_same_evictions(name, ops):
-    # The tier manager may make room before inserting (as kvplug.tiers.manager does); with unit
-    # sizes these policies must evict the same keys in the same order either way. A key that
-    # is resident in both is touched, otherwise inserted with the given cost.
-    sims = [Sim(name, 3, evict_first=True), Sim(name, 3)]
-    for ki, cost in ops:
-        key = bytes([ki])
-        for sim in sims:
-            if key in sim.sizes:
-                sim.policy.touch(key)
-            else:
-                sim.insert(key, 1, float(cost))
-        assert sims[0].evicted == sims[1].evicted
+@pytest.mark.parametrize("name", ALL)
+def test_index_admits_nothing_that_cannot_fit_and_evicts_nothing_for_it(name):
+    # Through TierIndex: a unit larger than the tier, or one that only fits by evicting pinned
+    # units, is refused; in the first case nothing is evicted, in the second only what can go.
+    sim = Sim(name, 3)
+    assert sim.insert(b"a") and sim.insert(b"b")
+    assert not sim.insert(b"big", 4) and sim.evicted == [] and b"big" not in sim.index
+    admitted, evicted = sim.index.admit(b"c", "", 1.0, {b"a", b"b"}, 2)
+    assert not admitted and evicted == [] and b"c" not in sim.index and sim.index.used == 2
+    assert sim.insert(b"c", 2) and sim.index.used <= 3
 
 
 # --- ghost lists ------------------------------------------------------------------------------
