@@ -9,6 +9,7 @@ modules; tests may implement it over a toy model.
         runs decoder layer i; its attention is `attend(q [T, H*D], k [T, KV*D], v [T, KV*D])
         -> [T, H*D]`, with q and k already rotated at `positions`
     write_kv(i, k [T, KV, D], v [T, KV, D], slots [T] int64)    into the engine's paged cache
+    read_kv(i, slots [T] int64) -> (k [T, KV, D], v [T, KV, D])  back out of it
     paged_plan: None, or (q_pos [T] ascending, block_table [blocks]) -> plan; with it
     paged_attention(i, q [T, H*D], plan) -> [T, H*D]: causal attention against what the engine's
         paged cache of layer i holds (its own kernel, faster than torch SDPA on CPU)
@@ -40,6 +41,8 @@ class ModelAdapter(Protocol):
                       attend: Attend) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def write_kv(self, i: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None: ...
+
+    def read_kv(self, i: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     paged_plan: Callable[[torch.Tensor, torch.Tensor], object] | None
 

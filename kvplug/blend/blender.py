@@ -1,39 +1,41 @@
 """Blending: the KV of a prompt span built from cached chunks, recomputing only what matters.
 
-    Blender(adapter, store, check_layer)
+    Blender(adapter, store, check_layer, head_tokens)
     Blender.run(job) -> BlendReport          fill the engine's cache for positions [job.start, job.end)
     Blender.compute_chunk(tokens) -> kv      a chunk's own KV [L, 2, n, KV, D] at positions 0..n-1
+    Blender.chunk_payload(slots, begin) -> uint8   a chunk's KV read back from the engine's cache, keys
+                                             rotated to the chunk's own positions 0..n-1 (what is stored)
+    Blender.chunk_kv(payload) -> kv          the stored bytes viewed as [L, 2, n, KV, D]
 
-How `run` works (CacheBlend, with Cache-Craft's per-chunk budget as the adaptive policy):
-1. Every chunk overlapping [0, end) is fetched from the store. A missed chunk's tokens are
-   recomputed in every layer; when the run ends, their KV, keys rotated back to the chunk's own
-   positions 0..n-1, is stored for next time. (CacheBlend prefills each chunk alone first; the
-   KV of the chunk's first context costs no extra pass, and selective recompute corrects it the
-   same way when the chunk comes back elsewhere.) A missed chunk that starts before the span
-   (the engine already holds its start) is prefilled alone (compute_chunk) instead.
+How `run` works (CacheBlend's frame; which tokens are recomputed is the policy's, selection.py):
+1. Every cached chunk overlapping [0, end) comes from job.chunk_kv (the worker loaded them) or
+   the store; chunks too short to cache (key None) are recomputed in every layer. A chunk with a
+   key that is not there is an error: the scheduler claims only chunks some tier holds, and vLLM
+   computes everything after the first that misses.
 2. Cached keys are re-rotated from their positions inside the chunk to their positions in the
    prompt, so the concatenation is a complete, approximate KV for [0, end).
-3. With ratio > 0, layers 0..check run on every span token against that KV (fresh KV replaces
-   cached KV as it is computed), and the per-token deviation between fresh and cached K and V
-   at the check layer picks the tokens to keep recomputing (kvplug/blend/selection.py).
-4. Later layers run on the picked tokens only; their fresh KV replaces the cached KV at their
-   positions, everyone else keeps the cached KV. With ratio 0 and every chunk cached nothing
-   runs: the cache gets the re-rotated concatenation. With ratio 1 every span token is
-   recomputed in every layer: a full prefill of the span.
-Positions [0, start) are already in the engine's cache (its prefix cache); they are attended
-to with their cached-chunk KV here, and never written.
+3. The policy picks the tokens to recompute, within round(ratio x cached tokens): from the
+   question's attention over that KV (a pass of the question alone, ProphetKV), and/or from the
+   deviation of fresh vs cached KV at the check layer after layers 0..check ran on every span
+   token (CacheBlend), plus the chunk heads it always takes (EPIC).
+4. The picked tokens run through the layers (all of them, or those after the check layer); their
+   fresh KV replaces the cached KV at their positions, everyone else keeps the cached KV. With
+   ratio 0 nothing runs: the cache gets the re-rotated concatenation. With ratio 1 every span
+   token is recomputed in every layer: a full prefill of the span.
+Positions [0, start) are already in the engine's cache (its prefix cache, or kvplug's prefix
+tiers): they are read back from it, attended to as they are, and never written.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from kvplug.blend.adapter import ModelAdapter
-from kvplug.blend.selection import adaptive_budget, fixed_budget, pick_tokens
-from kvplug.config import RECOMPUTE_POLICIES
-from kvplug.ops.deviation_topk import deviation_topk
+from kvplug.blend.selection import (POLICIES, adaptive_budget, chunk_heads, combine, deviation, global_budget,
+                                   per_chunk_budget, pick_tokens)
 from kvplug.ops.rope import rerotate_keys
 
 _QUERY_BLOCK = 256  # queries per attention call: bounds the [H, q, k] score matrix
@@ -53,31 +55,45 @@ class BlendJob:
     # engine's attention kernel reads its own cache, which then holds [0, start) and each layer's
     # blended KV before that layer's attention runs.
     block_table: torch.Tensor | None = None
-    tail: list[int] = field(default_factory=list)  # the question after the span (adaptive: relevance)
+    tail: list[int] = field(default_factory=list)  # the question after the span (relevance)
+    chunk_kv: Mapping[bytes, torch.Tensor] | None = None  # cached chunks' KV; None: from the blender's store
+    prefix_slots: torch.Tensor | None = None  # int64 [start]: where the engine holds [0, start); None: slots 0..
 
 
 @dataclass
 class BlendReport:
     tokens: int = 0  # positions written
-    recomputed: int = 0  # of which recomputed in the layers after the check layer
+    recomputed: int = 0  # of which recomputed in the layers after the selection
     chunk_hits: int = 0
-    chunk_misses: int = 0
+    picked: list[int] = field(default_factory=list)  # those positions, as offsets into the span
 
 
 class Blender:
-    def __init__(self, adapter: ModelAdapter, store, check_layer: int = 1):
+    def __init__(self, adapter: ModelAdapter, store, check_layer: int = 1, head_tokens: int = 0):
         self.m, self.store = adapter, store
         self.check_layer = min(max(check_layer, 0), adapter.num_layers - 1)
+        self.head_tokens = head_tokens
 
     # ---- one request ---------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, job: BlendJob) -> BlendReport:
         _check_job(job)
+        spec = POLICIES[job.policy]
         report = BlendReport(tokens=job.end - job.start)
-        kv, chunk_of, begins, fill = self._gather(job, report)
+        kv, chunk_of, begins = self._gather(job, report)
         n = job.end - job.start
-        score = job.ratio > 0 and bool((chunk_of >= 0).any())
-        active = torch.arange(n) if score else torch.nonzero(chunk_of < 0).flatten()
+        budgeted = job.ratio > 0 and bool((chunk_of >= 0).any())
+        # With relevance from the question over the cached KV, the pick needs no pass over the
+        # span: only the picked tokens ever run. Deviation needs layers 0..check on every token.
+        select_at = self.check_layer if budgeted and spec.runs_check_pass else None
+        prophet = self._prophet(job, kv) if budgeted and spec.uses_relevance and spec.relevance == "prophet" \
+            and job.tail else None
+        if select_at is not None:
+            active = torch.arange(n)
+        elif budgeted:
+            active = self._select(job, spec, None, {}, chunk_of, begins, None, prophet)
+        else:
+            active = torch.nonzero(chunk_of < 0).flatten()
         if active.numel() == 0:
             for i in range(self.m.num_layers):
                 self._write(i, kv[i], job)
@@ -88,14 +104,15 @@ class Blender:
         paged = job.block_table is not None and getattr(self.m, "paged_plan", None) is not None
         hidden, residual = self.m.embed(ids[active.to(dev)]), None
         q_pos = None
-        # Adaptive: the question runs beside the span up to the check layer (never written) so
-        # its attention can say which chunks it reads.
-        question = self._Question(self, job) if score and job.policy == "adaptive" and job.tail else None
+        # The question runs beside the span up to the check layer (never written) when its
+        # attention there says which chunks or tokens it reads.
+        question = self._Question(self, job) if select_at is not None and spec.uses_relevance and \
+            spec.relevance == "check" and job.tail else None
         for i in range(self.m.num_layers):
             if q_pos is None:  # the first layer, and after the selection
                 q_pos = positions[active.to(dev)]
                 plan = self.m.paged_plan(q_pos, job.block_table) if paged else None
-            check = score and i == self.check_layer
+            check = i == select_at
             seen: dict[str, torch.Tensor] = {}
             attend = self._mixed_attend(i, kv[i], job, active, seen, check, plan)
             hidden, residual = self.m.forward_layer(i, q_pos, hidden, residual, attend)
@@ -104,7 +121,7 @@ class Blender:
             if question is not None and i <= self.check_layer:
                 question.step(i, kv[i])
             if check:
-                picked = self._select(job, kv[i], seen, chunk_of, begins, question)
+                picked = self._select(job, spec, kv[i], seen, chunk_of, begins, question, prophet)
                 hidden, residual = hidden[picked.to(dev)], residual[picked.to(dev)]
                 active, q_pos = picked, None
                 if active.numel() == 0:  # nothing picked: the other layers keep the cached KV
@@ -112,21 +129,12 @@ class Blender:
                         self._write(j, kv[j], job)
                     break
         report.recomputed = int(active.numel())
-        self._store_recomputed(kv, fill)
+        report.picked = active.tolist()
         return report
 
     def _write(self, i: int, kv_layer: torch.Tensor, job: BlendJob) -> None:
         """Layer i's KV of the span into the engine's cache."""
         self.m.write_kv(i, kv_layer[0, job.start:], kv_layer[1, job.start:], job.slots)
-
-    def _store_recomputed(self, kv: torch.Tensor, fill: list[tuple[int, int, bytes]]) -> None:
-        """Store missed chunks from the KV just computed for them, keys back at 0..n-1."""
-        inv_freq, style = self.m.rope
-        for begin, stop, key in fill:
-            chunk = kv[:, :, begin:stop].clone()
-            pos = torch.arange(begin, stop, device=kv.device)
-            rerotate_keys(chunk[:, 0], pos, pos - begin, inv_freq.to(kv.device), style, out=chunk[:, 0])
-            self.store.put(key, chunk)
 
     def _mixed_attend(self, i: int, kv_layer: torch.Tensor, job: BlendJob, active: torch.Tensor, seen: dict,
                       keep_cached: bool, plan):
@@ -150,7 +158,7 @@ class Blender:
 
     class _Question:
         """The question tokens through layers 0..check, attending to the span's KV as it is
-        computed; at the check layer, the share of their attention on each cached chunk."""
+        computed; at the check layer, the share of their attention on each cached token."""
 
         def __init__(self, blender: "Blender", job: BlendJob):
             m = blender.m
@@ -169,22 +177,62 @@ class Blender:
                 return self.b._attention(self.q, self.k, torch.cat([kv_layer[1], v]), self.pos)
             self.hidden, self.residual = m.forward_layer(i, self.pos, self.hidden, self.residual, attend)
 
-        def shares(self, chunk_of: torch.Tensor, n_chunks: int) -> list[float]:
+        def token_relevance(self) -> torch.Tensor:
+            """fp32 [span]: the question's mean attention on each span token at the check layer."""
             p = self.b._attention_weights(self.q, self.k, self.pos).mean(dim=(0, 1))  # [keys]
-            span = p[self.job.start:self.job.end].cpu()
-            return [float(span[chunk_of == c].sum()) for c in range(n_chunks)]
+            return p[self.job.start:self.job.end].cpu()
 
-    def _select(self, job: BlendJob, kv_layer: torch.Tensor, seen: dict, chunk_of: torch.Tensor,
-                begins: list[int], question: "_Question | None" = None) -> torch.Tensor:
-        scores, _ = deviation_topk(seen["k"], seen["k_cached"], 0, seen["v"], seen["v_cached"])
-        scores = scores.cpu()
-        if job.policy == "adaptive":
-            sizes = [int((chunk_of == c).sum()) for c in range(len(begins))]
+    @torch.inference_mode()
+    def _prophet(self, job: BlendJob, kv: torch.Tensor) -> torch.Tensor:
+        """fp32 [span]: the question's attention on each span token, run through every layer
+        over the cached KV before anything is recomputed (ProphetKV's first stage), averaged over
+        layers, heads and question tokens. Costs the question's length, not the span's."""
+        m = self.m
+        pos = torch.arange(job.end, job.end + len(job.tail), device=m.device)
+        hidden = m.embed(torch.tensor(job.tail, dtype=torch.long, device=m.device))
+        residual = None
+        total = torch.zeros(job.end, dtype=torch.float32, device=m.device)
+        for i in range(m.num_layers):
+            def attend(q, k, v, layer=kv[i]):
+                q = q.view(-1, m.num_heads, m.head_dim)
+                keys = torch.cat([layer[0], k.view(-1, m.num_kv_heads, m.head_dim)])
+                values = torch.cat([layer[1], v.view(-1, m.num_kv_heads, m.head_dim)])
+                p = self._attention_weights(q, keys, pos)  # [H, T, K]
+                total.add_(p[..., :job.end].mean(dim=(0, 1)))
+                vv = values.float().repeat_interleave(m.num_heads // m.num_kv_heads, dim=1)
+                return torch.einsum("htk,khd->thd", p, vv).to(q.dtype).reshape(q.shape[0], -1)
+            hidden, residual = m.forward_layer(i, pos, hidden, residual, attend)
+        return (total / m.num_layers)[job.start:job.end].cpu()
+
+    def _select(self, job: BlendJob, spec, kv_layer: torch.Tensor | None, seen: dict, chunk_of: torch.Tensor,
+                begins: list[int], question: "_Question | None", prophet: torch.Tensor | None) -> torch.Tensor:
+        """The span tokens to recompute from here on (sorted), by the policy's parts."""
+        if job.ratio >= 1.0:  # every policy: ratio 1 is a full prefill of the span
+            return torch.arange(chunk_of.numel())
+        n_chunks = len(begins)
+        dev = deviation(seen["k"], seen["k_cached"], seen["v"], seen["v_cached"], spec.deviation).cpu() \
+            if spec.uses_deviation and seen else None
+        rel = prophet if prophet is not None else question.token_relevance() if question is not None else None
+        if spec.score == "deviation" or (spec.score == "mix" and rel is None):
+            scores = dev
+        elif spec.score == "relevance" or dev is None:
+            scores = rel if rel is not None else torch.zeros(chunk_of.numel())
+        else:
+            scores = combine(rel, dev, spec.mix_weight)
+        always, offsets = None, None
+        if spec.heads and self.head_tokens > 0:
+            offsets, first = _chunk_offsets(job, chunk_of, begins)
+            always = chunk_heads(offsets, first, self.head_tokens)
+        if spec.budget == "adaptive":
+            sizes = [int((chunk_of == c).sum()) for c in range(n_chunks)]
             mass = self._outside_mass(job, seen["q"], kv_layer[0], chunk_of, begins)
-            relevance = question.shares(chunk_of, len(begins)) if question is not None else [1.0] * len(begins)
-            return pick_tokens(scores, chunk_of, adaptive_budget(sizes, mass, relevance, job.ratio))
-        pooled, budget = fixed_budget(chunk_of, job.ratio)
-        return pick_tokens(scores, pooled, budget)
+            relevance = [float(rel[chunk_of == c].sum()) for c in range(n_chunks)] if rel is not None \
+                else [1.0] * n_chunks
+            return pick_tokens(scores, chunk_of, adaptive_budget(sizes, mass, relevance, job.ratio), always, offsets)
+        if spec.budget == "per_chunk":
+            return pick_tokens(scores, chunk_of, per_chunk_budget(chunk_of, n_chunks, job.ratio), always, offsets)
+        pooled, budget = global_budget(chunk_of, job.ratio)
+        return pick_tokens(scores, pooled, budget, always, offsets)
 
     def _outside_mass(self, job: BlendJob, q: torch.Tensor, keys: torch.Tensor, chunk_of: torch.Tensor,
                       begins: list[int]) -> list[float]:
@@ -210,44 +258,72 @@ class Blender:
         return s.masked_fill(future, float("-inf")).softmax(-1)
 
     # ---- chunks --------------------------------------------------------------------------
-    def _gather(self, job: BlendJob, report: BlendReport) -> tuple[torch.Tensor, torch.Tensor, list[int], list]:
-        """KV for [0, end) from the chunks, keys rotated to their prompt positions; per span
-        token its cached chunk's index (numbered in order), or -1 when it must be recomputed;
-        where each numbered chunk begins in the prompt; and the missed chunks to store once the
-        run has computed them."""
+    def _gather(self, job: BlendJob, report: BlendReport) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """KV for [0, end): [0, start) as the engine holds it, then the chunks, keys rotated to
+        their prompt positions; per span token its cached chunk's index (numbered in order), or
+        -1 when it must be recomputed; and where each numbered chunk begins in the prompt."""
         m = self.m
-        pieces, old_pos, new_pos, fill, begins = [], [], [], [], []
+        pieces, old_pos, new_pos, begins = [], [], [], []
         chunk_of = torch.full((job.end - job.start,), -1, dtype=torch.long)
+        source = job.chunk_kv if job.chunk_kv is not None else self.store
         for begin, stop, key in job.chunks:
-            if begin >= job.end:
-                break
-            kv = self.store.get(key) if key is not None else None
-            hit = kv is not None and kv.shape[2] == stop - begin
-            if key is not None:
-                report.chunk_hits += hit
-                report.chunk_misses += not hit
-            used = min(stop, job.end) - begin
-            if not hit and begin >= job.start:  # recomputed in the run: a placeholder until then
-                kv = torch.zeros((m.num_layers, 2, used, m.num_kv_heads, m.head_dim), dtype=m.dtype, device=m.device)
-                if key is not None and stop <= job.end:
-                    fill.append((begin, stop, key))
-            elif not hit:
-                kv = self.compute_chunk(job.tokens[begin:stop])
-                if key is not None:
-                    self.store.put(key, kv)
-            pieces.append(kv[:, :, :used].to(m.device))
-            old_pos.append(torch.arange(used))
-            new_pos.append(torch.arange(begin, begin + used))
-            lo, hi = max(begin, job.start) - job.start, min(stop, job.end) - job.start
-            if hit and hi > lo:
-                chunk_of[lo:hi] = len(begins)
+            if begin >= job.end or stop <= job.start:
+                continue
+            lo, hi = max(begin, job.start), min(stop, job.end)  # the part of the chunk in the span
+            kv = source.get(key) if key is not None else None
+            if key is not None and (kv is None or kv.shape[2] != stop - begin):
+                raise ValueError(f"chunk [{begin}, {stop}) is not cached (or has {None if kv is None else kv.shape[2]} "
+                                 f"tokens): only cached chunks are blended")
+            if key is None:  # recomputed in the run: a placeholder until then
+                kv = torch.zeros((m.num_layers, 2, stop - begin, m.num_kv_heads, m.head_dim), dtype=m.dtype,
+                                 device=m.device)
+            else:
+                report.chunk_hits += 1
+                chunk_of[lo - job.start:hi - job.start] = len(begins)
                 begins.append(begin)
-        kv = torch.cat(pieces, dim=2)
+            pieces.append(kv[:, :, lo - begin:hi - begin].to(m.device))
+            old_pos.append(torch.arange(lo - begin, hi - begin))
+            new_pos.append(torch.arange(lo, hi))
+        span = torch.cat(pieces, dim=2)
         inv_freq, style = self.m.rope
-        dev = kv.device
-        rerotate_keys(kv[:, 0], torch.cat(old_pos).to(dev), torch.cat(new_pos).to(dev), inv_freq.to(dev), style,
-                      out=kv[:, 0])
-        return kv, chunk_of, begins, fill
+        dev = span.device
+        rerotate_keys(span[:, 0], torch.cat(old_pos).to(dev), torch.cat(new_pos).to(dev), inv_freq.to(dev), style,
+                      out=span[:, 0])
+        if job.start == 0:
+            return span, chunk_of, begins
+        return torch.cat([self._engine_prefix(job), span], dim=2), chunk_of, begins
+
+    def _engine_prefix(self, job: BlendJob) -> torch.Tensor:
+        """[L, 2, start, KV, D]: what the engine's cache holds for [0, start), which the new
+        tokens attend to (its own prefix cache or kvplug's prefix tiers put it there)."""
+        m = self.m
+        slots = job.prefix_slots if job.prefix_slots is not None else torch.arange(job.start)
+        out = torch.empty((m.num_layers, 2, job.start, m.num_kv_heads, m.head_dim), dtype=m.dtype, device=m.device)
+        for i in range(m.num_layers):
+            out[i, 0], out[i, 1] = m.read_kv(i, slots)
+        return out
+
+    # ---- stored form of a chunk ----------------------------------------------------------
+    @torch.inference_mode()
+    def chunk_payload(self, slots: torch.Tensor, begin: int) -> torch.Tensor:
+        """The KV at `slots` (a chunk computed by the engine at positions begin..), keys rotated
+        to 0..n-1, as contiguous uint8 bytes of [L, 2, n, KV, D] in the model dtype."""
+        m, n = self.m, slots.numel()
+        out = torch.empty((m.num_layers, 2, n, m.num_kv_heads, m.head_dim), dtype=m.dtype, device=m.device)
+        for i in range(m.num_layers):
+            out[i, 0], out[i, 1] = m.read_kv(i, slots)
+        inv_freq, style = m.rope
+        pos = torch.arange(begin, begin + n, device=out.device)
+        rerotate_keys(out[:, 0], pos, pos - begin, inv_freq.to(out.device), style, out=out[:, 0])
+        return out.cpu().reshape(-1).view(torch.uint8)
+
+    def chunk_kv(self, payload: torch.Tensor) -> torch.Tensor:
+        """Stored chunk bytes viewed as [L, 2, n, KV, D] (ValueError when they do not divide)."""
+        m = self.m
+        per_token = 2 * m.num_layers * m.num_kv_heads * m.head_dim * m.dtype.itemsize
+        if payload.numel() == 0 or payload.numel() % per_token:
+            raise ValueError(f"{payload.numel()} bytes are not a whole number of {per_token}-byte tokens")
+        return payload.view(m.dtype).view(m.num_layers, 2, -1, m.num_kv_heads, m.head_dim)
 
     @torch.inference_mode()
     def compute_chunk(self, tokens: list[int]) -> torch.Tensor:
@@ -290,8 +366,8 @@ def _check_job(job: BlendJob) -> None:
         raise ValueError(f"blend span [{job.start}, {job.end}) outside a prompt of {len(job.tokens)} tokens")
     if job.slots.numel() != job.end - job.start:
         raise ValueError(f"{job.slots.numel()} slots for a span of {job.end - job.start} tokens")
-    if job.policy not in RECOMPUTE_POLICIES:
-        raise ValueError(f"recompute_policy={job.policy!r}: allowed values are {', '.join(RECOMPUTE_POLICIES)}")
+    if job.policy not in POLICIES:
+        raise ValueError(f"recompute_policy={job.policy!r}: allowed values are {', '.join(POLICIES)}")
     if not 0.0 <= job.ratio <= 1.0:
         raise ValueError(f"recompute_ratio={job.ratio!r}: must be in [0, 1]")
     covered = 0
@@ -301,3 +377,11 @@ def _check_job(job: BlendJob) -> None:
         covered = stop
     if covered < job.end:
         raise ValueError(f"chunks end at {covered}, before the span end {job.end}")
+
+
+def _chunk_offsets(job: BlendJob, chunk_of: torch.Tensor, begins: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per span token of a cached chunk: its offset inside the chunk, and whether the chunk is the
+    prompt's first (begins at 0). Tokens of no cached chunk get offset 0 and False (unused)."""
+    starts = torch.tensor(begins + [0], dtype=torch.long)[chunk_of]  # index -1 -> the 0 sentinel
+    offsets = torch.arange(job.start, job.end) - starts
+    return offsets, (starts == 0) & (chunk_of >= 0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvplug.blend.blender import BlendJob, Blender
-from kvplug.blend.selection import adaptive_budget, fixed_budget, pick_tokens
+from kvplug.blend.selection import POLICIES, adaptive_budget, chunk_heads, global_budget, pick_tokens
 from kvplug.ops.rope import rerotate_keys_ref, rope_inv_freq
 
 L, H, KV, D, HID, VOCAB = 3, 4, 2, 8, 32, 50
@@ -28,7 +28,7 @@ class Toy:
         self.w = [dict(q=r(HID, H * D), k=r(HID, KV * D), v=r(HID, KV * D), o=r(H * D, HID)) for _ in range(L)]
         self.scale = D ** -0.5
         self.inv_freq = rope_inv_freq(D, 100.0)
-        self.written = {}
+        self.written, self.cache = {}, {}
 
     @property
     def rope(self):
@@ -52,6 +52,13 @@ class Toy:
 
     def write_kv(self, i, k, v, slots):
         self.written[i] = (slots.clone(), k.clone(), v.clone())
+        cache = self.cache.setdefault(i, {})
+        for s_, kk, vv in zip(slots.tolist(), k.clone(), v.clone()):
+            cache[s_] = (kk, vv)
+
+    def read_kv(self, i, slots):
+        rows = [self.cache[i][s_] for s_ in slots.tolist()]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
     def written_kv(self):  # [L, 2, T, KV, D] in slot order
         return torch.stack([torch.stack([self.written[i][1], self.written[i][2]]) for i in range(L)])
@@ -105,11 +112,12 @@ def concat_reference(toy, tokens, chunks, end):
 
 def warm(blender, tokens, chunks):
     for b, e, key in chunks:
-        blender.store.put(key, blender.compute_chunk(tokens[b:e]))
+        if key is not None:
+            blender.store.put(key, blender.compute_chunk(tokens[b:e]))
 
 
 def job(tokens, chunks, end, ratio, start=0, policy="fixed"):
-    return BlendJob(tokens, start, end, chunks, torch.arange(start, end), ratio, policy)
+    return BlendJob(tokens, start, end, chunks, torch.arange(start, end), ratio, policy, tail=tokens[end:end + 4])
 
 
 def test_compute_chunk_is_the_reference_prefill():
@@ -119,28 +127,30 @@ def test_compute_chunk_is_the_reference_prefill():
     torch.testing.assert_close(got, toy.reference_kv(tokens[:40]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("policy", list(POLICIES))
 @pytest.mark.parametrize("start", [0, 7, 12])
-def test_ratio_one_is_a_full_prefill(start):
-    """start 7 = chunk 0 held by the engine; 12: part of chunk 1 too (the engine's prefix cache)."""
+def test_ratio_one_is_a_full_prefill(start, policy):
+    """start 7 = chunk 0 held by the engine; 12: part of chunk 1 too (the engine's prefix cache).
+    What the engine holds for [0, start) is read back from it and attended to as it is."""
     toy = Toy()
     tokens, chunks, end = prompt()
-    blender = Blender(toy, DictStore())
+    blender = Blender(toy, DictStore(), head_tokens=3)
     warm(blender, tokens, chunks)
-    report = blender.run(job(tokens, chunks, end, 1.0, start))
-    assert report.recomputed == end - start and report.chunk_hits == 4
-    want = toy.reference_kv(tokens[:end])[:, :, start:]
-    if start <= 7:  # chunk 0 sits at position 0: its cached KV is exact
-        torch.testing.assert_close(toy.written_kv(), want, rtol=1e-4, atol=1e-4)
-    else:  # [7, 12) is attended to with its cached (approximate) KV: close, not equal
-        assert (toy.written_kv() - want).abs().max() > 1e-3
+    want = toy.reference_kv(tokens[:end])
+    for i in range(L):  # the engine's own prefill of [0, start)
+        toy.write_kv(i, want[i, 0, :start], want[i, 1, :start], torch.arange(start))
+    report = blender.run(job(tokens, chunks, end, 1.0, start, policy))
+    assert report.recomputed == end - start and report.chunk_hits == (4 if start < 7 else 3)
+    torch.testing.assert_close(toy.written_kv(), want[:, :, start:], rtol=1e-4, atol=1e-4)
 
 
-def test_ratio_zero_is_the_rerotated_concatenation():
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_ratio_zero_is_the_rerotated_concatenation(policy):
     toy = Toy()
     tokens, chunks, end = prompt()
-    blender = Blender(toy, DictStore())
+    blender = Blender(toy, DictStore(), head_tokens=3)
     warm(blender, tokens, chunks)
-    assert blender.run(job(tokens, chunks, end, 0.0)).recomputed == 0
+    assert blender.run(job(tokens, chunks, end, 0.0, policy=policy)).recomputed == 0
     torch.testing.assert_close(toy.written_kv(), concat_reference(toy, tokens, chunks, end), rtol=1e-4, atol=1e-4)
     assert (toy.written_kv() - toy.reference_kv(tokens[:end])).abs().max() > 1e-2  # an approximation
 
@@ -159,7 +169,7 @@ def test_partial_ratio_recomputes_only_the_picked_tokens():
         assert 0 < changed <= report.recomputed
 
 
-@pytest.mark.parametrize("policy", ["fixed", "adaptive"])
+@pytest.mark.parametrize("policy", [p for p in POLICIES if POLICIES[p].runs_check_pass])
 def test_a_budget_of_nothing_keeps_the_cached_kv_after_the_check_layer(policy):
     """ratio > 0 but too small to pick a token (or an adaptive budget of 0): the check layer's
     full pass is written, every later layer gets the cached KV, nothing crashes."""
@@ -174,43 +184,43 @@ def test_a_budget_of_nothing_keeps_the_cached_kv_after_the_check_layer(policy):
     torch.testing.assert_close(written[0], toy.reference_kv(tokens[:end])[0], rtol=1e-4, atol=1e-4)
 
 
-def test_missed_chunks_are_computed_stored_and_recomputed():
+def test_a_chunk_with_a_key_that_is_not_cached_is_an_error_not_a_guess():
+    """The scheduler claims only cached chunks; a missing one must fail the blend (vLLM then
+    recomputes), never be computed or skipped here."""
     toy = Toy()
     tokens, chunks, end = prompt()
-    store = DictStore()
-    blender = Blender(toy, store)
+    blender = Blender(toy, DictStore())
     warm(blender, tokens, chunks[:2])
-    store.puts = 0
-    report = blender.run(job(tokens, chunks, end, 0.0))
-    assert (report.chunk_hits, report.chunk_misses, store.puts) == (2, 2, 2)
-    assert report.recomputed == sum(e - b for b, e, _ in chunks[2:])  # every token of a missed chunk
-    again = blender.run(job(tokens, chunks, end, 0.0))
-    assert (again.chunk_hits, again.recomputed) == (4, 0)
+    with pytest.raises(ValueError, match="not cached"):
+        blender.run(job(tokens, chunks, end, 0.0))
 
 
-def test_missed_chunks_are_stored_from_their_first_context():
-    """No separate pass: a missed chunk is stored as the KV the run computed for it in context,
-    keys rotated back to the chunk's own positions."""
+def test_chunk_payload_is_the_engines_kv_with_keys_back_at_zero():
+    """What the worker stores for a chunk vLLM computed: its KV in that context, read back from
+    the cache, keys rotated to the chunk's own positions 0..n-1, as the model dtype's bytes."""
     toy = Toy()
     tokens, chunks, end = prompt()
-    store = DictStore()
-    Blender(toy, store).run(job(tokens, chunks, end, 0.5))
+    blender = Blender(toy, DictStore())
+    warm(blender, tokens, chunks)
+    blender.run(job(tokens, chunks, end, 1.0))  # the cache now holds the full prefill
     full = toy.reference_kv(tokens[:end])
-    for b, e, key in chunks:
+    for b, e, _ in chunks:
         want = full[:, :, b:e].clone()
         want[:, 0] = rerotate_keys_ref(want[:, 0], torch.arange(b, e), torch.arange(e - b), toy.inv_freq, "neox")
-        torch.testing.assert_close(store.d[key], want, rtol=1e-4, atol=1e-4)
+        got = blender.chunk_kv(blender.chunk_payload(torch.arange(b, e), b))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="whole number"):
+        blender.chunk_kv(torch.zeros(7, dtype=torch.uint8))
 
 
 def test_uncacheable_chunks_are_always_recomputed():
     toy = Toy()
     tokens, chunks, end = prompt()
     chunks[0] = (chunks[0][0], chunks[0][1], None)
-    store = DictStore()
-    blender = Blender(toy, store)
+    blender = Blender(toy, DictStore())
+    warm(blender, tokens, chunks[1:])
     report = blender.run(job(tokens, chunks, end, 0.0))
-    assert store.puts == 3 and report.chunk_misses == 3
-    assert blender.run(job(tokens, chunks, end, 0.0)).recomputed == chunks[0][1]
+    assert report.recomputed == chunks[0][1] and report.chunk_hits == 3
 
 
 @pytest.mark.parametrize("tail", [[], [3, 9, 27, 4]])
@@ -238,7 +248,7 @@ def test_bad_jobs_are_rejected(bad):
 
 def test_budgets_by_hand():
     chunk_of = torch.tensor([-1, 0, 0, 0, 1, 1, -1, 1, 1])
-    pooled, budget = fixed_budget(chunk_of, 0.5)
+    pooled, budget = global_budget(chunk_of, 0.5)
     assert budget == [round(0.5 * 7)] and pooled.tolist() == [-1, 0, 0, 0, 0, 0, -1, 0, 0]
     # budget 0.5 x 60 = 30, split by share x relevance: weights 0, 0.2, 0.4 -> 0, 10, 20
     assert adaptive_budget([10, 20, 30], [0.0, 0.2, 0.4], [1, 1, 1], 0.5) == [0, 10, 20]
@@ -247,3 +257,56 @@ def test_budgets_by_hand():
     assert adaptive_budget([10, 20], [0.0, 0.0], [1, 1], 0.5) == [0, 0]
     scores = torch.tensor([9.0, 1, 5, 3, 2, 8, 0, 7, 4])
     assert pick_tokens(scores, chunk_of, [1, 2]).tolist() == [0, 2, 5, 6, 7]
+
+
+# ---- policies: chunk heads, relevance against deviation -------------------------------------
+@pytest.mark.parametrize("policy", [p for p in POLICIES if POLICIES[p].heads])
+def test_chunk_heads_are_always_picked(policy):
+    toy = Toy()
+    tokens, chunks, end = prompt()
+    blender = Blender(toy, DictStore(), check_layer=0, head_tokens=3)
+    warm(blender, tokens, chunks)
+    cached = end
+    report = blender.run(job(tokens, chunks, end, 12 / cached, policy=policy))  # a budget of 12 tokens
+    heads = [b + i for b, _, _ in chunks[1:] for i in range(3)]  # 9 tokens: every chunk but the first
+    assert report.recomputed == 12 and set(heads) <= set(report.picked)
+    tight = blender.run(job(tokens, chunks, end, 4 / cached, policy=policy))  # fewer than the heads
+    firsts = [b for b, _, _ in chunks[1:]]
+    assert tight.recomputed == 4 and set(firsts) <= set(tight.picked) <= set(heads)  # offset 0 first
+
+
+def planted():
+    """A toy whose question (token 9, twice) attends to token 7 and to nothing else, with a
+    chunk cache in which token B's KV is far off: B deviates, 7 is what the question reads."""
+    toy = Toy(seed=3)
+    toy.inv_freq = rope_inv_freq(D, 1e12)  # ~no rotation: attention by content only
+    g = torch.Generator().manual_seed(5)
+    r_kv = torch.randn(KV, D, generator=g)
+    for w in toy.w:
+        w["q"][0] = 3.0 * r_kv.repeat_interleave(H // KV, 0).reshape(-1)
+        w["k"][1] = 3.0 * r_kv.reshape(-1)
+        w["q"][1] = 0.0
+        w["k"][0] = 0.0
+    toy.emb[9] = torch.zeros(HID)
+    toy.emb[9, 0] = 6.0
+    toy.emb[7] = torch.zeros(HID)
+    toy.emb[7, 1] = 6.0
+    tokens, chunks, end = prompt()
+    tokens = [t if t not in (7, 9) else 11 for t in tokens]
+    marker, deviant = 40, 50  # both in chunk 2 ([27, 52))
+    tokens[marker] = 7
+    tokens[end:end + 4] = [9, 9, 9, 9]
+    return toy, tokens, chunks, end, marker, deviant
+
+
+@pytest.mark.parametrize("policy", ["query", "blend"])
+def test_a_token_the_question_reads_outranks_a_deviating_token_it_ignores(policy):
+    toy, tokens, chunks, end, marker, deviant = planted()
+    store = DictStore()
+    blender = Blender(toy, store, check_layer=0)
+    warm(blender, tokens, chunks)
+    b = chunks[2][0]
+    store.d[chunks[2][2]][:, :, deviant - b] += 5.0  # the cached KV of one token is far off
+    one = 1 / end  # a budget of exactly one token
+    assert blender.run(job(tokens, chunks, end, one, policy="fixed")).picked == [deviant]
+    assert blender.run(job(tokens, chunks, end, one, policy=policy)).picked == [marker]
