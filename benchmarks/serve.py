@@ -153,12 +153,13 @@ register(ServeConfig("kvplug_cpu_remote", "main", _cpu_remote,
 
 
 # Blending: the rag_sessions trace places the same document at different positions across
-# contexts, which blending reuses and prefix caching cannot. The chunk store is sized like the
-# CPU tier (1.5x the working set: every distinct document chunk fits, so misses are first sights).
+# contexts, which blending reuses and prefix caching cannot. Chunk KV shares the CPU tier with the
+# prefix blocks, so the tier gets kvplug_cpu's 1.5x the working set for each kind (3x): every
+# block and every distinct document chunk fits, and misses are first sights.
 def _blend(policy: str, ratio: float = 0.15) -> Callable[[Plan], dict]:
     def extra(p: Plan) -> dict:
-        return {**_cpu_all(p), "blend": True, "recompute_ratio": ratio, "recompute_policy": policy,
-                "blend_cpu_bytes": _mb(1.5 * p.working_set_bytes)}
+        return {"cpu_bytes": _mb(3.0 * p.working_set_bytes), "blend": True, "recompute_ratio": ratio,
+                "recompute_policy": policy}
     return extra
 
 

@@ -16,9 +16,20 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-EVICTION_POLICIES = ("arc", "cost_aware", "fifo", "lfu", "lru", "s3fifo")
+from kvplug.blend.policies import POLICIES as _RECOMPUTE
+from kvplug.tiers.policies import POLICIES as _EVICTION
+
+# The names come from the registries, so a new policy needs no second list here.
+EVICTION_POLICIES = tuple(sorted(_EVICTION))
+RECOMPUTE_POLICIES = tuple(_RECOMPUTE)
 DISK_WRITE_MODES = ("through", "on_evict")
-RECOMPUTE_POLICIES = ("fixed", "adaptive")
+# Keys of earlier kvplug versions that now fail start-up with a message saying what replaced them.
+REMOVED_KEYS = {
+    "blend_cpu_bytes": "chunk KV now shares cpu_bytes with prefix blocks (one budget, one eviction policy); "
+                       "drop the key and size cpu_bytes for both",
+    "blend_disk_bytes": "chunk KV now shares disk_bytes with prefix blocks (one budget, one eviction policy); "
+                        "drop the key and size disk_bytes for both",
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,10 @@ class TierConfig:
     remote_timeout_ms: float = 50.0
     """A remote lookup or read slower than this is a miss; after a failure the store is left
     alone for a few seconds (lookups miss at once) and then reconnected."""
+    async_loads: bool = True
+    """Load units found on disk or in the remote store in the background: the request waits
+    (vLLM's async-load path) while every other request's step goes on. false: every load is
+    done before the step's forward pass, as CPU-tier loads always are."""
 
 
 @dataclass(frozen=True)
@@ -60,16 +75,15 @@ class BlendConfig:
     question and is always computed."""
     recompute_ratio: float = 0.15
     """Fraction (0 to 1) of each blended request's cached-chunk tokens whose KV is recomputed."""
-    recompute_policy: str = "fixed"
-    """`fixed`: one recompute_ratio for every chunk; `adaptive`: a per-chunk budget (Cache-Craft)."""
+    recompute_policy: str = "query"
+    """Which tokens are recomputed (kvplug/blend/policies.py): `query` (default), `blend`, `epic`,
+    `fixed` (CacheBlend) or `adaptive` (Cache-Craft); see the README's "Blending"."""
     blend_check_layer: int = 1
-    """Layer at which KV deviation is scored to pick the tokens to recompute; layers up to it run on
-    all tokens."""
-    blend_cpu_bytes: int = 2_000_000_000
-    """Bytes of host memory for cached chunk KV."""
-    blend_disk_bytes: int = 10_000_000_000
-    """Byte cap of chunk KV files under `<disk_path>/chunks` (only with disk_path; 0 keeps chunk KV
-    off disk)."""
+    """Layer at which KV deviation is scored (policies that use it); layers up to it run on all
+    tokens. Must be below the model's layer count."""
+    blend_chunk_head_tokens: int = 0
+    """Tokens at the start of every chunk but the first that policies with chunk heads (`epic`,
+    `blend`) always recompute, within the budget (EPIC's sink tokens; separators sit there)."""
     blend_min_chunk_tokens: int = 16
     """Chunks shorter than this many tokens are not cached on their own (always recomputed)."""
 
@@ -104,6 +118,9 @@ class KVPlugConfig:
     @classmethod
     def from_dict(cls, extra: dict[str, Any] | None) -> "KVPlugConfig":
         extra = dict(extra or {})
+        removed = sorted(set(extra) & set(REMOVED_KEYS))
+        if removed:
+            raise ValueError(f"kv_connector_extra_config: {removed[0]!r} is no longer a key: {REMOVED_KEYS[removed[0]]}")
         known = _field_names(TierConfig) | set(BLEND_USER_KEYS) | {"model_id", "namespaces"}
         unknown = sorted(set(extra) - known)
         if unknown:
@@ -242,10 +259,15 @@ def _validate_blend(b: BlendConfig, t: TierConfig) -> None:
         raise ValueError(f"blend_check_layer={b.blend_check_layer!r}: must be an integer >= 0")
     if b.blend_min_chunk_tokens < 1:
         raise ValueError(f"blend_min_chunk_tokens={b.blend_min_chunk_tokens!r}: must be an integer >= 1")
-    chunk_disk = t.disk_path is not None and b.blend_disk_bytes > 0
-    if b.enabled and b.blend_cpu_bytes == 0 and not chunk_disk:
-        raise ValueError("blend=true with blend_cpu_bytes=0 and no chunk disk space (disk_path and "
-                         "blend_disk_bytes > 0): chunk KV could not be cached anywhere")
+    if b.blend_chunk_head_tokens < 0:
+        raise ValueError(f"blend_chunk_head_tokens={b.blend_chunk_head_tokens!r}: must be an integer >= 0")
+
+
+def check_blend_for_model(b: BlendConfig, num_layers: int) -> None:
+    """Start-up checks that need the model (the engine calls it once it knows the layer count)."""
+    if b.enabled and b.blend_check_layer >= num_layers:
+        raise ValueError(f"blend_check_layer={b.blend_check_layer}: this model has {num_layers} layers, "
+                         f"so it must be at most {num_layers - 1}")
 
 
 def _check_remote_url(url: str) -> None:
@@ -257,6 +279,9 @@ def _check_remote_url(url: str) -> None:
 
 def _check_dir_usable(path: str) -> None:
     """Fail at start-up, not at the first save, when the cache directory cannot be used."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        kind = "a regular file" if os.path.isfile(path) else "not a directory"
+        raise ValueError(f"disk_path={path!r}: exists and is {kind}; give a directory")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:

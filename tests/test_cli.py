@@ -222,7 +222,9 @@ def test_warm_blend_stores_chunks_in_both_forms(tmp_path):
                          cwd=ROOT, env={**ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    m = re.search(r"blend chunks: (\d+) stored; chunk files in \S+: 0 -> (\d+)", out.stdout)
-    assert m, out.stdout[-2000:]
-    assert m.groups() == ("4", "4")
-    assert len(list((disk / "chunks").glob("??/*.kvp"))) == 4
+    chunks = re.search(r"blend chunks: (\d+) stored", out.stdout)
+    files = re.search(r"(\d+) blocks stored; unit files in \S+: 0 -> (\d+)", out.stdout)
+    assert chunks and files, out.stdout[-2000:]
+    blocks, after = map(int, files.groups())
+    assert chunks.group(1) == "4" and after == blocks + 4  # chunks share the disk tier with the blocks
+    assert len(list(disk.glob("??/*.kvp"))) == blocks + 4

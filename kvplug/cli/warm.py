@@ -45,8 +45,6 @@ class WarmResult:
     units_after: int = 0
     wait_s: float = 0.0
     settled: bool = True  # every expected unit file appeared before the wait timed out
-    chunks_before: int = 0
-    chunks_after: int = 0
 
     @property
     def stored_blocks(self) -> int:
@@ -58,12 +56,8 @@ class WarmResult:
 
     @property
     def expected_files(self) -> int:
-        """Unit and chunk files once every write of this run has landed."""
-        return self.units_before + self.stored_blocks + self.chunks_before + self.stored_chunks
-
-
-def _chunks_dir(disk_path) -> Path:
-    return Path(disk_path) / "chunks"  # where the engines' chunk store writes (count_* accept a missing dir)
+        """Unit files (prefix blocks and chunks share the tier) once every write of this run has landed."""
+        return self.units_before + self.stored_blocks + self.stored_chunks
 
 
 def find_documents(docs_dir: str, pattern: str = "*.txt") -> list[Path]:
@@ -118,7 +112,7 @@ def _prefill(llm, sp, path: Path, separator: str | None) -> DocResult:
     after = _counters(llm)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     res.stored_blocks = int(delta.get("saved_blocks", 0))
-    res.stored_chunks = int(delta.get("blend_chunk_misses", 0))
+    res.stored_chunks = int(delta.get("saved_chunks", 0))
     res.cached_tokens = int(sum(delta.get(f"{tier}_hit_tokens", 0) for tier in HIT_TIERS))
     return res
 
@@ -126,24 +120,18 @@ def _prefill(llm, sp, path: Path, separator: str | None) -> DocResult:
 def _wait_for_disk(result: WarmResult, timeout_s: float, quiet_s: float = 3.0) -> None:
     """The connector writes files from a background thread: wait until the expected number is
     there, or until nothing is in flight and the count stopped moving (evictions, drops)."""
-    chunks = _chunks_dir(result.disk_path)
     expected = result.expected_files
-
-    def count() -> int:
-        return count_units(result.disk_path) + count_units(chunks)
-
     t0 = last_change = time.monotonic()
-    last = count()
+    last = count_units(result.disk_path)
     while last < expected and time.monotonic() - t0 < timeout_s:
         time.sleep(0.2)
-        now = count()
-        if now != last or count_tmp(result.disk_path) or count_tmp(chunks):
+        now = count_units(result.disk_path)
+        if now != last or count_tmp(result.disk_path):
             last, last_change = now, time.monotonic()
         elif time.monotonic() - last_change >= quiet_s:
             break
     result.wait_s = time.monotonic() - t0
     result.units_after = count_units(result.disk_path)
-    result.chunks_after = count_units(chunks)
     result.settled = last >= expected
 
 
@@ -152,8 +140,7 @@ def warm(args) -> WarmResult:
     _check_model(args.model)
     from vllm import SamplingParams
 
-    result = WarmResult(disk_path=str(args.disk_path), units_before=count_units(args.disk_path),
-                        chunks_before=count_units(_chunks_dir(args.disk_path)))
+    result = WarmResult(disk_path=str(args.disk_path), units_before=count_units(args.disk_path))
     llm = _engine(args)
     sp = SamplingParams(max_tokens=1, temperature=0.0)
     for path in files:
@@ -169,11 +156,10 @@ def report(r: WarmResult) -> str:
     lines = [format_table(rows, ["document", "tokens", "stored_blocks", "already_cached_tokens", "note"]),
              f"kvplug warm: {done} documents prefilled, {r.stored_blocks} blocks stored; unit files in "
              f"{r.disk_path}: {r.units_before} -> {r.units_after}"]
-    if r.stored_chunks or r.chunks_before:
-        lines.append(f"blend chunks: {r.stored_chunks} stored; chunk files in {r.disk_path}/chunks: "
-                     f"{r.chunks_before} -> {r.chunks_after}")
+    if r.stored_chunks:
+        lines.append(f"blend chunks: {r.stored_chunks} stored (unit files of the same disk tier)")
     if not r.settled:
-        lines.append(f"warning: expected {r.expected_files} unit and chunk files after "
+        lines.append(f"warning: expected {r.expected_files} unit files after "
                      f"{r.wait_s:.0f} s; disk_bytes may be too small (evictions) or writes failed "
                      "(see the engine log)")
     return "\n".join(lines)

@@ -11,7 +11,8 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 
-from kvplug.config import KVPlugConfig
+from kvplug.config import KVPlugConfig, check_blend_for_model
+from kvplug.connector import vllm_compat
 from kvplug.connector.engine_facts import EngineFacts
 from kvplug.connector.metadata import KVPlugMetadata
 from kvplug.connector.stats import KVPlugPromMetrics, KVPlugStats
@@ -25,6 +26,7 @@ class KVPlugConnector(KVConnectorBase_V1):
         ktc = vllm_config.kv_transfer_config
         self.cfg = KVPlugConfig.from_dict(ktc.kv_connector_extra_config)
         self.facts = EngineFacts.from_vllm(vllm_config, kv_cache_config, self.cfg)
+        check_blend_for_model(self.cfg.blend, self.facts.num_layers)
         self._scheduler = self._worker = None
         if role == KVConnectorRole.SCHEDULER:
             from kvplug.connector.scheduler import SchedulerHalf
@@ -38,7 +40,8 @@ class KVPlugConnector(KVConnectorBase_V1):
 
             from kvplug.connector.worker import WorkerHalf
 
-            self._worker = WorkerHalf(self.cfg, self.facts, get_tensor_model_parallel_rank(), _layer_tag(vllm_config))
+            self._worker = WorkerHalf(self.cfg, self.facts, get_tensor_model_parallel_rank(),
+                                      vllm_compat.layer_tag(vllm_config))
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -54,7 +57,7 @@ class KVPlugConnector(KVConnectorBase_V1):
             self._worker.load(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads are synchronous, done in start_load_kv
+        return  # synchronous loads are done in start_load_kv, asynchronous ones reported by get_finished
 
     def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs: Any) -> None:
         return  # whole blocks are saved after the forward pass, in wait_for_save
@@ -63,6 +66,10 @@ class KVPlugConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if isinstance(meta, KVPlugMetadata):
             self._worker.save(meta)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        # Nothing is sent; requests whose asynchronous loads (and blend) are in place are received.
+        return None, self._worker.finished_loads() or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors()
@@ -77,7 +84,7 @@ class KVPlugConnector(KVConnectorBase_V1):
 
     # ---- scheduler ----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
-        return self._scheduler.num_matched(request, num_computed_tokens), False
+        return self._scheduler.num_matched(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         self._scheduler.after_alloc(request, blocks.get_block_ids()[0], num_external_tokens)
@@ -90,12 +97,13 @@ class KVPlugConnector(KVConnectorBase_V1):
 
     def update_connector_output(self, connector_output) -> None:
         meta = connector_output.kv_connector_worker_meta
-        if meta is not None and meta.redo:
-            self._scheduler.on_redo(meta.redo)
+        if meta is not None:
+            self._scheduler.on_worker_meta(meta)
+        self._scheduler.loads_landed(connector_output.finished_recving)
 
     def request_finished(self, request, block_ids):
-        self._scheduler.finished(request)
-        return False, None
+        # An asynchronous load still in flight writes these blocks: vLLM frees them once it lands.
+        return self._scheduler.finished(request), None
 
     # ---- stats plumbing -----------------------------------------------------------------
     @classmethod
@@ -105,14 +113,6 @@ class KVPlugConnector(KVConnectorBase_V1):
     @classmethod
     def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
         return KVPlugPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
-
-
-def _layer_tag(vllm_config) -> str:
-    """Attention implementation and CPU ISA: block interiors differ between them."""
-    ctx = vllm_config.compilation_config.static_forward_context
-    layer = next(iter(ctx.values()), None)
-    impl = type(getattr(layer, "impl", None)).__name__
-    return f"{impl}:{getattr(layer, 'isa', '')}"
 
 
 def _separator_ids(vllm_config, cfg: KVPlugConfig) -> tuple[int, ...]:

@@ -25,6 +25,14 @@ class EngineFacts:
     layer_names: tuple[str, ...]
     num_blocks: int
     tp_size: int
+    chunk_token_bytes: int = 0  # one token's K and V of every layer in the canonical chunk layout (this rank)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_names)
+
+    def chunk_bytes(self, tokens: int) -> int:
+        return tokens * self.chunk_token_bytes
 
     @classmethod
     def from_vllm(cls, vllm_config, kv_cache_config, cfg: KVPlugConfig) -> "EngineFacts":
@@ -61,4 +69,5 @@ class EngineFacts:
             layer_names=layer_names,
             num_blocks=kv_cache_config.num_blocks,
             tp_size=parallel.tensor_parallel_size,
+            chunk_token_bytes=2 * len(layer_names) * spec.num_kv_heads * spec.head_size * spec.dtype.itemsize,
         )

@@ -1,6 +1,10 @@
-"""What the scheduler half tells the worker half for one engine step (serialisable: only
-ints, bools and bytes). The worker runs the lists in field order; see tiers/manager.py for
-why that order is safe."""
+"""What the scheduler half tells the worker half for one engine step, and back (serialisable:
+ints, strings, bytes and lists of them). The worker runs the lists in field order; see
+kvplug/tiers/manager.py for why that order is safe.
+
+A unit is a prefix block (one engine block of every layer, opaque engine bytes) or a blend chunk
+(its tokens' KV of every layer in kvplug's canonical layout, keys rotated to 0..n-1).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,45 +13,93 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 
 @dataclass
-class BlendPlan:
-    """One request to blend: write positions [start, end) from its chunks (see kvplug/blend/blender.py)."""
+class BlockLoad:
     req_id: str
-    tokens: list[int]  # the prompt up to the end of its last chunk
-    start: int  # vLLM's own prefix-cache hit: positions before it are in its cache already
+    key: bytes
+    block: int  # the engine block to fill
+    tier: str  # "cpu" | "disk" | "remote"
+    rows: tuple[int, ...]  # cpu: the source row; disk/remote: the row to promote into, or ()
+
+
+@dataclass
+class ChunkRef:
+    """One chunk of a blend plan: where it sits in the prompt and where its KV comes from."""
+    begin: int
     end: int
-    chunks: list[tuple[int, int, bytes | None]]  # (begin, stop, key); key None: too short to cache
+    key: bytes | None  # None: too short to cache, always recomputed
+    tier: str | None = None  # "cpu" | "disk" | "remote" for a cached chunk
+    rows: tuple[int, ...] = ()  # cpu: the source rows; disk/remote: the rows to promote into, or ()
+    nbytes: int = 0  # payload bytes (this rank)
+
+
+@dataclass
+class BlendPlan:
+    """One request to blend: write positions [start, end) from its chunks (kvplug/blend/blender.py)."""
+    req_id: str
+    tokens: list[int]  # the prompt up to the end of the span
+    start: int  # positions before it are in the engine's cache already (vLLM's or kvplug's prefix hit)
+    end: int  # the end of the last claimed chunk
+    chunks: list[ChunkRef]
     ratio: float
     policy: str
     block_ids: list[int] = field(default_factory=list)  # the request's blocks, from position 0
-    tail: list[int] = field(default_factory=list)  # the question after the span (adaptive policy)
+    tail: list[int] = field(default_factory=list)  # the prompt after the span (the question)
+
+
+@dataclass
+class BlockSave:
+    req_id: str
+    key: bytes
+    block: int
+    rows: tuple[int, ...]  # the CPU row, or () when the CPU tier cannot hold it
+    to_disk: bool
+    to_remote: bool
+    ttl_s: float  # remote TTL: the tenant's own, or 0 for the store's default
+
+
+@dataclass
+class ChunkSave:
+    """A chunk vLLM computed in this request: taken from the paged cache after the forward pass."""
+    req_id: str
+    key: bytes
+    begin: int
+    end: int
+    block_ids: list[int]  # the request's blocks, from position 0, covering [begin, end)
+    rows: tuple[int, ...]
+    to_disk: bool
+    to_remote: bool
+    ttl_s: float
+    nbytes: int
 
 
 @dataclass
 class KVPlugMetadata(KVConnectorMetadata):
-    # In order: (key, cpu slot) writes the slot to disk, (key, -1) deletes the key's file (StepOps)
-    disk_ops: list[tuple[bytes, int]] = field(default_factory=list)
-    # (request id, key, gpu block, source tier "cpu"|"disk"|"remote",
-    #  cpu: the source slot; disk/remote: the CPU slot to promote into, or -1)
-    loads: list[tuple[str, bytes, int, str, int]] = field(default_factory=list)
-    # (request id, key, gpu block, cpu slot or -1, write to disk, write to remote,
-    #  remote TTL in seconds: the tenant's own, or 0 for the store's default)
-    saves: list[tuple[str, bytes, int, int, bool, bool, float]] = field(default_factory=list)
+    # In order: (key, rows) writes the unit held in those CPU rows to disk, (key, ()) deletes its file
+    disk_ops: list[tuple[bytes, tuple[int, ...]]] = field(default_factory=list)
+    loads: list[BlockLoad] = field(default_factory=list)
     blends: list[BlendPlan] = field(default_factory=list)  # run after the loads
+    saves: list[BlockSave] = field(default_factory=list)
+    chunk_saves: list[ChunkSave] = field(default_factory=list)
+    # Requests whose loads (and blend) finish in a later step: reported through get_finished.
+    async_reqs: list[str] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not (self.disk_ops or self.loads or self.saves or self.blends)
+        return not (self.disk_ops or self.loads or self.saves or self.blends or self.chunk_saves)
 
 
 @dataclass
 class KVPlugWorkerMeta(KVConnectorWorkerMetadata):
     """Worker -> scheduler, per step: units to forget and save again once vLLM has recomputed
     them - loads that failed, and every save of a step in which a load failed (its forward
-    pass attended to unloaded blocks, so none of its KV may be kept)."""
+    pass attended to unloaded blocks, so none of its KV may be kept); and, once, that blending
+    is off on this worker (its start-up self-test failed), so no more blends are planned."""
 
     redo: list[tuple[str, bytes]] = field(default_factory=list)  # (request id, key)
+    blend_off: str = ""  # why blending is off, when it just turned off
 
     def aggregate(self, other: "KVPlugWorkerMeta") -> "KVPlugWorkerMeta":
         # Tensor-parallel ranks report the same units; keep each (request, key) once.
         seen = set(self.redo)
         self.redo += [r for r in other.redo if r not in seen]
+        self.blend_off = self.blend_off or other.blend_off
         return self

@@ -2,22 +2,26 @@
 
 A decoder layer is run as vLLM runs it (norms, projections, RoPE, MLP: its code, its weights),
 except that its attention module is swapped for the blender's for the length of the call, so no
-forward context or attention metadata is needed and nothing in vLLM is patched.
+forward context or attention metadata is needed and nothing in vLLM is patched. The vLLM
+internals it relies on are in vllm_compat.
 
-    VLLMModelAdapter(model, kv_caches)    or ValueError naming what is not supported
+    VLLMModelAdapter(model, kv_caches, block_size)    or ValueError naming what is not supported
     paged_plan(q_pos, block_table) / paged_attention(i, q, plan)   attention through the engine's
         own kernel over its paged cache (CPU backend); paged_plan is None on other backends, where
         the blender uses torch SDPA over its own copy of the KV
+    read_kv(i, slots) -> (k, v)     per-token K/V of layer i back out of the paged cache
+    cache(i)                        layer i's paged cache tensor
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from kvplug.connector import vllm_compat as compat
+
 # Families whose decoder layers are (positions, hidden, residual) -> (hidden, residual) and
 # whose attention calls self.attn(q, k, v) with rotated q and k. Mistral runs as Llama in vLLM.
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-_ROPES = ("RotaryEmbedding", "Llama3RotaryEmbedding")
 
 
 class _AttentionHook(nn.Module):
@@ -30,7 +34,7 @@ class _AttentionHook(nn.Module):
 
 
 class VLLMModelAdapter:
-    def __init__(self, model: nn.Module, kv_caches: dict[str, torch.Tensor]):
+    def __init__(self, model: nn.Module, kv_caches: dict[str, torch.Tensor], block_size: int):
         arch = type(model).__name__
         if arch not in SUPPORTED:
             raise ValueError(f"blend supports {', '.join(SUPPORTED)}; this model is {arch} (set blend=false)")
@@ -53,13 +57,23 @@ class VLLMModelAdapter:
         self.num_layers = len(self.layers)
         self.num_heads, self.num_kv_heads = first.num_heads, first.num_kv_heads
         self.head_dim, self.scale = first.head_dim, float(first.scaling)
+        self.block_size = block_size
         self._caches = [kv_caches[a.layer_name] for a in self.attn]
-        self._rope = _rope_of(first.rotary_emb)
-        self.paged_plan = self._cpu_plan if _is_cpu_backend(self.attn[0]) else None
+        kernel_block = self._caches[0].shape[2]  # CPU [nb, KV, bs, 2D]; flash [2, nb, bs, ...]; flashinfer [nb, 2, bs, ...]
+        if kernel_block != block_size:
+            raise ValueError(f"blend needs the cache's kernel block size ({kernel_block}) to equal vLLM's block "
+                             f"size ({block_size})")
+        self._rope = compat.rope_frequencies(first.rotary_emb)
+        self._reader = compat.PagedKVReader(self.attn[0], self._caches[0], self.num_kv_heads, self.head_dim,
+                                            block_size)
+        self.paged_plan = self._cpu_plan if compat.is_cpu_backend(self.attn[0]) else None
 
     @property
     def rope(self) -> tuple[torch.Tensor, str]:
         return self._rope
+
+    def cache(self, i: int) -> torch.Tensor:
+        return self._caches[i]
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self._embed(token_ids)
@@ -74,56 +88,16 @@ class VLLMModelAdapter:
             self_attn._modules["attn"] = original
 
     def write_kv(self, i, k, v, slots):
-        a = self.attn[i]
-        a.impl.do_kv_cache_update(a, k.contiguous(), v.contiguous(), self._caches[i], slots.to(k.device))
+        compat.kv_write(self.attn[i], k, v, self._caches[i], slots)
+
+    def read_kv(self, i, slots):
+        return self._reader.read(self._caches[i], slots)
 
     def paged_attention(self, i, q, plan):
         """q [T, H*D] at the plan's positions, against layer i's paged cache at positions <= each."""
-        a = self.attn[i]
-        out = torch.empty_like(q)
-        a.impl.forward(a, q.view(-1, self.num_heads, self.head_dim), None, None, self._caches[i], plan,
-                       out.view(-1, self.num_heads, self.head_dim))
-        return out
+        out = compat.cpu_paged_attention(self.attn[i], q.view(-1, self.num_heads, self.head_dim), self._caches[i], plan)
+        return out.view(q.shape)
 
     def _cpu_plan(self, q_pos, block_table):
-        """CPU attention metadata for queries at q_pos (ascending) of one request: one causal
-        sequence when they are contiguous, else one single-query sequence per token (a decode
-        batch over the same blocks)."""
-        from vllm import _custom_ops as ops
-        from vllm import envs
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
-
-        a, n = self.attn[0], q_pos.numel()
-        bt = block_table.to(torch.int32).view(1, -1)
-        if int(q_pos[-1]) - int(q_pos[0]) + 1 == n:
-            starts = torch.tensor([0, n], dtype=torch.int32)
-            seq_lens = torch.tensor([int(q_pos[-1]) + 1], dtype=torch.int32)
-        else:
-            starts = torch.arange(n + 1, dtype=torch.int32)
-            seq_lens = (q_pos + 1).to(torch.int32)
-            bt = bt.expand(n, -1).contiguous()
-        sched = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=seq_lens.numel(), num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim, seq_lens=seq_lens, dtype=self.dtype, query_start_loc=starts, causal=True,
-            sliding_window_size=-1, isa=a.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-            kv_cache_dtype=a.impl.kv_cache_dtype)
-        return CPUAttentionMetadata(
-            num_actual_tokens=n, max_query_len=int((starts[1:] - starts[:-1]).max()), query_start_loc=starts,
-            max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=bt,
-            slot_mapping=torch.empty(0, dtype=torch.int64), scheduler_metadata=sched, causal=True)
-
-
-def _is_cpu_backend(attn) -> bool:
-    return type(attn.impl).__name__ == "CPUAttentionBackendImpl" and hasattr(attn, "isa")
-
-
-def _rope_of(rotary_emb) -> tuple[torch.Tensor, str]:
-    """inv_freq and style of the model's RoPE. Re-rotation by a position delta is exact only when
-    the angle is position x frequency (no position-dependent scaling such as YaRN's)."""
-    kind = type(rotary_emb).__name__
-    if kind not in _ROPES:
-        raise ValueError(f"blend supports RoPE types {', '.join(_ROPES)}; this model uses {kind}")
-    if rotary_emb.rotary_dim % 2:
-        raise ValueError(f"rotary_dim={rotary_emb.rotary_dim} must be even")
-    inv_freq = rotary_emb._compute_inv_freq(rotary_emb.base).float().cpu()
-    return inv_freq, "neox" if rotary_emb.is_neox_style else "gptj"
+        return compat.cpu_paged_metadata(self.attn[0], q_pos, block_table, self.num_heads, self.num_kv_heads,
+                                         self.head_dim, self.dtype)

@@ -1,15 +1,23 @@
 """Scheduler half of KVPlugConnector: keys, lookups and per-step transfer plans.
 
-It sees requests, block ids and hashes, never tensors. Per request it keeps the prompt's
-block keys and how far saving has got; per step it turns the tier manager's plans into a
-KVPlugMetadata for the workers.
+It sees requests, block ids and hashes, never tensors. Per request it keeps the prompt's block
+keys, its chunks (blending) and how far saving has got; per step it turns the tier manager's
+plans into a KVPlugMetadata for the workers. Lookups have no side effects: vLLM may ask again.
 
-    num_matched(request, num_computed)    tokens kvplug can load or blend beyond vLLM's own hit
+    num_matched(request, num_computed) -> (tokens, load_async)   what kvplug can load or blend
     after_alloc(request, blocks, n_ext)   plan the loads and the blend for the tokens vLLM accepted
-    build_meta(scheduler_output)          plan saves of newly computed prompt blocks; emit metadata
-    on_redo(units)                        failed loads / refused saves: forget them, save again later
-    finished(request)                     forget the request
+    build_meta(scheduler_output)          plan saves of computed prompt blocks and chunks; emit metadata
+    on_worker_meta(meta)                  failed loads / refused saves: forget them, save again later;
+                                          blending turned off by the worker's self-test
+    loads_landed(req_ids)                 asynchronous loads the workers finished (get_finished)
+    finished(request) -> delay_free       forget the request; True while an asynchronous load may
+                                          still write its blocks (vLLM frees them once it lands)
     take_stats()                          counters since the last call
+
+Blending: a prompt's chunks are looked up by key like prefix blocks. The blend span runs from the
+end of the prefix hit to the end of the last cached chunk before the first chunk that misses;
+vLLM computes everything after it in its own batch, and the worker saves each new chunk's KV from
+the paged cache once vLLM has computed it (ChunkSave).
 """
 from __future__ import annotations
 
@@ -20,22 +28,30 @@ from pathlib import Path
 
 from kvplug.config import KVPlugConfig, request_blend
 from kvplug.connector.engine_facts import EngineFacts
-from kvplug.connector.metadata import BlendPlan, KVPlugMetadata
+from kvplug.connector.metadata import BlendPlan, BlockLoad, BlockSave, ChunkRef, ChunkSave, KVPlugMetadata
 from kvplug.connector.stats import KVPlugStats
 from kvplug.core.chunking import chunk_key, chunk_spans, spans_from_ends
 from kvplug.core.hashing import prefix_block_keys
 from kvplug.tiers.disk import scan_units, unit_path
-from kvplug.tiers.manager import Quota, TierManager
+from kvplug.tiers.manager import CPU, Quota, TierManager
 
 logger = logging.getLogger("kvplug")
 
-# Attention makes a block's recompute cost grow with its position; this is the context
-# length at which attention costs as much as the block's own linear layers (a rough,
-# model-independent split, used only to rank units for the cost_aware policy).
+# Attention makes a unit's recompute cost grow with its position; this is the context length at
+# which attention costs as much as the unit's own linear layers (a rough, model-independent
+# split, used only to rank units for the cost_aware policy).
 _ATTN_EQUAL_CONTEXT = 4096
 # Bytes charged per disk file on top of its payload: the header is a few hundred bytes to a
 # few KiB (it lists every layer's block shape). Overcharging keeps disk_bytes a true bound.
 DISK_HEADER_ALLOWANCE = 4096
+
+
+@dataclass
+class _Blend:
+    ratio: float
+    policy: str
+    chunks: list[tuple[int, int, bytes | None]]  # (begin, end, key); key None: too short to cache
+    done: set[int] = field(default_factory=set)  # chunks cached, claimed or saved: never saved again
 
 
 @dataclass
@@ -46,7 +62,17 @@ class _Request:
     namespace: str  # the tenant (cache_salt) owning the units, for quotas
     block_ids: list[int] = field(default_factory=list)
     saved_upto: int = 0  # blocks [0, saved_upto) are cached or planned
-    blend: tuple[float, str, list[tuple[int, int, bytes | None]]] | None = None  # (ratio, policy, chunks)
+    blend: _Blend | None = None
+
+
+@dataclass
+class _Claim:
+    """A blend span found by num_matched: [start, end) and the tier of each claimed cached chunk."""
+    start: int
+    end: int
+    tiers: dict[int, str]  # chunk index -> tier
+    misses: int = 0  # cacheable chunks no tier holds
+    after_miss: tuple[int, int] = (0, 0)  # cached chunks (and their tokens) past the first miss, which vLLM recomputes
 
 
 class SchedulerHalf:
@@ -57,6 +83,7 @@ class SchedulerHalf:
         self._separator = separator
         self.cfg, self.facts, self.bs = cfg, facts, facts.block_size
         self._load_enabled, self._save_enabled = load, save
+        self._blend_on = cfg.blend.enabled
         tiers = cfg.tiers
         self._disk_root = Path(tiers.disk_path) if tiers.disk_path else None
         self.manager = TierManager(
@@ -75,7 +102,8 @@ class SchedulerHalf:
             logger.warning("cpu_bytes=%d holds no %d-byte block: CPU tier disabled", tiers.cpu_bytes, facts.unit_bytes)
         self._reqs: dict[str, _Request] = {}
         self._lookups: dict[str, tuple[int, list[str]]] = {}  # req -> (local tokens, tier per hit block)
-        self._blend_lookups: dict[str, tuple[int, int]] = {}  # req -> blended span [start, end)
+        self._claims: dict[str, _Claim] = {}
+        self._loading: set[str] = set()  # requests with an asynchronous load in flight
         self._meta = KVPlugMetadata()
         self._stats: dict[str, int] = {}
         if self._disk_root:
@@ -102,10 +130,11 @@ class SchedulerHalf:
 
     def _restore_disk_index(self) -> None:
         units = sorted((u for u in scan_units(self._disk_root) if u.rank == 0), key=lambda u: u.mtime)
-        kept = self.manager.restore_disk_index([u.key for u in units])
+        sizes = [u.nbytes * self.facts.tp_size for u in units]
+        kept = self.manager.restore_disk_index([u.key for u in units], sizes)
         logger.info("kvplug: disk tier %s holds %d unit(s); indexed %d", self._disk_root, len(units), kept)
 
-    # ---- vLLM hooks ----------------------------------------------------------------------
+    # ---- requests ------------------------------------------------------------------------
     def _request(self, request) -> _Request:
         st = self._reqs.get(request.request_id)
         if st is None:
@@ -113,15 +142,15 @@ class SchedulerHalf:
             blend = self._blend_params(request)
             # Blocks of a blended request hold blended KV: they are saved and found under their
             # own root (per ratio and policy), never served to a request that asked for exact KV.
-            salt = request.cache_salt if blend is None else f"{request.cache_salt or ''}\0blend:{blend[0]}:{blend[1]}"
+            salt = request.cache_salt if blend is None else \
+                f"{request.cache_salt or ''}\0blend:{blend.ratio}:{blend.policy}"
             keys = prefix_block_keys(self.facts.namespace, tokens, self.bs, salt)
             st = self._reqs[request.request_id] = _Request(request.request_id, keys, len(tokens),
                                                               request.cache_salt or "", blend=blend)
         return st
 
-    def _blend_params(self, request):
-        """(ratio, policy, chunks) when this request is to be blended, else None."""
-        if not self.cfg.blend.enabled or not self._load_enabled:
+    def _blend_params(self, request) -> _Blend | None:
+        if not self._blend_on or not self._load_enabled:
             return None
         tokens = request.prompt_token_ids or []
         try:
@@ -136,52 +165,104 @@ class SchedulerHalf:
             return None
         chunks = [(lo, hi, chunk_key(self.facts.namespace, tokens[lo:hi], request.cache_salt)
                    if hi - lo >= b.blend_min_chunk_tokens else None) for lo, hi in spans]
-        return b.recompute_ratio, b.recompute_policy, chunks
+        return _Blend(b.recompute_ratio, b.recompute_policy, chunks)
 
-    def num_matched(self, request, num_computed: int) -> int:
+    def num_matched(self, request, num_computed: int) -> tuple[int, bool]:
         if not self._load_enabled or num_computed % self.bs or request.prompt_token_ids is None:
-            return 0
+            return 0, False
         st = self._request(request)
         # vLLM must compute at least the last prompt token itself.
         usable = min(len(st.keys), (st.prompt_len - 1) // self.bs)
         first = num_computed // self.bs
         tiers = self.manager.lookup(st.keys[first:usable])
         self._lookups[request.request_id] = (num_computed, tiers)
-        self._blend_lookups.pop(request.request_id, None)
-        # The prefix tiers' blocks load first; blending covers the rest of the chunks.
-        start = num_computed + len(tiers) * self.bs
-        if st.blend is not None:
-            end = min(st.blend[2][-1][1], st.prompt_len - 1)  # vLLM computes at least the last token
-            if end > start:
-                self._blend_lookups[request.request_id] = (start, end)
-                return end - num_computed
-        return len(tiers) * self.bs
+        self._claims.pop(request.request_id, None)
+        start = num_computed + len(tiers) * self.bs  # the prefix tiers' blocks load first
+        claim = self._claim(st, start) if st.blend is not None and self._blend_on else None
+        slow = [t for t in tiers if t != CPU]
+        if claim is not None:
+            self._claims[request.request_id] = claim
+        if claim is None or not claim.tiers:
+            return len(tiers) * self.bs, self._async(slow)
+        return claim.end - num_computed, self._async(slow + [t for t in claim.tiers.values() if t != CPU])
+
+    def _async(self, slow_tiers: list[str]) -> bool:
+        return self.cfg.tiers.async_loads and bool(slow_tiers)
+
+    def _claim(self, st: _Request, start: int) -> _Claim:
+        """The blend span from `start`: every chunk up to the first cacheable one no tier holds,
+        ending at the last cached chunk (vLLM computes at least the last prompt token); no
+        chunk claimed (tiers empty) when the first one misses."""
+        limit = st.prompt_len - 1
+        todo = [i for i, (b, e, key) in enumerate(st.blend.chunks) if e > start and b < limit and key is not None]
+        found = dict(zip(todo, self.manager.lookup_each([st.blend.chunks[i][2] for i in todo])))
+        end, tiers, misses, after = start, {}, 0, [0, 0]
+        for i in todo:
+            b, e, _ = st.blend.chunks[i]
+            if found[i] is None:
+                misses += 1
+            elif misses:
+                after[0], after[1] = after[0] + 1, after[1] + e - max(b, start)
+            elif e <= limit:
+                end, tiers[i] = e, found[i]
+        return _Claim(start, end, tiers, misses, tuple(after))
 
     def after_alloc(self, request, block_ids: list[int], num_external: int) -> None:
-        span = self._blend_lookups.pop(request.request_id, None)
+        claim = self._claims.pop(request.request_id, None)
         lookup = self._lookups.pop(request.request_id, None)
         st = self._reqs.get(request.request_id)
         if lookup is None or st is None:
             return
-        if span is not None and num_external > 0:  # vLLM takes all that is offered, or nothing
-            (start, end), (ratio, policy, chunks) = span, st.blend
-            tokens = request.prompt_token_ids
-            self._meta.blends.append(BlendPlan(
-                st.req_id, list(tokens[:chunks[-1][1]]), start, end, chunks, ratio, policy, list(block_ids),
-                tail=list(tokens[end:]) if policy == "adaptive" else []))
         local, tiers = lookup
         first = local // self.bs
         queried = min(len(st.keys), (st.prompt_len - 1) // self.bs) - first
         n_load = min(-(-num_external // self.bs), len(tiers))
         self._count(lookup_tokens=queried * self.bs, miss_tokens=(queried - n_load) * self.bs)
-        if n_load <= 0:
+        if claim is not None:
+            self._count(blend_chunk_misses=claim.misses)
+            if not claim.tiers or num_external < claim.end - local:  # vLLM takes all that is offered, or nothing
+                claim = None
+        if num_external <= 0:  # vLLM took nothing
             return
-        keys = st.keys[first : first + n_load]
-        plan = self.manager.plan_loads(keys, tiers[:n_load], self._costs(first, n_load), st.namespace)
-        for i, load in enumerate(plan):
-            self._meta.loads.append((st.req_id, load.key, block_ids[first + i], load.tier, load.slot))
-        st.saved_upto = max(st.saved_upto, first + n_load)
+        slow = [t for t in tiers[:n_load] if t != CPU] + ([t for t in claim.tiers.values() if t != CPU] if claim else [])
+        async_load = self._async(slow)
+        if async_load:
+            self._meta.async_reqs.append(st.req_id)
+            self._loading.add(st.req_id)
+        if n_load > 0:
+            keys = st.keys[first : first + n_load]
+            plan = self.manager.plan_loads(keys, tiers[:n_load], self._costs(first, n_load), st.namespace,
+                                           promote=not async_load)
+            for i, load in enumerate(plan):
+                self._meta.loads.append(BlockLoad(st.req_id, load.key, block_ids[first + i], load.tier, load.slots))
+            st.saved_upto = max(st.saved_upto, first + n_load)
+        if claim is not None:
+            self._plan_blend(request, st, claim, list(block_ids), promote=not async_load)
 
+    def _plan_blend(self, request, st: _Request, claim: _Claim, block_ids: list[int], promote: bool) -> None:
+        chunks, refs = st.blend.chunks, []
+        loaded = [i for i in sorted(claim.tiers)]
+        sizes = [self.facts.chunk_bytes(chunks[i][1] - chunks[i][0]) for i in loaded]
+        plan = self.manager.plan_loads([chunks[i][2] for i in loaded], [claim.tiers[i] for i in loaded],
+                                       [self._cost(chunks[i][0], chunks[i][1]) for i in loaded], st.namespace,
+                                       nbytes=sizes, promote=promote)
+        by_index = dict(zip(loaded, zip(plan, sizes)))
+        for i, (b, e, key) in enumerate(chunks):
+            if b >= claim.end:
+                break
+            if i in by_index:
+                load, nbytes = by_index[i]
+                refs.append(ChunkRef(b, e, key, load.tier, load.slots, nbytes))
+                st.blend.done.add(i)
+            else:
+                refs.append(ChunkRef(b, e, key))
+        tokens = request.prompt_token_ids
+        self._meta.blends.append(BlendPlan(st.req_id, list(tokens[:claim.end]), claim.start, claim.end, refs,
+                                           st.blend.ratio, st.blend.policy, block_ids, list(tokens[claim.end:])))
+        self._count(blend_chunk_hits=len(loaded), blend_chunks_after_miss=claim.after_miss[0],
+                    blend_tokens_after_miss=claim.after_miss[1])
+
+    # ---- saves ---------------------------------------------------------------------------
     def build_meta(self, so) -> KVPlugMetadata:
         for new in so.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
@@ -207,6 +288,8 @@ class SchedulerHalf:
     def _plan_saves(self, st: _Request, computed: int) -> None:
         if not self._save_enabled:
             return
+        if st.blend is not None and self._blend_on:
+            self._plan_chunk_saves(st, computed)
         full = min(min(computed, st.prompt_len) // self.bs, len(st.keys), len(st.block_ids))
         if full <= st.saved_upto:
             return
@@ -216,26 +299,60 @@ class SchedulerHalf:
                                        to_remote=self._remote)
         ttl = self.manager.ttls.get(st.namespace, 0.0)
         for save in plan:
-            self._meta.saves.append((st.req_id, save.key, by_key[save.key], save.cpu_slot, save.to_disk,
-                                     save.to_remote, ttl))
+            self._meta.saves.append(BlockSave(st.req_id, save.key, by_key[save.key], save.slots, save.to_disk,
+                                              save.to_remote, ttl))
         st.saved_upto = full
+
+    def _plan_chunk_saves(self, st: _Request, computed: int) -> None:
+        """Chunks this request's forward passes have computed in full (never the blended ones:
+        those are cached already and their KV in the engine is blended, not the chunk's own)."""
+        have = len(st.block_ids) * self.bs
+        ttl = self.manager.ttls.get(st.namespace, 0.0)
+        for i, (b, e, key) in enumerate(st.blend.chunks):
+            if key is None or i in st.blend.done or e > min(computed, have):
+                continue
+            st.blend.done.add(i)
+            nbytes = self.facts.chunk_bytes(e - b)
+            for save in self.manager.plan_saves([key], [self._cost(b, e)], st.namespace, to_remote=self._remote,
+                                                nbytes=[nbytes]):
+                self._meta.chunk_saves.append(ChunkSave(st.req_id, key, b, e, st.block_ids[: -(-e // self.bs)],
+                                                        save.slots, save.to_disk, save.to_remote, ttl, nbytes))
 
     def _costs(self, first: int, n: int) -> list[float]:
         return [self.bs * (1 + (i * self.bs) / _ATTN_EQUAL_CONTEXT) for i in range(first, first + n)]
 
+    def _cost(self, begin: int, end: int) -> float:
+        """Recompute cost of tokens [begin, end) in units of a block at position 0."""
+        return (end - begin) * (1 + (begin + end) / 2 / _ATTN_EQUAL_CONTEXT)
+
+    # ---- worker feedback -----------------------------------------------------------------
+    def on_worker_meta(self, meta) -> None:
+        if meta.blend_off and self._blend_on:
+            self._blend_on = False
+            logger.warning("kvplug: blending is off: %s", meta.blend_off)
+        self.on_redo(meta.redo)
+
     def on_redo(self, redo: list[tuple[str, bytes]]) -> None:
-        """Units the worker could not load or refused to save: forget them, and save those
-        blocks again once vLLM has recomputed them."""
+        """Units the worker could not load or refused to save: forget them, and save them
+        again once vLLM has recomputed them."""
         for req_id, key in redo:
             self.manager.forget(key)
             st = self._reqs.get(req_id)
-            if st is not None and key in st.keys:
+            if st is None:
+                continue
+            if key in st.keys:
                 st.saved_upto = min(st.saved_upto, st.keys.index(key))
+            elif st.blend is not None:
+                st.blend.done -= {i for i, c in enumerate(st.blend.chunks) if c[2] == key}
 
-    def finished(self, request) -> None:
+    def loads_landed(self, req_ids) -> None:
+        self._loading.difference_update(req_ids or ())
+
+    def finished(self, request) -> bool:
         self._reqs.pop(request.request_id, None)
         self._lookups.pop(request.request_id, None)
-        self._blend_lookups.pop(request.request_id, None)
+        self._claims.pop(request.request_id, None)
+        return request.request_id in self._loading
 
     # ---- stats ---------------------------------------------------------------------------
     def _count(self, **counts: int) -> None:

@@ -23,6 +23,7 @@ FIELDS = {
     "cpu_evictions": "units evicted from the CPU tier",
     "disk_evictions": "units evicted (deleted) from the disk tier",
     "saved_blocks": "KV blocks saved to a tier",
+    "saved_chunks": "chunks vLLM computed whose KV was saved for blending (from the paged cache)",
     "load_bytes": "bytes copied into vLLM's KV cache from kvplug's tiers",
     "save_bytes": "bytes copied out of vLLM's KV cache into kvplug's tiers",
     "disk_write_bytes": "bytes written to disk files",
@@ -38,9 +39,12 @@ FIELDS = {
     "remote_corrupt": "remote values found corrupt or foreign and deleted",
     "blend_requests": "requests whose chunk KV was blended instead of computed",
     "blend_tokens": "prompt tokens written by blending (cached chunks and their recomputed tokens)",
-    "blend_recomputed_tokens": "blended tokens recomputed through every layer (selected or from uncached chunks)",
-    "blend_chunk_hits": "chunks whose KV came from the chunk store",
-    "blend_chunk_misses": "chunks computed on their own and stored for next time",
+    "blend_recomputed_tokens": "blended tokens recomputed through the model (picked, or of chunks too short to cache)",
+    "blend_chunk_hits": "chunks whose cached KV was blended",
+    "blend_chunk_misses": "chunks no tier held (vLLM computes them, kvplug saves them)",
+    "blend_chunks_after_miss": "cached chunks after a missed one, which vLLM recomputed (the cost of claiming "
+                               "only up to the first miss)",
+    "blend_tokens_after_miss": "tokens of those chunks",
     "blend_errors": "blends that failed (their tokens were recomputed by vLLM)",
     "blend_seconds": "seconds spent blending before forward passes",
 }

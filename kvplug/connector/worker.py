@@ -1,12 +1,19 @@
 """Worker half of KVPlugConnector: carries out the scheduler's plans on real tensors.
 
-    register(kv_caches)      view each layer's cache block-major; allocate the CPU tier's rows
-    load(meta)               before the forward pass: demotions, deletions, loads, then blends
-    save(meta)               after the forward pass: copy finished blocks out
-    take_load_errors()       GPU block ids whose load failed this step (vLLM recomputes them)
-    take_worker_meta()       units to forget and save again: failed loads, refused saves
+    register(kv_caches)      view each layer's cache block-major; allocate the CPU tier's rows;
+                             build the blender (and run vLLM-internals' self-test) when blending is on
+    load(meta)               disk ops, then loads and blends: synchronous ones before the forward
+                             pass, asynchronous ones (disk/remote reads) started in the background
+    finished_loads()         ids of asynchronous requests whose KV is now in place (get_finished)
+    save(meta)               after the forward pass: finished blocks and new chunks out to the tiers
+    take_load_errors()       engine block ids whose load or blend failed (vLLM recomputes them)
+    take_worker_meta()       units to forget and save again; blending turned off
     take_stats()             counters since the last call
-    close()                  drain disk writes
+    close()                  drain writes, stop the background loader
+
+Units live in CPU rows (kvplug/tiers/cpu.py: a prefix block in one row, a chunk across as many as
+its bytes need), disk files and remote values, all through the same stores. A chunk's payload is
+its KV [layers, 2, tokens, kv_heads, head_dim] in the model dtype, keys rotated to 0..n-1.
 """
 from __future__ import annotations
 
@@ -15,13 +22,14 @@ import time
 from pathlib import Path
 
 import torch
-from vllm.v1.kv_cache_interface import group_kernel_blocks
 
 from kvplug.config import KVPlugConfig
+from kvplug.connector import vllm_compat
 from kvplug.connector.engine_facts import EngineFacts
+from kvplug.connector.loads import AsyncLoader, LoadJob
 from kvplug.connector.metadata import KVPlugMetadata, KVPlugWorkerMeta
 from kvplug.connector.stats import KVPlugStats
-from kvplug.tiers.cpu import BlockRows
+from kvplug.tiers.cpu import BlockRows, UnitRows
 from kvplug.tiers.disk import DiskStore
 
 logger = logging.getLogger("kvplug")
@@ -31,76 +39,47 @@ class WorkerHalf:
     def __init__(self, cfg: KVPlugConfig, facts: EngineFacts, tp_rank: int, layer_tag: str):
         self.cfg, self.facts, self.tp_rank, self._layer_tag = cfg, facts, tp_rank, layer_tag
         self.caches: list[torch.Tensor] = []
-        self.rows: BlockRows | None = None
+        self.rows: UnitRows | None = None
         self.disk: DiskStore | None = None
         self.remote = None  # RemoteStore when remote_url is configured
         self._errors: set[int] = set()
         self._redo: list[tuple[str, bytes]] = []
         self._stats: dict[str, float] = {}
-        self.blender = None  # kvplug.blend.blender.Blender when blending is on
+        self.blender = None  # kvplug.blend.blender.Blender when blending is on and its self-test passed
+        self._blend_off = ""  # why blending turned off, until reported to the scheduler
+        self._loader: AsyncLoader | None = None
+        self._jobs: dict[str, LoadJob] = {}  # asynchronous loads in flight, by request
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.facts.layer_names if n not in kv_caches]
         if missing:
             raise ValueError(f"KVPlugConnector: no KV cache registered for layers {missing[:3]}...")
-        self.caches = [group_kernel_blocks(kv_caches[n], self.facts.num_blocks) for n in self.facts.layer_names]
+        self.caches = [vllm_compat.group_kernel_blocks(kv_caches[n], self.facts.num_blocks)
+                       for n in self.facts.layer_names]
         templates = [(tuple(c.shape[1:]), c.dtype) for c in self.caches]
         device = self.caches[0].device
         n_rows = self.cfg.tiers.cpu_bytes // self.facts.unit_bytes
-        self.rows = BlockRows.allocate(templates, n_rows, pin=device.type == "cuda")
-        # Which unit each row holds. The scheduler's index should always agree; checking costs
-        # nothing and turns any disagreement (e.g. a failed promotion) into a recompute, never
-        # wrong KV.
-        self._row_keys: list[bytes | None] = [None] * n_rows
-        self.layout = f"{self._layer_tag}|{self.rows.layout_tag()}"
-        if self.cfg.tiers.disk_path:
-            self.disk = DiskStore(Path(self.cfg.tiers.disk_path), self.layout, rank=self.tp_rank,
-                                  fsync=self.cfg.tiers.disk_fsync)
+        block_rows = BlockRows.allocate(templates, n_rows, pin=device.type == "cuda")
+        self.layout = f"{self._layer_tag}|{block_rows.layout_tag()}"
+        self.rows = UnitRows(block_rows, self.layout)
         t = self.cfg.tiers
+        if t.disk_path:
+            self.disk = DiskStore(Path(t.disk_path), self.layout, rank=self.tp_rank, fsync=t.disk_fsync)
         if t.remote_url:
             from kvplug.tiers.remote import RemoteStore, redact  # redis is only needed when configured
 
             self.remote = RemoteStore(t.remote_url, self.layout, rank=self.tp_rank, namespace=t.remote_namespace,
                                       ttl_s=t.remote_ttl_s, timeout_s=t.remote_timeout_ms / 1000)
+        self._loader = AsyncLoader({"disk": self.disk, "remote": self.remote})
         if self.cfg.blend.enabled:
-            self.blender = self._make_blender(kv_caches)
-        logger.info("kvplug: %d layers, %d B per block, CPU tier %d blocks (%.2f GB), disk tier %s, remote %s",
-                    len(self.caches), self.rows.row_bytes, n_rows, n_rows * self.rows.row_bytes / 1e9,
+            self._make_blender(kv_caches)
+        logger.info("kvplug: %d layers, %d B per block, CPU tier %d rows (%.2f GB), disk tier %s, remote %s",
+                    len(self.caches), block_rows.row_bytes, n_rows, n_rows * block_rows.row_bytes / 1e9,
                     t.disk_path or "off", redact(t.remote_url) if t.remote_url else "off")
 
-    # ---- before the forward pass --------------------------------------------------------
-    def load(self, meta: KVPlugMetadata) -> None:
-        if meta.is_empty():
-            return
-        start = time.perf_counter()
-        for key, slot in meta.disk_ops:  # before the loads and saves below may reuse a demoted slot
-            if slot < 0:
-                self.disk.delete(key)
-            elif self._row_keys[slot] == key:
-                self._put(key, self.rows.row(slot).clone(), to_disk=True, to_remote=False)
-        # Fetched units first: one promoted into a row this step may also be read from that row
-        # by a request planned after the promotion. (Rows read this step are pinned, never reused.)
-        for tier in ("disk", "remote"):
-            fetched = [(req, key, block, slot) for req, key, block, t, slot in meta.loads if t == tier]
-            if fetched:
-                self._load_fetched(tier, fetched)
-        cpu = []
-        for req, key, block, tier, slot in meta.loads:
-            if tier == "cpu" and self._row_keys[slot] == key:
-                cpu.append((slot, block))
-            elif tier == "cpu":
-                self._fail(req, key, block)
-        self.rows.load([s for s, _ in cpu], self.caches, [b for _, b in cpu])
-        self._count(load_bytes=len(cpu) * self.rows.row_bytes, cpu_hit_tokens=len(cpu) * self.facts.block_size)
-        if meta.loads:
-            self._count(load_seconds=time.perf_counter() - start)
-        for plan in meta.blends:
-            self._blend(plan)
-
     # ---- blending -----------------------------------------------------------------------
-    def _make_blender(self, kv_caches: dict[str, torch.Tensor]):
+    def _make_blender(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from kvplug.blend.blender import Blender
-        from kvplug.blend.store import ChunkStore
         from kvplug.connector.model_adapter import VLLMModelAdapter
         from kvplug.connector.plugin import loaded_model
 
@@ -108,104 +87,158 @@ class WorkerHalf:
         if model is None:
             raise ValueError("blend=true but kvplug did not see the model load: is the kvplug plugin installed "
                              "(pip install kvplug) and VLLM_PLUGINS not excluding it?")
-        adapter = VLLMModelAdapter(model, kv_caches)
-        kernel_block = next(iter(kv_caches.values())).shape[2]
-        if kernel_block != self.facts.block_size:
-            raise ValueError(f"blend needs the cache's kernel block size ({kernel_block}) to equal vLLM's block "
-                             f"size ({self.facts.block_size})")
-        b, t = self.cfg.blend, self.cfg.tiers
-        store = ChunkStore((adapter.num_layers, adapter.num_kv_heads, adapter.head_dim), adapter.dtype,
-                           cpu_bytes=b.blend_cpu_bytes, disk_root=Path(t.disk_path) / "chunks" if t.disk_path else None,
-                           disk_bytes=b.blend_disk_bytes, layout="blend-v1", rank=self.tp_rank)
-        return Blender(adapter, store, check_layer=b.blend_check_layer)
+        adapter = VLLMModelAdapter(model, kv_caches, self.facts.block_size)
+        why = vllm_compat.self_test(adapter)
+        if why is not None:
+            self._blend_off = (f"vLLM {vllm_compat.vllm_version()} does not behave as kvplug's vllm_compat expects "
+                               f"(supported: {vllm_compat.SUPPORTED_VLLM}): {why}")
+            logger.warning("kvplug: blending is off: %s", self._blend_off)
+            return
+        b = self.cfg.blend
+        self.blender = Blender(adapter, {}, check_layer=b.blend_check_layer, head_tokens=b.blend_chunk_head_tokens)
+        self.chunk_layout = (f"chunk-v2|{str(adapter.dtype).removeprefix('torch.')}|L{adapter.num_layers}"
+                             f"KV{adapter.num_kv_heads}D{adapter.head_dim}|keys-at-0")
+        self._loader.chunk_layout = self.chunk_layout
 
-    def _blend(self, plan) -> None:
+    # ---- before the forward pass --------------------------------------------------------
+    def load(self, meta: KVPlugMetadata) -> None:
+        if meta.is_empty():
+            return
+        start = time.perf_counter()
+        self._disk_ops(meta.disk_ops)
+        jobs = LoadJob.split(meta, self)
+        for job in jobs:
+            job.read_rows(self)  # CPU rows now, in the step they were planned for: later steps reuse them
+            if job.req_id in meta.async_reqs:
+                job.fetch = self._loader.submit(job.remote_reads())
+                self._jobs[job.req_id] = job
+            else:
+                job.fetched = self._loader.read_now(job.remote_reads())
+                self._complete(job)
+        if meta.loads:
+            self._count(load_seconds=time.perf_counter() - start)
+
+    def _disk_ops(self, ops) -> None:
+        """Demotions and deletes, before the loads and saves of this step may reuse a demoted row."""
+        for key, rows in ops:
+            if not rows:
+                self.disk.delete(key)
+            else:
+                unit = self.rows.read(key, rows)
+                if unit is not None:
+                    self.disk.put(key, unit.payload, unit.layout)
+
+    def finished_loads(self) -> set[str]:
+        """Complete the asynchronous loads whose reads have landed: into the engine's cache, blend."""
+        done = {req for req, job in self._jobs.items() if job.fetch.done()}
+        for req in done:
+            job = self._jobs.pop(req)
+            job.fetched = job.fetch.result()
+            self._complete(job)
+        return done
+
+    def _complete(self, job: LoadJob) -> None:
+        """Fetched blocks into the engine's cache (and promoted into rows), then the blend."""
+        failed = job.install(self)
+        for key, block in failed:
+            self._fail(job.req_id, key, block)
+        if job.blend is not None:
+            self._blend(job)
+
+    def _blend(self, job: LoadJob) -> None:
         from kvplug.blend.blender import BlendJob
 
-        start = time.perf_counter()
-        bs = self.facts.block_size
-        pos = torch.arange(plan.start, plan.end)
+        plan, bs = job.blend, self.facts.block_size
         blocks = torch.tensor(plan.block_ids, dtype=torch.long)
-        slots = blocks[pos // bs] * bs + pos % bs
-        job = BlendJob(plan.tokens, plan.start, plan.end, plan.chunks, slots, plan.ratio, plan.policy, block_table=blocks,
-                       tail=plan.tail)
+        pos = torch.arange(plan.end)
+        all_slots = blocks[pos // bs] * bs + pos % bs
+        slots, prefix_slots = all_slots[plan.start:], all_slots[:plan.start]
+        start = time.perf_counter()
         try:
-            r = self.blender.run(job)
-        except Exception:  # noqa: BLE001 - a failed blend is recomputed by vLLM, never a dead engine
-            logger.exception("kvplug: blending request %s failed; vLLM recomputes its tokens", plan.req_id)
+            if self.blender is None:
+                raise RuntimeError(f"blending is off on this worker: {self._blend_off or 'not enabled'}")
+            if job.chunk_failures:
+                raise RuntimeError(f"{job.chunk_failures} chunk(s) could not be loaded")
+            r = self.blender.run(BlendJob(plan.tokens, plan.start, plan.end, [(c.begin, c.end, c.key) for c in plan.chunks],
+                                          slots, plan.ratio, plan.policy, block_table=blocks, tail=plan.tail,
+                                          chunk_kv=job.chunk_kv, prefix_slots=prefix_slots))
+        except Exception as e:  # noqa: BLE001 - a failed blend is recomputed by vLLM, never a dead engine
+            if job.chunk_failures or self.blender is None:
+                logger.debug("kvplug: request %s not blended (%s); vLLM recomputes its tokens", plan.req_id, e)
+            else:
+                logger.exception("kvplug: blending request %s failed; vLLM recomputes its tokens", plan.req_id)
             self._errors.update(plan.block_ids[plan.start // bs:(plan.end - 1) // bs + 1])
             self._count(blend_errors=1)
             return
         self._count(blend_requests=1, blend_tokens=r.tokens, blend_recomputed_tokens=r.recomputed,
-                    blend_chunk_hits=r.chunk_hits, blend_chunk_misses=r.chunk_misses,
                     blend_seconds=time.perf_counter() - start)
 
     def _fail(self, req: str, key: bytes, block: int) -> None:
-        self._errors.add(block)
+        if block >= 0:
+            self._errors.add(block)
         self._redo.append((req, key))
-
-    def _load_fetched(self, tier: str, loads: list[tuple[str, bytes, int, int]]) -> None:
-        store = self.disk if tier == "disk" else self.remote
-        payloads = store.get_many([key for _, key, _, _ in loads]) if store is not None else [None] * len(loads)
-        found, good = [], []
-        for (req, key, block, promote), payload in zip(loads, payloads):
-            if promote >= 0:
-                self._row_keys[promote] = None  # holds nothing valid unless the copy below happens
-            if payload is None or payload.numel() != self.rows.row_bytes:
-                self._fail(req, key, block)
-                continue
-            found.append((block, promote))
-            good.append(payload)
-            if promote >= 0:
-                self._row_keys[promote] = key
-        if not found:
-            return
-        batch = BlockRows(torch.stack(good), self.rows.templates)
-        batch.load(list(range(len(found))), self.caches, [b for b, _ in found])
-        promoted = [(i, p) for i, (_, p) in enumerate(found) if p >= 0]
-        if promoted:
-            dst = torch.tensor([p for _, p in promoted])
-            self.rows.buffer.index_copy_(0, dst, batch.buffer[[i for i, _ in promoted]])
-        self._count(load_bytes=len(found) * self.rows.row_bytes, **{f"{tier}_hit_tokens": len(found) * self.facts.block_size})
 
     # ---- after the forward pass ---------------------------------------------------------
     def save(self, meta: KVPlugMetadata) -> None:
-        if not meta.saves:
+        if not meta.saves and not meta.chunk_saves:
             return
         if self._errors:
             # This step's forward attended to blocks that failed to load: its KV is wrong.
-            self._redo += [(req, key) for req, key, *_ in meta.saves]
+            self._redo += [(s.req_id, s.key) for s in meta.saves] + [(s.req_id, s.key) for s in meta.chunk_saves]
             return
         start = time.perf_counter()
-        to_rows = [(slot, block) for _, _, block, slot, *_ in meta.saves if slot >= 0]
-        self.rows.store([s for s, _ in to_rows], self.caches, [b for _, b in to_rows])
-        direct = [(block, d, r) for _, _, block, slot, d, r, _ in meta.saves if slot < 0 and (d or r)]
-        staging = BlockRows.allocate(self.rows.templates, len(direct))
-        staging.store(list(range(len(direct))), self.caches, [b for b, _, _ in direct])
-        n_direct = 0
-        for _, key, _, slot, to_disk, to_remote, ttl in meta.saves:
-            if slot >= 0:
-                self._row_keys[slot] = key
-                if to_disk or to_remote:
-                    # The row can be reused by a later step before the write ends: write a copy.
-                    self._put(key, self.rows.row(slot).clone(), to_disk, to_remote, ttl)
-            elif to_disk or to_remote:
-                self._put(key, staging.row(n_direct), to_disk, to_remote, ttl)
-                n_direct += 1
-        self._count(saved_blocks=len(meta.saves), save_bytes=len(meta.saves) * self.rows.row_bytes,
+        nbytes = self._save_blocks(meta.saves) + self._save_chunks(meta.chunk_saves)
+        self._count(saved_blocks=len(meta.saves), saved_chunks=len(meta.chunk_saves), save_bytes=nbytes,
                     save_seconds=time.perf_counter() - start)
 
-    def _put(self, key: bytes, payload: torch.Tensor, to_disk: bool, to_remote: bool, ttl: float = 0.0) -> None:
+    def _save_blocks(self, saves) -> int:
+        to_rows = [s for s in saves if s.rows]
+        self.rows.store_blocks([s.key for s in to_rows], [s.rows[0] for s in to_rows], self.caches,
+                               [s.block for s in to_rows])
+        direct = [s for s in saves if not s.rows and (s.to_disk or s.to_remote)]
+        staging = BlockRows.allocate(self.rows.blocks.templates, len(direct))
+        staging.store(list(range(len(direct))), self.caches, [s.block for s in direct])
+        for i, s in enumerate(direct):
+            self._put(s.key, staging.row(i), self.layout, s.to_disk, s.to_remote, s.ttl_s)
+        for s in to_rows:
+            if s.to_disk or s.to_remote:
+                # The row can be reused by a later step before the write ends: write a copy.
+                self._put(s.key, self.rows.blocks.row(s.rows[0]).clone(), self.layout, s.to_disk, s.to_remote,
+                          s.ttl_s)
+        return len(saves) * self.rows.row_bytes
+
+    def _save_chunks(self, saves) -> int:
+        if not saves:
+            return 0
+        if self.blender is None:  # nothing reads chunks back out of the paged cache without the blender's adapter
+            return 0
+        total, bs = 0, self.facts.block_size
+        for s in saves:
+            blocks = torch.tensor(s.block_ids, dtype=torch.long)
+            pos = torch.arange(s.begin, s.end)
+            payload = self.blender.chunk_payload(blocks[pos // bs] * bs + pos % bs, s.begin)
+            if payload.numel() != s.nbytes:
+                self._redo.append((s.req_id, s.key))
+                continue
+            if s.rows:
+                self.rows.store(s.key, s.rows, payload, self.chunk_layout)
+            self._put(s.key, payload, self.chunk_layout, s.to_disk, s.to_remote, s.ttl_s)
+            total += s.nbytes
+        return total
+
+    def _put(self, key: bytes, payload: torch.Tensor, layout: str, to_disk: bool, to_remote: bool,
+             ttl: float = 0.0) -> None:
         """Queue asynchronous writes; the stores only read `payload`, which nobody modifies."""
         if to_disk and self.disk is not None:
-            self.disk.put(key, payload)
+            self.disk.put(key, payload, layout)
         if to_remote and self.remote is not None:
-            self.remote.put(key, payload, ttl_s=ttl or None)
+            self.remote.put(key, payload, ttl_s=ttl or None, layout=layout)
 
     # ---- reporting ----------------------------------------------------------------------
     def take_worker_meta(self) -> KVPlugWorkerMeta | None:
         redo, self._redo = self._redo, []
-        return KVPlugWorkerMeta(redo) if redo else None
+        off, self._blend_off = self._blend_off, ""
+        return KVPlugWorkerMeta(redo, off) if redo or off else None
 
     def take_load_errors(self) -> set[int]:
         errors, self._errors = self._errors, set()
@@ -226,14 +259,12 @@ class WorkerHalf:
             r = self.remote.stats.take()
             self._count(remote_write_bytes=r.bytes_written, remote_read_bytes=r.bytes_read,
                         remote_errors=r.timeouts + r.write_errors + r.dropped, remote_corrupt=r.corrupt)
-        if self.blender is not None:  # chunk files are disk files too
-            self._count(disk_corrupt=self.blender.store.take_stats()["corrupt"])
         stats, self._stats = KVPlugStats.new(**self._stats), {}
         return None if stats.is_empty() else stats
 
     def close(self) -> None:
-        if self.blender is not None:
-            self.blender.store.close()
+        if self._loader is not None:
+            self._loader.close()
         for store in (self.disk, self.remote):
             if store is not None:
                 store.flush()

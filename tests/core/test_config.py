@@ -45,14 +45,15 @@ def test_defaults_and_json_numbers(tmp_path):
         ({"recompute_ratio": -0.1}, "recompute_ratio=-0.1"),
         ({"recompute_ratio": float("nan")}, "recompute_ratio=nan"),
         ({"recompute_ratio": "0.2"}, "recompute_ratio='0.2'"),
-        ({"recompute_policy": "greedy"}, "recompute_policy='greedy': allowed values are fixed, adaptive"),
+        ({"recompute_policy": "greedy"}, "recompute_policy='greedy': allowed values are fixed, adaptive, epic, query"),
         ({"blend_check_layer": -1}, "blend_check_layer=-1: must be an integer >= 0"),
         ({"blend_check_layer": 1.5}, "blend_check_layer=1.5: must be an integer"),
         ({"blend_check_layer": True}, "blend_check_layer=True: must be an integer"),
-        ({"blend_cpu_bytes": -1}, "blend_cpu_bytes=-1"),
-        ({"blend_disk_bytes": "10GB"}, "blend_disk_bytes='10GB': must be a number"),
+        ({"blend_cpu_bytes": 2e9}, "'blend_cpu_bytes' is no longer a key: chunk KV now shares cpu_bytes"),
+        ({"blend_disk_bytes": 1e10}, "'blend_disk_bytes' is no longer a key: chunk KV now shares disk_bytes"),
         ({"blend_min_chunk_tokens": 0}, "blend_min_chunk_tokens=0: must be an integer >= 1"),
-        ({"blend": True, "blend_cpu_bytes": 0}, "blend=true with blend_cpu_bytes=0"),
+        ({"blend_chunk_head_tokens": -1}, "blend_chunk_head_tokens=-1: must be an integer >= 0"),
+        ({"async_loads": "yes"}, "async_loads='yes': allowed values are true, false"),
         ({"enabled": True}, "unknown key.*'enabled'"),
     ],
 )
@@ -64,7 +65,7 @@ def test_bad_values_name_the_key_and_allowed_values(extra, match):
 def test_unusable_disk_path(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    with pytest.raises(ValueError, match="not a directory|cannot create"):
+    with pytest.raises(ValueError, match="exists and is a regular file; give a directory"):
         KVPlugConfig.from_dict({"disk_path": str(f)})
     with pytest.raises(ValueError, match="cannot create"):
         KVPlugConfig.from_dict({"disk_path": str(f / "sub")})
@@ -83,32 +84,38 @@ def test_every_key_is_documented_in_the_readme():
         assert f"| `{name}` |" in readme, name
 
 
-def test_blend_defaults_and_round_trip(tmp_path):
+def test_blend_defaults_and_round_trip():
     from kvplug.config import BLEND_USER_KEYS, BlendConfig
 
     b = KVPlugConfig.from_dict({}).blend
     assert b == BlendConfig()
-    assert (b.enabled, b.chunk_separator, b.recompute_ratio, b.recompute_policy) == (False, " # # ", 0.15, "fixed")
-    assert (b.blend_check_layer, b.blend_cpu_bytes, b.blend_disk_bytes, b.blend_min_chunk_tokens) == (
-        1, 2_000_000_000, 10_000_000_000, 16)
+    assert (b.enabled, b.chunk_separator, b.recompute_ratio, b.recompute_policy) == (False, " # # ", 0.15, "query")
+    assert (b.blend_check_layer, b.blend_chunk_head_tokens, b.blend_min_chunk_tokens) == (1, 0, 16)
     extra = {"blend": True, "chunk_separator": "\n\n", "recompute_ratio": 1, "recompute_policy": "adaptive",
-             "blend_check_layer": 0, "blend_cpu_bytes": 1e9, "blend_disk_bytes": 5e9,
-             "blend_min_chunk_tokens": 1}
+             "blend_check_layer": 0, "blend_chunk_head_tokens": 8, "blend_min_chunk_tokens": 1}
     cfg = KVPlugConfig.from_dict(extra)
     assert cfg.blend.enabled is True and cfg.blend.recompute_ratio == 1.0
-    assert isinstance(cfg.blend.recompute_ratio, float) and cfg.blend.blend_cpu_bytes == 1_000_000_000
+    assert isinstance(cfg.blend.recompute_ratio, float) and cfg.blend.blend_chunk_head_tokens == 8
     d = cfg.to_dict()
-    assert {k: d[k] for k in BLEND_USER_KEYS} == {**extra, "recompute_ratio": 1.0, "blend_cpu_bytes": 10 ** 9,
-                                                  "blend_disk_bytes": 5 * 10 ** 9}
+    assert {k: d[k] for k in BLEND_USER_KEYS} == {**extra, "recompute_ratio": 1.0}
     assert KVPlugConfig.from_dict({k: d[k] for k in BLEND_USER_KEYS}) == cfg  # to_dict feeds from_dict
-    # Blending with no host memory is fine when chunk KV can go to disk.
-    ok = KVPlugConfig.from_dict({"blend": True, "blend_cpu_bytes": 0, "disk_path": str(tmp_path / "d")})
-    assert ok.blend.blend_cpu_bytes == 0
-    with pytest.raises(ValueError, match="blend=true with blend_cpu_bytes=0"):
-        KVPlugConfig.from_dict({"blend": True, "blend_cpu_bytes": 0, "blend_disk_bytes": 0,
-                                "disk_path": str(tmp_path / "d")})
-    # Disabled blending with no chunk memory is not an error: nothing would use it.
-    assert KVPlugConfig.from_dict({"blend_cpu_bytes": 0}).blend.blend_cpu_bytes == 0
+
+
+def test_check_layer_beyond_the_model_fails_naming_the_layer_count():
+    from kvplug.config import check_blend_for_model
+
+    cfg = KVPlugConfig.from_dict({"blend": True, "blend_check_layer": 30}).blend
+    with pytest.raises(ValueError, match="blend_check_layer=30: this model has 30 layers, so it must be at most 29"):
+        check_blend_for_model(cfg, 30)
+    check_blend_for_model(cfg, 31)
+
+
+def test_policy_names_come_from_the_registries():
+    from kvplug.blend.policies import POLICIES as RECOMPUTE
+    from kvplug.config import EVICTION_POLICIES, RECOMPUTE_POLICIES
+    from kvplug.tiers.policies import POLICIES as EVICTION
+
+    assert set(EVICTION_POLICIES) == set(EVICTION) and set(RECOMPUTE_POLICIES) == set(RECOMPUTE)
 
 
 def test_request_blend_overrides_opt_out_and_bad_values():

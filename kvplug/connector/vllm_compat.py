@@ -1,0 +1,248 @@
+"""Every vLLM internal kvplug touches, in one place, with a start-up self-test.
+
+The KV connector interface (KVConnectorBase_V1, its metadata and stats classes) is vLLM's public
+plugin API and is used where it is needed. What is NOT public lives here: how a connector is
+registered by name, how the loaded model is captured, the CPU attention backend's metadata and
+kernel call, the rotary module's frequencies, the paged-cache write op and the block grouping.
+When a vLLM upgrade changes one of them, this file is the one to fix, and `self_test` turns
+blending off with one warning naming the vLLM version instead of failing every request.
+
+    SUPPORTED_VLLM                      the vLLM versions this module was written against
+    register_connector(name, module, cls)   KVConnectorFactory registration (idempotent)
+    capture_loaded_models(on_load)      wrap the model runners' load_model so on_load(model) runs
+    group_kernel_blocks(cache, num_blocks)  a layer's cache viewed block-major
+    kv_write(attn, k, v, cache, slots)  the backend's own paged-cache write
+    is_cpu_backend(attn) / cpu_paged_metadata(attn, ...) / cpu_paged_attention(attn, ...)
+    rope_frequencies(rotary_emb)        (inv_freq fp32, "neox"|"gptj"), or ValueError
+    layer_tag(vllm_config)              attention implementation and ISA (block interiors differ)
+    PagedKVReader(attn, cache)          per-token K/V read back from a paged cache of any layout
+    self_test(adapter)                  None when the internals behave as expected, else why not
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+logger = logging.getLogger("kvplug")
+
+SUPPORTED_VLLM = ">=0.32.0,<0.33"
+_ROPES = ("RotaryEmbedding", "Llama3RotaryEmbedding")
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+# ---- registration and the model handle ------------------------------------------------------
+def register_connector(name: str, module: str, cls: str) -> None:
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    if name not in KVConnectorFactory._registry:
+        KVConnectorFactory.register_connector(name, module, cls)
+
+
+def capture_loaded_models(on_load) -> None:
+    """A KV connector gets no model handle: record the model each runner loads."""
+    runners = []
+    for module, name in (("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
+                         ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner")):
+        try:
+            runners.append(getattr(__import__(module, fromlist=[name]), name))
+        except Exception as e:  # noqa: BLE001 - a runner this platform lacks is no error
+            logger.debug("kvplug: %s.%s not importable (%s)", module, name, e)
+    for cls in runners:
+        load = cls.__dict__.get("load_model")
+        if load is None or getattr(load, "_kvplug_wrapped", False):
+            continue
+        setattr(cls, "load_model", _recording(load, on_load))
+
+
+def _recording(load, on_load):
+    @functools.wraps(load)
+    def load_model(self, *args, **kwargs):
+        out = load(self, *args, **kwargs)
+        on_load(getattr(self, "model", None))
+        return out
+
+    load_model._kvplug_wrapped = True
+    return load_model
+
+
+def group_kernel_blocks(cache: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    from vllm.v1.kv_cache_interface import group_kernel_blocks as group
+
+    return group(cache, num_blocks)
+
+
+def layer_tag(vllm_config) -> str:
+    """Attention implementation and CPU ISA: block interiors differ between them."""
+    ctx = vllm_config.compilation_config.static_forward_context
+    layer = next(iter(ctx.values()), None)
+    impl = type(getattr(layer, "impl", None)).__name__
+    return f"{impl}:{getattr(layer, 'isa', '')}"
+
+
+# ---- attention ------------------------------------------------------------------------------
+def kv_write(attn, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """k, v [T, KV, D] into the paged cache at slots [T], through the backend's own op (the
+    block interior may be ISA-packed: never written by hand)."""
+    attn.impl.do_kv_cache_update(attn, k.contiguous(), v.contiguous(), cache, slots.to(k.device))
+
+
+def is_cpu_backend(attn) -> bool:
+    return type(attn.impl).__name__ == "CPUAttentionBackendImpl" and hasattr(attn, "isa")
+
+
+def cpu_paged_metadata(attn, q_pos: torch.Tensor, block_table: torch.Tensor, num_heads: int, num_kv_heads: int,
+                       head_dim: int, dtype: torch.dtype):
+    """CPU attention metadata for queries at q_pos (ascending) of one request: one causal
+    sequence when they are contiguous, else one single-query sequence per token (a decode batch
+    over the same blocks)."""
+    from vllm import _custom_ops as ops
+    from vllm import envs
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+
+    n = q_pos.numel()
+    bt = block_table.to(torch.int32).view(1, -1)
+    if int(q_pos[-1]) - int(q_pos[0]) + 1 == n:
+        starts = torch.tensor([0, n], dtype=torch.int32)
+        seq_lens = torch.tensor([int(q_pos[-1]) + 1], dtype=torch.int32)
+    else:
+        starts = torch.arange(n + 1, dtype=torch.int32)
+        seq_lens = (q_pos + 1).to(torch.int32)
+        bt = bt.expand(n, -1).contiguous()
+    sched = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=seq_lens.numel(), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        seq_lens=seq_lens, dtype=dtype, query_start_loc=starts, causal=True, sliding_window_size=-1,
+        isa=attn.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=attn.impl.kv_cache_dtype)
+    return CPUAttentionMetadata(
+        num_actual_tokens=n, max_query_len=int((starts[1:] - starts[:-1]).max()), query_start_loc=starts,
+        max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=bt,
+        slot_mapping=torch.empty(0, dtype=torch.int64), scheduler_metadata=sched, causal=True)
+
+
+def cpu_paged_attention(attn, q: torch.Tensor, cache: torch.Tensor, metadata) -> torch.Tensor:
+    """q [T, H, D] against the paged cache (the engine's CPU kernel) -> [T, H, D]."""
+    out = torch.empty_like(q)
+    attn.impl.forward(attn, q, None, None, cache, metadata, out)
+    return out
+
+
+def rope_frequencies(rotary_emb) -> tuple[torch.Tensor, str]:
+    """inv_freq and style of the model's RoPE. Re-rotation by a position delta is exact only when
+    the angle is position x frequency (no position-dependent scaling such as YaRN's)."""
+    kind = type(rotary_emb).__name__
+    if kind not in _ROPES:
+        raise ValueError(f"blend supports RoPE types {', '.join(_ROPES)}; this model uses {kind}")
+    if rotary_emb.rotary_dim % 2:
+        raise ValueError(f"rotary_dim={rotary_emb.rotary_dim} must be even")
+    inv_freq = rotary_emb._compute_inv_freq(rotary_emb.base).float().cpu()
+    return inv_freq, "neox" if rotary_emb.is_neox_style else "gptj"
+
+
+# ---- reading K/V back out of a paged cache --------------------------------------------------
+class PagedKVReader:
+    """Per-token K and V of a paged cache, whatever the backend's block interior (the CPU backend
+    packs it per ISA). Learned once: integer probes are written through the backend's own write
+    op into one scratch block (its bytes restored afterwards), and where each (token, head, dim)
+    element of K and of V landed gives a gather index. Valid for every layer whose cache has the
+    same shape, dtype and backend. read(cache, slots) -> (k, v) [T, KV, D].
+    """
+
+    def __init__(self, attn, cache: torch.Tensor, num_kv_heads: int, head_dim: int, block_size: int):
+        self.kv_heads, self.head_dim, self.block_size = num_kv_heads, head_dim, block_size
+        n = block_size * num_kv_heads * head_dim
+        scratch = cache.shape[0] - 1
+        saved = cache[scratch].clone()
+        try:
+            self.k_index = self._learn(attn, cache, scratch, n, which=0)
+            self.v_index = self._learn(attn, cache, scratch, n, which=1)
+        finally:
+            cache[scratch].copy_(saved)
+
+    def _learn(self, attn, cache: torch.Tensor, block: int, n: int, which: int) -> torch.Tensor:
+        """int64 [block_size, KV*D]: flat offset inside a block of each element of K (which 0) or V."""
+        shape = (self.block_size, self.kv_heads, self.head_dim)
+        idx = torch.arange(n, device=cache.device).view(shape)
+        slots = torch.arange(block * self.block_size, (block + 1) * self.block_size, device=cache.device)
+        digits, flat, found = -(-n.bit_length() // 8), None, None
+        for d in range(digits):  # base-256 digits: every integer < 256 is exact in bf16, fp16, fp32
+            val = ((idx >> (8 * d)) & 255).to(cache.dtype)
+            other = torch.full_like(val, -1.0)  # the other of K/V: marks "not this one"
+            cache[block].fill_(-2.0)  # and -2 whatever the write leaves alone (padding)
+            kv_write(attn, val if which == 0 else other, other if which == 0 else val, cache, slots)
+            got = cache[block].reshape(-1).float()
+            if found is None:
+                found, flat = got >= 0, torch.zeros(got.numel(), dtype=torch.long, device=cache.device)
+            flat += got.clamp(min=0).long() << (8 * d)
+        where = torch.full((n,), -1, dtype=torch.long, device=cache.device)
+        where[flat[found]] = torch.nonzero(found).flatten()
+        if int(found.sum()) != n or bool((where < 0).any()):
+            raise ValueError(f"the backend's cache write is not a permutation of a {tuple(cache.shape[1:])} block")
+        return where.view(self.block_size, -1)
+
+    def read(self, cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = slots.to(cache.device)
+        flat = cache.reshape(cache.shape[0], -1)
+        blocks, offsets = (slots // self.block_size).unsqueeze(1), slots % self.block_size
+        shape = (-1, self.kv_heads, self.head_dim)
+        return flat[blocks, self.k_index[offsets]].view(shape), flat[blocks, self.v_index[offsets]].view(shape)
+
+
+# ---- self-test ------------------------------------------------------------------------------
+def self_test(adapter, tokens: int = 5) -> str | None:
+    """None if, on layer 0 of the loaded model, (1) K/V written through the backend read back
+    exactly, and (2) a few tokens through the decoder layer with the engine's paged attention
+    give the output of the same layer with a plain softmax attention over the same K/V;
+    else a one-line reason. Uses the last block of the cache (restored afterwards)."""
+    try:
+        return _self_test(adapter, tokens)
+    except Exception as e:  # noqa: BLE001 - any failure means: do not blend on this vLLM
+        return f"{type(e).__name__}: {e}"
+
+
+@torch.inference_mode()
+def _self_test(m, n: int) -> str | None:
+    cache = m.cache(0)
+    block = cache.shape[0] - 1
+    saved = cache[block].clone()
+    try:
+        g = torch.Generator().manual_seed(0)
+        k = torch.randn((n, m.num_kv_heads, m.head_dim), generator=g).to(m.dtype).to(m.device)
+        v = torch.randn((n, m.num_kv_heads, m.head_dim), generator=g).to(m.dtype).to(m.device)
+        slots = torch.arange(block * m.block_size, block * m.block_size + n, device=m.device)
+        m.write_kv(0, k, v, slots)
+        rk, rv = m.read_kv(0, slots)
+        if not (torch.equal(rk, k) and torch.equal(rv, v)):
+            return "K/V read back from the paged cache differ from what was written"
+        if m.paged_plan is None:
+            return None
+        return _compare_layer(m, n, block, slots)
+    finally:
+        cache[block].copy_(saved)
+
+
+def _compare_layer(m, n: int, block: int, slots: torch.Tensor) -> str | None:
+    ids = torch.arange(1, n + 1, device=m.device) * 7
+    pos = torch.arange(n, device=m.device)
+    outs = []
+    for paged in (True, False):
+        def attend(q, k, v, paged=paged):
+            k, v = k.view(n, m.num_kv_heads, m.head_dim), v.view(n, m.num_kv_heads, m.head_dim)
+            q = q.view(n, m.num_heads, m.head_dim)
+            if paged:
+                m.write_kv(0, k, v, slots)
+                return m.paged_attention(0, q.reshape(n, -1), m.paged_plan(pos, torch.tensor([block])))
+            qf, kf, vf = (t.float().transpose(0, 1) for t in (q, k, v))
+            o = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, is_causal=True, scale=m.scale,
+                                                                 enable_gqa=True)
+            return o.transpose(0, 1).to(q.dtype).reshape(n, -1)
+        hidden, residual = m.forward_layer(0, pos, m.embed(ids), None, attend)
+        outs.append((hidden + residual).float())
+    err = float((outs[0] - outs[1]).abs().max())
+    tol = 0.05 * float(outs[1].abs().max()) + 1e-3
+    return None if err <= tol else f"decoder layer 0 through the engine's kernel differs by {err:.3g} (> {tol:.3g})"

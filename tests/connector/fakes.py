@@ -1,0 +1,70 @@
+"""Fake vLLM objects for the connector halves' unit tests: a request, a scheduler output, engine
+facts. They carry exactly the attributes kvplug reads (checked against vLLM 0.32's classes)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvplug.connector.engine_facts import EngineFacts
+
+BS = 16  # block size of the fake engine
+SEP = (901, 902)  # the separator's token ids
+
+
+def facts(num_layers: int = 2, kv_heads: int = 2, head_dim: int = 8, num_blocks: int = 64) -> EngineFacts:
+    token = 2 * num_layers * kv_heads * head_dim * 2  # bf16
+    return EngineFacts(namespace=b"n" * 32, block_size=BS, unit_bytes=BS * token,
+                       layer_names=tuple(f"layer.{i}" for i in range(num_layers)), num_blocks=num_blocks, tp_size=1,
+                       chunk_token_bytes=token)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    cache_salt: str | None = None
+    kv_transfer_params: dict | None = None
+
+
+def doc(seed: int, n: int = 40) -> list[int]:
+    return [100 + (seed * 37 + i * 11) % 700 for i in range(n)]
+
+
+def blend_prompt(*docs: list[int], question: int = 9) -> list[int]:
+    """head + SEP + doc + ... + SEP + question tokens, as the chunker splits them."""
+    out = doc(0, 20)
+    for d in docs:
+        out += list(SEP) + d
+    return out + list(SEP) + [question] * 6
+
+
+@dataclass
+class NewReq:
+    req_id: str
+    block_ids: tuple[list[int], ...]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedReqs:
+    req_ids: list[str] = field(default_factory=list)
+    new_block_ids: list = field(default_factory=list)
+    resumed_req_ids: set[str] = field(default_factory=set)
+    num_computed_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewReq] = field(default_factory=list)
+    scheduled_cached_reqs: CachedReqs = field(default_factory=CachedReqs)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+
+
+def step_new(req: Request, blocks: list[int], computed: int, scheduled: int) -> SchedulerOutput:
+    return SchedulerOutput([NewReq(req.request_id, (blocks,), computed)], CachedReqs(),
+                           {req.request_id: scheduled})
+
+
+def step_cached(req: Request, computed: int, scheduled: int, new_blocks=None, resumed=False) -> SchedulerOutput:
+    cached = CachedReqs([req.request_id], [(new_blocks,) if new_blocks is not None else None],
+                        {req.request_id} if resumed else set(), [computed])
+    return SchedulerOutput([], cached, {req.request_id: scheduled})

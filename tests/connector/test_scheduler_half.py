@@ -1,0 +1,189 @@
+"""SchedulerHalf over fake vLLM requests and scheduler outputs (no engine): what it claims, what
+it plans to load and save, and when, including preemption and asynchronous loads."""
+import pytest
+
+from fakes import BS, SEP, Request, blend_prompt, doc, facts, step_cached, step_new
+from kvplug.config import KVPlugConfig
+from kvplug.connector.metadata import KVPlugWorkerMeta
+from kvplug.connector.scheduler import SchedulerHalf
+
+
+def half(tmp_path=None, **extra) -> SchedulerHalf:
+    cfg = KVPlugConfig.from_dict({"cpu_bytes": 1e6, **extra})
+    return SchedulerHalf(cfg, facts(), separator=SEP)
+
+
+def run_prefill(s: SchedulerHalf, req: Request, blocks: list[int]):
+    """vLLM's view of a request prefilled in one step: lookup, alloc, one scheduled step."""
+    n, _ = s.num_matched(req, 0)
+    s.after_alloc(req, blocks, n)
+    s.build_meta(step_new(req, blocks, 0, len(req.prompt_token_ids) - n))  # the loads and the blend
+    return s.build_meta(step_cached(req, len(req.prompt_token_ids), 1))  # saves of what it computed
+
+
+def test_prefix_blocks_are_saved_then_found_and_loaded_from_the_cpu_tier():
+    s = half()
+    a = Request("a", list(range(1, 70)))
+    n, is_async = s.num_matched(a, 0)
+    assert (n, is_async) == (0, False)
+    s.after_alloc(a, [1, 2, 3, 4, 5], 0)
+    meta = s.build_meta(step_new(a, [1, 2, 3, 4, 5], 0, 69))
+    assert [x.block for x in meta.saves] == [1, 2, 3, 4]  # the 4 full blocks
+    b = Request("b", list(range(1, 70)))
+    n, is_async = s.num_matched(b, 0)
+    assert (n, is_async) == (4 * BS, False)
+    s.after_alloc(b, [9, 10, 11, 12, 13], n)
+    meta = s.build_meta(step_new(b, [9, 10, 11, 12, 13], n, 69 - n))
+    assert [(x.block, x.tier) for x in meta.loads] == [(9, "cpu"), (10, "cpu"), (11, "cpu"), (12, "cpu")]
+    assert meta.loads[0].rows == next(x.rows for x in s_saves(s, a))  # from the row it was saved to
+
+
+def s_saves(s, req):  # rows of the saves planned for req so far, from the manager
+    return [type("S", (), {"rows": s.manager._slots[k]})() for k in s._reqs[req.request_id].keys[:1]]
+
+
+def test_prefix_tier_blocks_come_first_and_a_missed_chunk_there_ends_the_claim():
+    s = half(blend=True)
+    run_prefill(s, Request("w", blend_prompt(doc(1), doc(3))), list(range(1, 10)))
+    b = Request("b", blend_prompt(doc(1), doc(2), doc(3)))
+    # Same root (same ratio and policy): w's blocks [0, 64) match (positions 62-63 are the
+    # separator in both); d2 ([62, 104)) starts inside them and misses: nothing to blend.
+    assert s.num_matched(b, 0) == (64, False)
+    s.after_alloc(b, list(range(20, 30)), 64)
+    assert s.build_meta(step_new(b, list(range(20, 30)), 64, 90)).blends == []
+
+
+def test_lookups_have_no_side_effects_and_may_be_repeated():
+    s = half(blend=True)
+    first = Request("a", blend_prompt(doc(1), doc(2)))
+    run_prefill(s, first, list(range(1, 10)))
+    again = Request("b", blend_prompt(doc(2), doc(1)))
+    assert s.num_matched(again, 0) == s.num_matched(again, 0)
+    assert s.manager.counters.take()["cpu_hits"] == 0
+
+
+def test_first_seen_chunks_are_computed_by_vllm_and_saved_once_computed():
+    s = half(blend=True)
+    a = Request("a", blend_prompt(doc(1), doc(2)))
+    n, _ = s.num_matched(a, 0)
+    assert n == 0  # no chunk cached: nothing to claim
+    s.after_alloc(a, list(range(1, 10)), 0)
+    half_way = s.build_meta(step_new(a, list(range(1, 10)), 0, 50))  # chunked prefill: 50 tokens
+    assert [(c.begin, c.end) for c in half_way.chunk_saves] == [(0, 20)]  # only the head is complete
+    rest = s.build_meta(step_cached(a, 50, len(a.prompt_token_ids) - 50))
+    assert [(c.begin, c.end) for c in rest.chunk_saves] == [(20, 62), (62, 104)]
+    assert all(c.rows and c.nbytes == (c.end - c.begin) * facts().chunk_token_bytes for c in rest.chunk_saves)
+    assert s.build_meta(step_cached(a, len(a.prompt_token_ids), 1)).chunk_saves == []  # never twice
+
+
+def test_cached_chunks_are_claimed_up_to_the_first_miss_and_blended_ones_never_saved():
+    s = half(blend=True)
+    run_prefill(s, Request("w", blend_prompt(doc(1), doc(3))), list(range(1, 10)))  # head, d1, d3 cached
+    s.take_stats()
+    # d2 is new; another ratio, so the prefix tiers hold none of its blocks (their root differs)
+    b = Request("b", blend_prompt(doc(1), doc(2), doc(3)), kv_transfer_params={"recompute_ratio": 0.2})
+    n, is_async = s.num_matched(b, 0)
+    assert (n, is_async) == (62, False)  # head and d1; d2 misses, so d3 (cached) is left to vLLM
+    blocks = list(range(20, 30))
+    s.after_alloc(b, blocks, n)
+    meta = s.build_meta(step_new(b, blocks, n, len(b.prompt_token_ids) - n))
+    (plan,) = meta.blends
+    assert (plan.start, plan.end) == (0, 62) and [c.tier for c in plan.chunks] == ["cpu", "cpu"]
+    assert plan.tail == b.prompt_token_ids[62:] and plan.block_ids == blocks
+    assert [(c.begin, c.end) for c in meta.chunk_saves] == [(62, 104)]  # d2 only: d3 is cached already
+    stats = s.take_stats().data
+    assert stats["blend_chunk_hits"] == 2 and stats["blend_chunk_misses"] == 1
+    assert stats["blend_chunks_after_miss"] == 1 and stats["blend_tokens_after_miss"] == 42
+
+
+def test_the_claim_starts_after_vllms_own_prefix_hit_and_loads_a_straddling_chunk():
+    s = half(blend=True)
+    run_prefill(s, Request("w", blend_prompt(doc(1), doc(2))), list(range(1, 10)))
+    b = Request("b", blend_prompt(doc(1), doc(2)), kv_transfer_params={"recompute_ratio": 0.5})
+    n, _ = s.num_matched(b, 2 * BS)  # vLLM holds [0, 32): inside d1 ([20, 62))
+    assert n == 104 - 2 * BS
+    s.after_alloc(b, list(range(1, 10)), n)
+    (plan,) = s.build_meta(step_new(b, list(range(1, 10)), 2 * BS, 104 - 2 * BS + 1)).blends
+    assert plan.start == 2 * BS and [(c.begin, c.tier) for c in plan.chunks if c.tier] == [(20, "cpu"), (62, "cpu")]
+    assert plan.ratio == 0.5
+
+
+def test_disk_hits_load_asynchronously_and_hold_the_blocks_until_they_land(tmp_path):
+    disk = str(tmp_path / "d")
+    s = half(disk_path=disk, cpu_bytes=0)
+    a = Request("a", list(range(1, 70)))
+    run_prefill(s, a, [1, 2, 3, 4, 5])
+    for name in ("a", "b"):
+        for k in s._reqs.get(name, s._reqs["a"]).keys[:4]:  # what the worker would have written
+            path = __import__("kvplug.tiers.disk", fromlist=["unit_path"]).unit_path(tmp_path / "d", k, 0)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x" * 100)
+    b = Request("b", list(range(1, 70)))
+    n, is_async = s.num_matched(b, 0)
+    assert (n, is_async) == (4 * BS, True)
+    s.after_alloc(b, [9, 10, 11, 12, 13], n)
+    meta = s.build_meta(step_new(b, [9, 10, 11, 12, 13], n, 0))
+    assert meta.async_reqs == ["b"] and all(x.tier == "disk" and x.rows == () for x in meta.loads)
+    assert s.finished(b) is True  # aborted while loading: vLLM must keep its blocks
+    s.loads_landed({"b"})
+    assert s.finished(b) is False
+
+
+def test_async_loads_off_loads_disk_hits_in_the_step(tmp_path):
+    s = half(disk_path=str(tmp_path / "d"), cpu_bytes=0, async_loads=False)
+    a = Request("a", list(range(1, 70)))
+    run_prefill(s, a, [1, 2, 3, 4, 5])
+    for k in s._reqs["a"].keys[:4]:
+        path = __import__("kvplug.tiers.disk", fromlist=["unit_path"]).unit_path(tmp_path / "d", k, 0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 100)
+    assert s.num_matched(Request("b", list(range(1, 70))), 0) == (4 * BS, False)
+
+
+def test_preempted_request_resumes_with_a_fresh_plan_and_no_duplicate_saves():
+    s = half(blend=True)
+    run_prefill(s, Request("w", blend_prompt(doc(1), doc(2))), list(range(1, 10)))
+    b = Request("b", blend_prompt(doc(2), doc(1)))
+    n, _ = s.num_matched(b, 0)
+    s.after_alloc(b, list(range(20, 27)), n)
+    first = s.build_meta(step_new(b, list(range(20, 27)), 0, 1))
+    assert len(first.blends) == 1
+    # Preempted before the rest ran: vLLM frees the blocks, later resumes it with new ones.
+    n2, _ = s.num_matched(b, 0)
+    assert n2 == n
+    s.after_alloc(b, list(range(40, 47)), n2)
+    resumed = s.build_meta(step_cached(b, 0, len(b.prompt_token_ids), new_blocks=list(range(40, 47)), resumed=True))
+    (plan,) = resumed.blends
+    assert plan.block_ids == list(range(40, 47))  # the new blocks, not the freed ones
+    assert resumed.chunk_saves == []  # blended chunks are cached already: never saved from blended KV
+    assert all(x.block in range(40, 47) for x in resumed.saves)
+
+
+def test_blending_turned_off_by_the_worker_stops_claims():
+    s = half(blend=True)
+    run_prefill(s, Request("w", blend_prompt(doc(1), doc(2))), list(range(1, 10)))
+    b = Request("b", blend_prompt(doc(2), doc(1)))
+    assert s.num_matched(b, 0)[0] > 0
+    s.on_worker_meta(KVPlugWorkerMeta([], "self-test failed"))
+    assert s.num_matched(Request("c", blend_prompt(doc(2), doc(1))), 0)[0] == 0
+
+
+def test_failed_chunk_load_is_forgotten_and_saved_again_once_vllm_recomputes_it():
+    s = half(blend=True)
+    run_prefill(s, Request("w", blend_prompt(doc(1), doc(2))), list(range(1, 10)))
+    b = Request("b", blend_prompt(doc(2), doc(1)))
+    n, _ = s.num_matched(b, 0)
+    s.after_alloc(b, list(range(20, 27)), n)
+    (plan,) = s.build_meta(step_new(b, list(range(20, 27)), 0, 1)).blends
+    bad = plan.chunks[1].key
+    s.on_worker_meta(KVPlugWorkerMeta([("b", bad)]))
+    assert s.manager.lookup_each([bad]) == [None]
+    resaved = s.build_meta(step_cached(b, len(b.prompt_token_ids), 1))
+    assert [c.key for c in resaved.chunk_saves] == [bad]
+
+
+@pytest.mark.parametrize("params", [{"blend": False}, {"recompute_ratio": 3}])
+def test_opted_out_or_bad_params_are_not_blended(params):
+    s = half(blend=True)
+    run_prefill(s, Request("w", blend_prompt(doc(1), doc(2))), list(range(1, 10)))
+    assert s.num_matched(Request("b", blend_prompt(doc(2), doc(1)), kv_transfer_params=params), 0)[0] == 0
