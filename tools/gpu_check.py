@@ -89,7 +89,16 @@ def _result(name, status, seconds, detail, **extra) -> dict:
 
 def ensure_triton_package(ctx: Ctx) -> str:
     """Our Triton kernels install as kvplug._triton (setup.py's package_dir). Where kvplug is not
-    installed (the GPU machine), link kvplug/_triton -> ../triton_kernels (git-ignored)."""
+    installed (the GPU machine), link kvplug/_triton -> ../triton_kernels (git-ignored). Once,
+    after the build (setup.py's find_packages would otherwise see the link as a package too)."""
+    if ctx.triton_note:
+        return ctx.triton_note
+    ctx.triton_note = _link_triton(ctx)
+    ctx.log.append(f"==== {ctx.triton_note}")
+    return ctx.triton_note
+
+
+def _link_triton(ctx: Ctx) -> str:
     probe = [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('kvplug._triton') is not None)"]
     found = subprocess.run(probe, cwd=ROOT, env=ctx.env, capture_output=True, text=True).stdout.strip() == "True"
     if found:
@@ -121,7 +130,6 @@ def _load_build_cmd() -> list[str]:
 def part_build(ctx: Ctx) -> dict:
     if ctx.dry:
         return _result("build", "skip", 0.0, "dry run: no CUDA here (CI compiles csrc/ in test_cuda_compile)")
-    note = ctx.triton_note
     (ROOT / "build").mkdir(exist_ok=True)
     env = {"KVPLUG_CUDA_ARCHS": "90", "MAX_JOBS": str(os.cpu_count() or 8)}
     rc, seconds, _ = run_part("build", [sys.executable, "setup.py", "build_ext", "--inplace"], ctx.timeout("build"),
@@ -132,6 +140,7 @@ def part_build(ctx: Ctx) -> dict:
         seconds, how = seconds + more, "cpp_extension.load (setup.py failed, see the log)"
     ops = _list_ops(ctx)
     status = "ok" if rc == 0 and set(ops) == set(OPS) else "FAIL"
+    note = ensure_triton_package(ctx)
     return _result("build", status, seconds, f"{how}: kvplug._C has {len(ops)}/{len(OPS)} ops; {note}", ops=ops)
 
 
@@ -164,6 +173,7 @@ def part_tests(ctx: Ctx) -> dict:
         ran = out2.strip().splitlines()[-1] if out2.strip() else "no output"
         status = "ok" if rc == 0 and rc2 == 0 else "FAIL"
         return _result("tests", status, seconds + more, f"collected on CUDA selection: {collected}; ran: {ran}")
+    ensure_triton_package(ctx)
     junit = ctx.out / "junit.xml"
     xdist = ["-n", str(min(8, os.cpu_count() or 1))] if importlib.util.find_spec("xdist") else []
     rc, seconds, out = run_part("tests", base + xdist + [f"--junitxml={junit}"], ctx.timeout("tests"), ctx,
@@ -179,6 +189,8 @@ def part_blend(ctx: Ctx) -> dict:
     runs = [("cpu", "float32", "tiny"), ("cpu", "bfloat16", "tiny")] if ctx.dry else \
         [("cuda", "bfloat16", "llama-1b"), ("cuda", "float32", "tiny")]
     checks, seconds, status, detail = [], 0.0, "ok", []
+    if not ctx.dry:
+        ensure_triton_package(ctx)
     for device, dtype, shape in runs:
         path = ctx.out / f"blend_{shape}_{dtype}.json"
         rc, s, _ = run_part(f"blend {shape} {dtype}", [sys.executable, "tools/blend_check.py", "--device", device,
@@ -198,6 +210,8 @@ def part_blend(ctx: Ctx) -> dict:
 def part_bench(ctx: Ctx) -> dict:
     target = ctx.out / "kernels_dry.json" if ctx.dry else ROOT / "benchmarks" / "results" / "kernels_gpu.json"
     budget = ctx.timeout("bench")
+    if not ctx.dry:
+        ensure_triton_package(ctx)
     cmd = [sys.executable, "benchmarks/kernels.py", "--check", "--json", str(target), "--budget-s", f"{budget - 30:.0f}"]
     cmd += ["--quick", "--device", "cpu", "--threads", "1"] if ctx.dry else ["--device", "cuda"]
     rc, seconds, _ = run_part("bench", cmd, budget, ctx)
@@ -269,8 +283,8 @@ def main(argv=None) -> int:
     if shutil.which("nvcc") is None and Path("/usr/local/cuda/bin/nvcc").exists():  # setup.py looks on PATH
         env["PATH"] = os.pathsep.join([env.get("PATH", ""), "/usr/local/cuda/bin"])
     ctx = Ctx(dry=dry, out=out, deadline=started + args.budget_s, parts=parts, env=env)
-    if not dry:  # every part imports kvplug._triton
-        ctx.triton_note = ensure_triton_package(ctx)
+    if not dry:  # compiled Triton on CUDA tensors, whatever the caller's environment says
+        ctx.env["TRITON_INTERPRET"] = "0"
     report = _report(ctx, _run_parts(ctx), started, args.budget_s)
     report["files"] = sorted(f.name for f in out.iterdir() if f.is_file()) + ["gpu_check.json", "gpu_check.log",
                                                                              "gpu_check_summary.txt"]
