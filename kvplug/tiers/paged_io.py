@@ -24,6 +24,8 @@ On CPU the same calls run the torch backend over the same views and return a fin
     .save(blocks, rows, row_ids) -> IOFence      blocks -> rows (rows: uint8 [n_rows, row_bytes])
     .load(rows, row_ids, blocks) -> IOFence      rows -> blocks (distinct blocks)
     .wait_blocks(stream=None)   that stream waits for the block side of every pending call
+    .wait_rows(row_ids)         the host waits for the last call that read or wrote those rows
+                                (before the host reads a saved row or overwrites a row in use)
     .drain()                    the host waits for every pending call
 IOFence:
     wait_blocks(stream=None)    the stream (default: current) waits until the blocks were read
@@ -189,7 +191,7 @@ class PagedBlockIO:
 
     def _after_rows(self, stream, rows: torch.Tensor) -> None:
         for event in {id(e): e for e in (self._row_events.get(r) for r in rows.tolist()) if e is not None}.values():
-            stream.wait_event(event)
+            stream.wait_event(event)  # a GPU-side wait: the host goes on
 
     def _mark_rows(self, rows: torch.Tensor, event) -> None:
         if len(self._row_events) > _MAX_ROW_EVENTS:
@@ -242,6 +244,10 @@ class PagedBlockIO:
     def wait_blocks(self, stream=None) -> None:
         for f in self._pending:
             f.wait_blocks(stream)
+
+    def wait_rows(self, row_ids) -> None:
+        for event in {id(e): e for e in (self._row_events.get(int(r)) for r in row_ids) if e is not None}.values():
+            event.synchronize()
 
     def drain(self) -> None:
         for f in self._pending:

@@ -100,6 +100,8 @@ def test_fences_order_a_save_before_the_next_write_and_a_load_before_the_read():
     fence.wait_blocks()  # the caller's stream may now overwrite the saved blocks
     for c in src:
         c.zero_()
+    io.wait_rows(ROW_IDS[:2])  # the host may read those rows now
+    assert torch.equal(rows.views[0][ROW_IDS[0], 0, 0].cpu(), before[0][SRC_BLOCKS[0]].transpose(0, 1)[..., :64].cpu())
     fence.wait_rows()
     io.load(rows.buffer, ROW_IDS, SRC_BLOCKS).wait_blocks()
     got = torch.stack([c[SRC_BLOCKS] for c in src])  # on the current stream, after the load
@@ -156,3 +158,5 @@ def test_bad_calls_name_the_shape():
     with pytest.raises(ValueError, match="block_tokens=24"):
         PagedBlockIO.from_vllm(src, block_tokens=24)
     assert io.save([], rows.buffer, []).done()
+    io.wait_rows([0, 1])  # nothing pending on CPU: returns at once
+    io.drain()
