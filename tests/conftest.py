@@ -1,8 +1,12 @@
 import os
 
+import torch
+
 # Triton kernels run on CPU tensors only in interpreter mode, and the flag is read
-# when a kernel is decorated: set it before anything imports our Triton modules.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# when a kernel is decorated: set it before anything imports our Triton modules. With a
+# GPU the kernels are compiled and run on CUDA tensors instead (tools/gpu_check.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
     from hypothesis import settings

@@ -17,6 +17,9 @@ Module contract (a new module dropped into this folder is picked up, kernels.py 
                columns use bytes when > 0, else flops.
         reset  zero-arg callable restoring in-place state before each checked run (optional)
         tol    (rtol, atol) for --check; None: by output dtype (see TOL); ints compare exactly
+        ceiling  which measured bandwidth the bytes rate is a share of: "copy" (device copy,
+               default), "h2d" / "d2h" (pinned host <-> device copies; the copy ceiling on CPU)
+        unchecked  fns names --check skips (a peer or an old path whose output has another layout)
 Outputs may be a tensor or a tuple/list of tensors.
 
 Methods:
@@ -48,6 +51,8 @@ class Case:
     reset: Callable[[], None] | None = None
     tol: tuple[float, float] | None = None
     notes: list[str] = field(default_factory=list)
+    ceiling: str = "copy"
+    unchecked: tuple[str, ...] = ()
 
 
 def device() -> torch.device:

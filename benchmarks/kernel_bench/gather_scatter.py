@@ -1,17 +1,20 @@
 """Cases for gather_chunks, scatter_chunks and rerotate_and_scatter (see kernel_bench's contract).
 
-Caches are FlashAttention-layout ([2, nb, bs, H, D] per layer, block_size 16) bf16, slots a
-random permutation of whole cache (so each token's row lands in a random block, as after
-real allocation). Bytes counted: the chunk once, the cache rows once, plus slots/positions.
+Caches are vLLM 0.32's default CUDA layout (LBNHC: per layer [B, H, N, 2D] over one buffer,
+block_size 16) bf16, slots a random permutation of the whole cache (so each token's row lands
+in a random block, as after real allocation). Bytes counted: the chunk once, the cache rows
+once, plus slots/positions. LMCache's multi_layer_kv_transfer runs beside gather and scatter
+where `lmcache` imports (kernel_bench/_lmcache.py), on its own copy of the caches in its layout.
 """
 from __future__ import annotations
 
 import torch
 
+import kernel_bench._lmcache as lmcache
 from kernel_bench import Case, device
 from kvplug.ops.gather_scatter import (gather_chunks, gather_chunks_ref, rerotate_and_scatter,
                                        rerotate_and_scatter_ref, scatter_chunks, scatter_chunks_ref)
-from kvplug.ops.kv_layout import split_kv_cache
+from kvplug.ops.kv_layout import make_vllm_caches, vllm_kv_views
 from kvplug.ops.rope import rope_inv_freq
 
 BACKENDS = ("torch", "triton", "cuda")
@@ -28,8 +31,9 @@ def _cases_for(L: int, T: int, H: int = 8, D: int = 128, bs: int = 16, dtype=tor
     dev = device()
     g = torch.Generator(device=dev).manual_seed(T)
     nb = T // bs + 64
-    raw = [torch.randn(2, nb, bs, H, D, device=dev, dtype=dtype, generator=g) for _ in range(L)]
-    caches = [split_kv_cache(r, "flash") for r in raw]
+    raw = make_vllm_caches(L, nb, bs, H, D, dtype, dev, "LBNHC")
+    raw[0]._base.normal_(generator=g)
+    caches = [vllm_kv_views(r, "LBNHC") for r in raw]
     slots = torch.randperm(nb * bs, device=dev, generator=g)[:T]
     chunk = torch.randn(L, 2, T, H, D, device=dev, dtype=dtype, generator=g)
     out = torch.empty_like(chunk)
@@ -37,15 +41,18 @@ def _cases_for(L: int, T: int, H: int = 8, D: int = 128, bs: int = 16, dtype=tor
     new = torch.randint(0, 32768, (T,), device=dev, generator=g)
     inv_freq = rope_inv_freq(D, 500000.0, LLAMA3).to(dev)
     moved = 2 * chunk.numel() * chunk.element_size() + 8 * T
-    name = f"L{L} T{T} H{H} D{D} bs{bs} {str(dtype).split('.')[-1]}"
+    name = f"L{L} T{T} H{H} D{D} bs{bs} {str(dtype).split('.')[-1]} LBNHC"
     ks = [k for k, _ in caches]
+    peer, notes = lmcache.peer(caches, slots, chunk)
 
-    yield Case("gather_chunks", name, ref=lambda: gather_chunks_ref(caches, slots), bytes=moved,
-               fns={b: (lambda b=b: gather_chunks(caches, slots, out=out, backend=b)) for b in BACKENDS})
+    yield Case("gather_chunks", name, ref=lambda: gather_chunks_ref(caches, slots), bytes=moved, notes=notes,
+               fns={**{b: (lambda b=b: gather_chunks(caches, slots, out=out, backend=b)) for b in BACKENDS},
+                    **peer.get("gather", {})})
     # Scatter outputs are the written K views (V is checked by gather's round trip and the tests).
     yield Case("scatter_chunks", name, bytes=moved,
                ref=lambda: (scatter_chunks_ref(chunk, caches, slots), ks)[1],
-               fns={b: (lambda b=b: (scatter_chunks(chunk, caches, slots, backend=b), ks)[1]) for b in BACKENDS})
+               fns={**{b: (lambda b=b: (scatter_chunks(chunk, caches, slots, backend=b), ks)[1]) for b in BACKENDS},
+                    **peer.get("scatter", {})})
     yield Case("rerotate_and_scatter", name, bytes=moved + 16 * T,
                ref=lambda: (rerotate_and_scatter_ref(chunk, old, new, inv_freq, "neox", caches, slots), ks)[1],
                fns={b: (lambda b=b: (rerotate_and_scatter(chunk, old, new, inv_freq, "neox", caches, slots,

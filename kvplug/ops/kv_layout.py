@@ -1,13 +1,27 @@
 """Describing vLLM paged KV caches for the chunk gather/scatter kernels.
 
-A paged cache, as vLLM's GPU attention backends hold it, is per layer one K view and
-one V view, each `[num_blocks, block_size, kv_heads, head_dim]` with arbitrary strides
-on the block, token and head dims but `head_dim` contiguous. Token slot
-`s = block_id * block_size + offset` (vLLM's slot_mapping) lives at
-`view[s // block_size, s % block_size]`.
+The kernels see a paged cache as per layer one K view and one V view, each
+`[num_blocks, block_size, kv_heads, head_dim]` with arbitrary strides on the block, token and
+head dims but `head_dim` contiguous. Token slot `s = block_id * block_size + offset` (vLLM's
+slot_mapping) lives at `view[s // block_size, s % block_size]`.
+
+vLLM 0.32's CUDA backends (read from its source; file and function named at VLLM_LAYOUTS):
+one backing buffer for all layers; each layer's registered cache tensor is the logical
+`[B, H, N, C]` (blocks, kv heads, tokens of a block, content) with C = K then V of one
+(head, token), `2 * head_dim` elements, and strides that follow the resolved `KVCacheLayout`:
+a permutation of `[L, B, H, N, C]`. FlashAttention and FlashInfer read the same tensor:
+`cache.transpose(1, 2).split(head_dim, -1)` -> K, V `[B, N, H, D]` views. The default on
+Hopper (H100/H200), for both backends, is LBNHC (FlashInfer's "NHD"); FlashInfer on
+Blackwell (sm100) asks for LBHNC ("HND") or BLHNC. "flash" and "flashinfer" are the older
+layouts (vLLM <= 0.10: [2, nb, bs, H, D] and [nb, 2, bs, H, D]), kept as stride variety.
 
 Methods:
     split_kv_cache(tensor, layout)   one layer's vLLM cache tensor -> (k_view, v_view)
+    vllm_kv_views(cache, layout=None, head_size=None)   vLLM 0.32 [B, H, N, 2D] -> (k, v) [B, N, H, D]
+    default_vllm_layout(backend, capability_major)      the layout vLLM resolves with no override
+    vllm_layer_strides(layout, L, B, H, N, C, block_pad)  element strides of [L, B, H, N, C]
+    make_vllm_caches(L, num_blocks, block_size, H, D, dtype, device, layout, ...)  as vLLM allocates
+    clone_caches(caches)             a copy with the same strides (over a copy of the shared buffer)
     paged_spec(k_caches, v_caches)   validate the views, return their shared PagedSpec
     pointer_table(k_caches, v_caches) int64 tensor [2L] of base addresses, K/V interleaved
     base_alignment(k_caches, v_caches) byte alignment shared by all base addresses
@@ -19,13 +33,132 @@ from dataclasses import dataclass
 
 import torch
 
-LAYOUTS = ("flash", "flashinfer")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# vLLM 0.32, vllm/v1/kv_cache_layout.py, class KVCacheLayout: each member's value is the
+# physical (outer -> inner) order of the logical dims [L, B, H, N, C] of one cache group.
+# vllm/v1/kv_cache_interface.py, compute_layout_strides / create_kv_cache_views: the strides
+# follow that order over one backing buffer, with the layer and block strides fixed by the
+# KVCacheTensor (page padding widens the block stride); AttentionSpec.state_content_size_bytes:
+# C = head_size + head_size_v elements, K first.
+VLLM_LAYOUTS: dict[str, tuple[int, int, int, int, int]] = {
+    "LBHNC": (0, 1, 2, 3, 4),
+    "LBNHC": (0, 1, 3, 2, 4),
+    "LHBNC": (0, 2, 1, 3, 4),
+    "BLHNC": (1, 0, 2, 3, 4),
+    "BLNHC": (1, 0, 3, 2, 4),
+    "BHLNC": (1, 2, 0, 3, 4),
+}
+# vllm/v1/attention/backends/utils.py, _DEFAULT_LAYOUT_PREFERENCE: the first entry is used
+# when no backend declares a supported set; FlashAttentionBackend declares none (inherits
+# AttentionBackend.supported_kv_cache_layouts -> None). FlashInferBackend.
+# supported_kv_cache_layouts (backends/flashinfer.py) returns (LBHNC, BLHNC) on compute
+# capability 10.x and None elsewhere. VLLM_KV_CACHE_LAYOUT or a connector's
+# get_required_kvcache_layout override it (resolve_kv_cache_layout).
+DEFAULT_VLLM_LAYOUT = "LBNHC"
+# backends/utils.py, _FLASHINFER_LAYOUT_NAMES (LHBNC has no FlashInfer name).
+FLASHINFER_NAMES = {"LBNHC": "NHD", "LBHNC": "HND", "BLHNC": "HND", "BLNHC": "NHD", "BHLNC": "HND"}
+LEGACY_LAYOUTS = ("flash", "flashinfer")
+LAYOUTS = (*LEGACY_LAYOUTS, *VLLM_LAYOUTS)
+_L, _B, _H, _N, _C = range(5)
+
+
+def default_vllm_layout(backend: str = "FLASH_ATTN", capability_major: int = 9) -> str:
+    """The KVCacheLayout vLLM 0.32 resolves for `backend` ("FLASH_ATTN" or "FLASHINFER") on a
+    GPU of that compute capability, when neither VLLM_KV_CACHE_LAYOUT nor a connector asks."""
+    if backend not in ("FLASH_ATTN", "FLASHINFER"):
+        raise ValueError(f"backend={backend!r}: allowed values are FLASH_ATTN, FLASHINFER")
+    return "LBHNC" if backend == "FLASHINFER" and capability_major == 10 else DEFAULT_VLLM_LAYOUT
+
+
+def _vllm_order(layout: str) -> tuple[int, ...]:
+    if layout not in VLLM_LAYOUTS:
+        raise ValueError(f"layout={layout!r}: allowed values are {', '.join(VLLM_LAYOUTS)}")
+    return VLLM_LAYOUTS[layout]
+
+
+def vllm_layer_strides(layout: str, L: int, B: int, H: int, N: int, C: int,
+                       block_pad: int = 0) -> tuple[int, int, int, int, int]:
+    """Element strides of the logical [L, B, H, N, C] under `layout`, as vLLM's
+    compute_layout_strides makes them; block_pad extra elements per page (page_size_padded)
+    apply where the page ends (the inner of the L and B dims) and only when H, N, C are inner."""
+    order = _vllm_order(layout)
+    shape = (L, B, H, N, C)
+    strides = [0] * 5
+    run = 1
+    page_end = max(order.index(_L), order.index(_B))
+    for pos in range(4, -1, -1):
+        dim = order[pos]
+        if pos == page_end and block_pad:
+            if page_end != 1:
+                raise ValueError(f"block_pad needs a layout whose pages are the inner dims, not {layout}")
+            run += block_pad
+        strides[dim] = run
+        run *= shape[dim]
+    return tuple(strides)
+
+
+def make_vllm_caches(num_layers: int, num_blocks: int, block_size: int, num_heads: int, head_size: int,
+                     dtype: torch.dtype, device, layout: str = DEFAULT_VLLM_LAYOUT, block_pad: int = 0,
+                     generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Per-layer [B, H, N, 2*head_size] cache tensors over one shared buffer, strided as vLLM
+    0.32's allocate_kv_cache (vllm/v1/worker/utils.py) makes them for `layout`. Random data
+    (standard normal) when a generator is given, else uninitialised. For tests and benchmarks."""
+    C = 2 * head_size
+    strides = vllm_layer_strides(layout, num_layers, num_blocks, num_heads, block_size, C, block_pad)
+    total = 1 + sum((n - 1) * s for n, s in zip((num_layers, num_blocks, num_heads, block_size, C), strides))
+    if generator is not None:
+        raw = torch.randn(total, generator=generator).to(dtype=dtype, device=device)
+    else:
+        raw = torch.empty(total, dtype=dtype, device=device)
+    return [raw.as_strided((num_blocks, num_heads, block_size, C), strides[1:], l * strides[0])
+            for l in range(num_layers)]
+
+
+def clone_caches(caches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of per-layer cache tensors with their strides kept. Tensors that are views of one
+    buffer (make_vllm_caches) are re-made over one copy of it: torch's clone() would make a
+    block-outer layer view contiguous, i.e. another layout."""
+    base = caches[0]._base
+    if base is None or any(c._base is not base for c in caches):
+        return [c.clone() for c in caches]
+    copy = base.clone()
+    return [copy.as_strided(c.shape, c.stride(), c.storage_offset()) for c in caches]
+
+
+def _check_vllm_order(cache: torch.Tensor, layout: str) -> None:
+    """The strides of a [B, H, N, C] view decrease along `layout`'s physical order (size-1
+    dims are free), so a cache of another layout is never read as this one."""
+    order = [d - 1 for d in _vllm_order(layout) if d != _L]
+    sized = [(cache.stride(d), d) for d in order if cache.shape[d] > 1]
+    if any(a[0] < b[0] for a, b in zip(sized, sized[1:])) or cache.stride(3) != 1:
+        raise ValueError(f"kv cache of shape {tuple(cache.shape)} strides {cache.stride()} is not "
+                         f"{layout} (physical order {''.join('BHNC'[d] for d in order)})")
+
+
+def vllm_kv_views(cache: torch.Tensor, layout: str | None = None,
+                  head_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, v) [B, N, H, D] views of one vLLM 0.32 layer cache [B, H, N, 2D], exactly as
+    FlashAttentionImpl.do_kv_cache_update splits it (kv_cache.transpose(1, 2).split(head_size,
+    -1)); with `layout`, the strides must follow it. No copy is made."""
+    if cache.dim() != 4:
+        raise ValueError(f"kv cache of shape {tuple(cache.shape)}: expected vLLM's [B, H, N, 2*head_size]")
+    d = cache.shape[3] // 2 if head_size is None else head_size
+    if cache.shape[3] != 2 * d or d < 1:
+        raise ValueError(f"kv cache of shape {tuple(cache.shape)}: content dim must be 2 * head_size "
+                         f"(K then V of equal size), head_size={head_size}")
+    if layout is not None:
+        _check_vllm_order(cache, layout)
+    kv = cache.transpose(1, 2)
+    return kv[..., :d], kv[..., d:]
 
 
 def split_kv_cache(tensor: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k, v) views of one layer's cache: "flash" is [2, nb, bs, H, D] (FlashAttention),
-    "flashinfer" is [nb, 2, bs, H, D] (FlashInfer). No copy is made."""
+    """(k, v) views of one layer's cache. A vLLM 0.32 layout name (VLLM_LAYOUTS): the
+    [B, H, N, 2D] tensor of vllm_kv_views. Legacy: "flash" is [2, nb, bs, H, D]
+    (FlashAttention, vLLM <= 0.10), "flashinfer" is [nb, 2, bs, H, D]. No copy is made."""
+    if layout in VLLM_LAYOUTS:
+        return vllm_kv_views(tensor, layout)
     if tensor.dim() != 5:
         raise ValueError(f"kv cache of shape {tuple(tensor.shape)}: expected 5 dims")
     if layout == "flash":

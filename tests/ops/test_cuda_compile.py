@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from kvplug.ops.gather_scatter import gather_chunks_ref, rerotate_and_scatter_ref, scatter_chunks_ref
-from kvplug.ops.kv_layout import base_alignment, paged_spec, pointer_table, split_kv_cache
+from kvplug.ops.kv_layout import VLLM_LAYOUTS, base_alignment, make_vllm_caches, paged_spec, pointer_table, split_kv_cache
 from kvplug.ops.rope import rerotate_keys_ref, rope_inv_freq
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -241,6 +241,9 @@ def _caches(layout, L, nb, bs, H, D, dtype, pad=0, seed=0):
     if layout == "padded":  # [nb, bs, H, 2, D + pad]: head stride 2 * (D + pad), odd strides
         store = [torch.randn(nb, bs, H, 2, D + pad, generator=g).to(dtype) for _ in range(L)]
         return store, [(s[:, :, :, 0, :D], s[:, :, :, 1, :D]) for s in store]
+    if layout in VLLM_LAYOUTS:  # vLLM 0.32: [B, H, N, 2D] per layer over one buffer
+        raw = make_vllm_caches(L, nb, bs, H, D, dtype, "cpu", layout, generator=g)
+        return raw, [split_kv_cache(r, layout) for r in raw]
     shape = (2, nb, bs, H, D) if layout == "flash" else (nb, 2, bs, H, D)
     raw = [torch.randn(shape, generator=g).to(dtype) for _ in range(L)]
     return raw, [split_kv_cache(r, layout) for r in raw]
@@ -259,7 +262,8 @@ def _emu_copy(emu, to_cache, chunk, caches, slots) -> int:
 # an odd head_dim or a padded head stride.
 COPY_CASES = [("flash", 64, 0, torch.bfloat16, 16), ("flashinfer", 128, 0, torch.float32, 16),
               ("padded", 64, 4, torch.float16, 8), ("padded", 63, 1, torch.float32, 4),
-              ("flashinfer", 63, 0, torch.float16, 2)]
+              ("flashinfer", 63, 0, torch.float16, 2), ("LBNHC", 128, 0, torch.bfloat16, 16),
+              ("BLHNC", 64, 0, torch.float16, 16)]
 
 
 @pytest.mark.parametrize("layout,D,pad,dtype,vec", COPY_CASES)
@@ -284,7 +288,7 @@ def test_emulated_gather_scatter(emu, layout, D, pad, dtype, vec, L, T, bs, H):
 
 @pytest.mark.parametrize("dtype", list(DTYPE_CODE))
 @pytest.mark.parametrize("style,R", [("neox", 128), ("gptj", 64)])
-@pytest.mark.parametrize("layout", ["flash", "flashinfer"])
+@pytest.mark.parametrize("layout", ["flash", "flashinfer", "LBNHC"])
 def test_emulated_rerotate_and_scatter(emu, dtype, style, R, layout):
     L, T, bs, H, D = 2, 11, 5, 3, 128
     nb = T // bs + 2

@@ -1,6 +1,8 @@
 """gather_chunks / scatter_chunks / rerotate_and_scatter: every available backend against
-the torch reference, on FlashAttention ([2, nb, bs, H, D]) and FlashInfer ([nb, 2, bs, H, D])
-caches, whose K/V views are non-contiguous.
+the torch reference, on vLLM 0.32's CUDA layouts (per layer [B, H, N, 2D] over one buffer:
+LBNHC, the Hopper default, LBHNC for FlashInfer on Blackwell, block-outer BLNHC) and the older
+FlashAttention ([2, nb, bs, H, D]) and FlashInfer ([nb, 2, bs, H, D]) caches; every K/V view is
+non-contiguous. On a CUDA machine every backend runs on CUDA tensors.
 
 Tolerances: gather and scatter are copies, compared bit-exact. rerotate_and_scatter does
 fp32 math like the reference but may differ in rounding (range-reduced sin/cos, fused
@@ -13,7 +15,7 @@ from kvplug import envs
 from kvplug.ops import _backend
 from kvplug.ops.gather_scatter import (gather_chunks, gather_chunks_ref, rerotate_and_scatter,
                                        rerotate_and_scatter_ref, scatter_chunks, scatter_chunks_ref)
-from kvplug.ops.kv_layout import paged_spec, split_kv_cache
+from kvplug.ops.kv_layout import VLLM_LAYOUTS, clone_caches, make_vllm_caches, paged_spec, split_kv_cache
 from kvplug.ops.rope import rope_inv_freq
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -25,6 +27,9 @@ CASES = [
     (1, 33, 16, 3, 64, "flashinfer"),
     (3, 33, 5, 1, 128, "flash"),
     (2, 0, 16, 2, 64, "flash"),
+    (3, 21, 16, 2, 64, "LBNHC"),
+    (2, 9, 4, 3, 128, "LBHNC"),
+    (3, 17, 8, 1, 64, "BLNHC"),
 ]
 
 
@@ -39,17 +44,20 @@ def backends(op):
 
 def device_for(backend):
     # Interpreted Triton reads the pointer table as host addresses: CPU tensors only.
-    if backend == "cuda" or (backend == "triton" and not envs.triton_interpret()):
-        return "cuda"
-    return "cpu"
+    if backend == "triton" and envs.triton_interpret():
+        return "cpu"
+    return "cuda" if backend == "cuda" or torch.cuda.is_available() else "cpu"
 
 
 def make_caches(L, T, bs, H, D, layout, dtype, device, seed=0):
     """L layers of random caches with room for T tokens plus spare blocks, and T distinct slots."""
     g = torch.Generator().manual_seed(seed)
     nb = (T + bs - 1) // bs + 3
-    shape = (2, nb, bs, H, D) if layout == "flash" else (nb, 2, bs, H, D)
-    raw = [torch.randn(shape, generator=g).to(dtype=dtype, device=device) for _ in range(L)]
+    if layout in VLLM_LAYOUTS:
+        raw = make_vllm_caches(L, nb, bs, H, D, dtype, device, layout, generator=g)
+    else:
+        shape = (2, nb, bs, H, D) if layout == "flash" else (nb, 2, bs, H, D)
+        raw = [torch.randn(shape, generator=g).to(dtype=dtype, device=device) for _ in range(L)]
     slots = torch.randperm(nb * bs, generator=g)[:T].to(device)
     chunk = torch.randn(L, 2, T, H, D, generator=g).to(dtype=dtype, device=device)
     return raw, slots, chunk
@@ -75,7 +83,7 @@ def test_gather_matches_reference(backend, dtype, L, T, bs, H, D, layout):
 
 
 def _scatter_into_copies(raw, layout, fn, *args, **kw):
-    copies = [r.clone() for r in raw]
+    copies = clone_caches(raw)
     fn(*args, views(copies, layout), **kw)
     return copies
 

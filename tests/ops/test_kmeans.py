@@ -26,7 +26,8 @@ def backends():
 
 
 def device_for(backend):
-    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+    # On a CUDA machine every backend, torch's too, runs on CUDA tensors.
+    return "cuda" if backend == "cuda" or torch.cuda.is_available() else "cpu"
 
 
 def make_keys(T, H, D, dtype, device, seed=0):

@@ -30,9 +30,10 @@ def backends():
 
 
 def device_for(backend):
-    if backend == "cuda" or (backend == "triton" and not envs.triton_interpret()):
-        return "cuda"
-    return "cpu"
+    # Interpreted Triton runs on CPU tensors; on a CUDA machine everything else runs on CUDA.
+    if backend == "triton" and envs.triton_interpret():
+        return "cpu"
+    return "cuda" if backend == "cuda" or torch.cuda.is_available() else "cpu"
 
 
 def hf_rope(x, pos, inv_freq, style):

@@ -1,0 +1,86 @@
+"""tools/gpu_check.py cannot rot: its dry run (every CPU-runnable part) runs here, and the parts
+that only a GPU run reaches (junit counting, reading a GPU benchmark against the targets, the
+fallback build command) run on synthetic inputs.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import gpu_check  # noqa: E402
+import gpu_summary  # noqa: E402
+
+
+def test_dry_run_runs_every_cpu_part(tmp_path):
+    p = subprocess.run([sys.executable, "tools/gpu_check.py", "--dry-run", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [(x["name"], x["status"]) for x in report["parts"]] == [
+        ("build", "skip"), ("tests", "ok"), ("blend", "ok"), ("bench", "ok")]
+    assert {t["verdict"] for t in report["targets"]} == {"n/a"} and len(report["targets"]) == 6
+    assert "all parts ok" in (tmp_path / "gpu_check_summary.txt").read_text()
+    assert not (ROOT / "benchmarks" / "results" / "kernels_gpu.json").exists() or \
+        json.loads((ROOT / "benchmarks" / "results" / "kernels_gpu.json").read_text())["device"] != "cpu"
+
+
+def _row(op, case, backend, ms, **kw):
+    return dict(op=op, case=case, backend=backend, ms=ms, check="ok", **kw)
+
+
+def gpu_bench():
+    rows = [_row("gather_chunks", "L32 T32768 x", "torch", 4.0, GBps=900.0, pct_ceiling=21.0, x_torch=1.0),
+            _row("gather_chunks", "L32 T32768 x", "cuda", 1.0, GBps=3600.0, pct_ceiling=84.0, x_torch=4.0),
+            _row("gather_chunks", "L32 T32768 x", "triton", 1.2, GBps=3000.0, pct_ceiling=70.0, x_torch=3.3),
+            _row("gather_chunks", "L32 T32768 x", "lmcache", 1.5, GBps=2400.0, pct_ceiling=56.0, x_torch=2.7),
+            _row("scatter_chunks", "L32 T32768 x", "cuda", 1.0, GBps=3000.0, pct_ceiling=70.0, x_torch=3.0),
+            _row("deviation_topk", "T32768 H8 D128 k4915 bfloat16", "cuda", 0.1, x_torch=12.0),
+            _row("kmeans_step", "T32768 H8 D128 C2048 bfloat16", "triton", 0.1, x_torch=4.0),
+            _row("centroid_topk", "Q1 C2048 Hq32/8 D128 k64", "cuda", 0.1, x_torch=6.0),
+            _row("save_blocks", "L32 blocks256", "cuda", 10.0, GBps=50.0, pct_ceiling=90.0, ceiling="d2h"),
+            _row("save_blocks", "L32 blocks256", "opaque", 30.0, GBps=17.0, pct_ceiling=30.0, ceiling="d2h")]
+    return dict(device="NVIDIA_H200", results=rows, ceilings=dict(copy_GBps=4300.0), notes=[])
+
+
+def test_targets_are_read_from_a_gpu_benchmark():
+    got = {t["op"]: (t["backend"], t["verdict"]) for t in gpu_summary.evaluate(gpu_bench())}
+    assert got == {"gather_chunks": ("cuda", "PASS"), "scatter_chunks": ("cuda", "MISS"),
+                   "rerotate_and_scatter": (None, "n/a"), "deviation_topk": ("cuda", "PASS"),
+                   "kmeans_step": ("triton", "MISS"), "centroid_topk": ("cuda", "PASS")}
+    lines = gpu_summary.peers(gpu_bench())
+    assert any("save_blocks" in ln and "3.00x the opaque" in ln for ln in lines)
+    assert any("lmcache" in ln and "1.50x its speed" in ln for ln in lines)
+
+
+def test_summary_fits_one_screen():
+    report = dict(mode="full", device="NVIDIA H200", torch="2.11", seconds=400.0, budget_s=470.0,
+                  parts=[dict(name=p, status="ok", seconds=1.0, detail="d") for p in gpu_check.PARTS],
+                  targets=gpu_summary.evaluate(gpu_bench()), ceilings=dict(copy_GBps=4300.0),
+                  peers=gpu_summary.peers(gpu_bench()), files=["a"])
+    text = gpu_summary.summary(report)
+    assert len(text.splitlines()) <= 30 and max(map(len, text.splitlines())) <= 120
+    assert text.endswith("all parts ok")
+
+
+def test_junit_counts_backends(tmp_path):
+    path = tmp_path / "j.xml"
+    path.write_text('<testsuites><testsuite><testcase name="t[cuda-x]"/><testcase name="t[triton-x]"/>'
+                    '<testcase name="t[torch]"><failure/></testcase><testcase name="u"><skipped/></testcase>'
+                    '</testsuite></testsuites>')
+    c = gpu_check._junit(path)
+    assert (c["tests"], c["failures"], c["skipped"], c["cuda"], c["triton"]) == (4, 1, 1, 1, 1)
+    assert gpu_check._junit(tmp_path / "missing.xml")["tests"] == 0
+
+
+def test_fallback_build_command_is_valid_python():
+    compile(gpu_check._load_build_cmd()[2], "<load>", "exec")
+
+
+def test_budget_keeps_time_for_later_parts():
+    ctx = gpu_check.Ctx(dry=False, out=Path("."), deadline=gpu_check.time.monotonic() + 100, parts=gpu_check.PARTS)
+    assert ctx.timeout("build") == pytest.approx(100 - 30 - 20 - 40, abs=1)
+    assert ctx.timeout("bench") == pytest.approx(100, abs=1)
