@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from kvplug.sglang.config import BackendConfig
-from kvplug.sglang.remote_clear import clear_remote
 from kvplug.tiers.disk import DiskStore, scan_units
 from kvplug.tiers.disk_format import KEY_BYTES, encode_header
 from kvplug.tiers.index import TierIndex
@@ -210,6 +209,7 @@ class PageStore:
                 self.index = self._new_index()
         if self.remote is not None:
             self.remote.flush()
+            from kvplug.sglang.remote_clear import clear_remote  # redis-py, only with a remote tier
             t = self.cfg.kvplug.tiers
             clear_remote(t.remote_url, t.remote_namespace, self.rank, self.layout, t.remote_timeout_ms / 1000.0)
 

@@ -7,8 +7,8 @@ pytest.importorskip("sglang.srt.mem_cache.hicache_storage", reason="sglang not i
 import torch  # noqa: E402
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageExtraInfo  # noqa: E402
 
-from helpers import file_backend, kvplug_backend, sglang_keys, slots  # noqa: E402
-from host_pool import MHAHostPool, MLAHostPool, fill_random, page_bytes  # noqa: E402
+from sglang_helpers import file_backend, kvplug_backend, sglang_keys, slots  # noqa: E402
+from sglang_host_pool import MHAHostPool, MLAHostPool, fill_random, page_bytes  # noqa: E402
 
 GEN = torch.Generator().manual_seed(1234)
 
