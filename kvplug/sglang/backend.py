@@ -32,7 +32,7 @@ import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
 from kvplug.sglang.config import parse_extra_config
-from kvplug.sglang.keys import PageSpec, layout_tag, page_spec, unit_key, unit_layout
+from kvplug.sglang.keys import PageSpec, UnitKeys, layout_tag, page_spec, unit_layout
 from kvplug.sglang.pages import as_payload, page_indices, read_page, write_page
 from kvplug.sglang.store import PageStore
 
@@ -75,6 +75,7 @@ class KVPlugHiCacheStorage(HiCacheStorage):
         self.store = PageStore(self.cfg, self.rank)
         self.spec: PageSpec | None = None
         self.page_layout: str | None = None
+        self._unit_keys: UnitKeys | None = None
         self._errors_logged: set[str] = set()
         self._metrics = storage_config.enable_storage_metrics
         self._prefetch_pgs: list[int] = []
@@ -88,6 +89,7 @@ class KVPlugHiCacheStorage(HiCacheStorage):
         super().register_mem_pool_host(mem_pool_host)
         self.spec = page_spec(mem_pool_host)
         self.page_layout = layout_tag(mem_pool_host, self.storage_config, self.cfg.kvplug.model_id)
+        self._unit_keys = UnitKeys(self.cfg.namespace, self.page_layout)
         self.store.bind(unit_layout(self.page_layout, self.cfg.namespace), self.spec.nbytes)
         logger.info("kvplug SGLang backend: pages of %d bytes, layout %s, namespace %r",
                     self.spec.nbytes, self.page_layout, self.cfg.namespace)
@@ -99,9 +101,9 @@ class KVPlugHiCacheStorage(HiCacheStorage):
                              f"pools {', '.join(others)} (hybrid models are not supported)")
 
     def _ukeys(self, keys: List[str]) -> list[bytes]:
-        if self.page_layout is None:
+        if self._unit_keys is None:
             raise RuntimeError("no host pool registered: SGLang calls register_mem_pool_host first")
-        return [unit_key(self.cfg.namespace, self.page_layout, k) for k in keys]
+        return self._unit_keys(keys)
 
     # ---- zero-copy interface -----------------------------------------------------------------
 

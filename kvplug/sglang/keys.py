@@ -15,6 +15,7 @@ typed: this module does not import sglang).
     layout_tag(pool, storage, model_id=None)     the page layout tag (ValueError if unsupported)
     unit_layout(page_layout, namespace)          the tag stored with each unit: layout + namespace
     unit_key(namespace, page_layout, key)        kvplug's key of SGLang's page `key`
+    UnitKeys(namespace, page_layout)(keys)       unit_key of many keys (the shared prefix hashed once)
 """
 from __future__ import annotations
 
@@ -78,14 +79,30 @@ def unit_layout(page_layout: str, namespace: str) -> str:
 def unit_key(namespace: str, page_layout: str, key: str) -> bytes:
     """SHA-256 over a tag and the length-prefixed namespace, layout and SGLang key: no two
     different triples give the same input bytes."""
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"SGLang page key must be a non-empty str, got {key!r}")
-    h = hashlib.sha256(KEY_TAG)
-    for part in (namespace, page_layout, key):
-        b = part.encode("utf-8", "surrogatepass")
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.digest()
+    return UnitKeys(namespace, page_layout)([key])[0]
+
+
+class UnitKeys:
+    def __init__(self, namespace: str, page_layout: str):
+        self._prefix = hashlib.sha256(KEY_TAG)
+        for part in (namespace, page_layout):
+            _update(self._prefix, part)
+
+    def __call__(self, keys) -> list[bytes]:
+        out = []
+        for key in keys:
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"SGLang page key must be a non-empty str, got {key!r}")
+            h = self._prefix.copy()
+            _update(h, key)
+            out.append(h.digest())
+        return out
+
+
+def _update(h, part: str) -> None:
+    b = part.encode("utf-8", "surrogatepass")
+    h.update(len(b).to_bytes(8, "little"))
+    h.update(b)
 
 
 def _text(value) -> str:

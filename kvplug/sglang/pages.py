@@ -5,7 +5,7 @@ layout the pool supports (layer_first, page_first, page_first_direct, page_head;
 works, and the bytes are exactly what SGLang's own backends store for that layout.
 
     page_indices(host_indices, n, page_size) -> list[int] | None   the first slot of each page
-    read_page(pool, index, spec) -> Tensor    a fresh uint8 copy of the page at slot `index`
+    read_page(pool, index, spec) -> Tensor    the page at slot `index` as uint8, in memory of its own
     write_page(pool, index, payload, spec) -> bool   copy a payload into the page; False if it does
                                               not have the page's size
     as_payload(value, spec) -> Tensor | None  a fresh uint8 copy of a flat page tensor, None if it
@@ -26,15 +26,17 @@ def page_indices(host_indices, n: int, page_size: int) -> list[int] | None:
 
 
 def read_page(pool, index: int, spec: PageSpec) -> torch.Tensor:
-    # A copy, always: the writer thread keeps the payload until it is on disk, and SGLang may
-    # reuse the host slot as soon as the call returns (a flat page of a contiguous slice, e.g.
-    # MLA's page_first, is a view of the pool).
+    # The writer thread keeps the payload until it is on disk, and SGLang may reuse the host slot
+    # as soon as the call returns: the payload must own its memory. Flattening a strided page
+    # (MHA layouts) already made a copy; a flat page of a contiguous slice (MLA page_first) is a
+    # view of the pool and is copied here.
     page = pool.get_data_page(index, flat=True)
-    out = as_payload(page, spec)
-    if out is None:
-        raise ValueError(f"host pool page at {index} is {page.dtype} x {page.numel()}, "
-                         f"expected {spec.dtype} x {spec.numel}")
-    return out
+    if page.dtype != spec.dtype or page.numel() != spec.numel or page.device.type != "cpu":
+        raise ValueError(f"host pool page at {index} is {page.dtype} x {page.numel()} on {page.device}, "
+                         f"expected {spec.dtype} x {spec.numel} on cpu")
+    if _shares_memory(page, pool) or not page.is_contiguous():
+        return as_payload(page, spec)
+    return page.view(torch.uint8)
 
 
 def as_payload(value, spec: PageSpec) -> torch.Tensor | None:
@@ -44,6 +46,14 @@ def as_payload(value, spec: PageSpec) -> torch.Tensor | None:
     out = torch.empty(spec.nbytes, dtype=torch.uint8)
     out.view(spec.dtype).copy_(value.reshape(-1))
     return out
+
+
+def _shares_memory(page: torch.Tensor, pool) -> bool:
+    buffers = [b for b in (getattr(pool, "kv_buffer", None),) if isinstance(b, torch.Tensor)]
+    if not buffers:  # a pool without one kv_buffer: copy rather than guess
+        return True
+    start = page.untyped_storage().data_ptr()
+    return any(b.untyped_storage().data_ptr() == start for b in buffers)
 
 
 def write_page(pool, index: int, payload: torch.Tensor, spec: PageSpec) -> bool:

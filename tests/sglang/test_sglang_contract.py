@@ -156,3 +156,16 @@ def test_get_stats_counts_hits_and_returns_sglangs_metrics_or_none(pool, tmp_pat
     if m is not None:  # SGLang's metrics module imports (a full install): its lists are filled
         assert m.prefetch_pgs == [3] and m.backup_pgs == [3]
     b.close()
+
+
+@pytest.mark.parametrize("make_pool", [lambda: MHAHostPool(pages=8), lambda: MLAHostPool(layout="page_first", pages=8)],
+                         ids=["mha-copy-from-flatten", "mla-view-of-pool"])
+def test_a_page_being_written_keeps_its_bytes_when_sglang_reuses_the_host_slot(make_pool):
+    from kvplug.sglang.keys import page_spec
+    from kvplug.sglang.pages import read_page
+    pool = make_pool()
+    fill_random(pool, GEN)
+    payload = read_page(pool, 0, page_spec(pool))
+    want = payload.clone()
+    fill_random(pool, GEN)  # SGLang reuses the slot while the writer thread still holds the payload
+    assert torch.equal(payload, want)
