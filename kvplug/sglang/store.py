@@ -34,6 +34,10 @@ from kvplug.tiers.tier import Unit
 logger = logging.getLogger("kvplug")
 
 _UNBOUND = "sglang-unbound"  # the stores' default layout; every call names the bound one
+# Writes are queued, but a store drops a put past its pending-bytes cap (256 MiB for Redis) without
+# telling the caller, and SGLang's backup thread can queue pages faster than they are written. So
+# past this many queued bytes put_many waits for the writers, as SGLang's own file backend always does.
+WRITE_BEHIND_BYTES = 128 << 20
 
 
 class PageStore:
@@ -46,6 +50,7 @@ class PageStore:
         self.page_nbytes = 0
         self.index: TierIndex | None = None
         self.counts: Counter = Counter()
+        self._unflushed = 0  # bytes queued since the last flush
         self._lock = threading.Lock()  # the index: SGLang calls from its prefetch, I/O and backup threads
         self._count_lock = threading.Lock()
         self.disk = DiskStore(Path(t.disk_path), _UNBOUND, rank=rank, fsync=t.disk_fsync) if t.disk_path else None
@@ -119,6 +124,7 @@ class PageStore:
             self.count(remote_hits=len(promote))
             if self.disk is not None and promote:
                 self._put_disk([keys[i] for i in promote], [out[i] for i in promote])
+                self._write_behind(len(promote) * self.page_nbytes)
                 self.count(promoted=len(promote))
         self.count(gets=len(keys), hits=sum(t is not None for t in out))
         return out
@@ -152,6 +158,14 @@ class PageStore:
     def put_many(self, keys: list[bytes], payloads: list[torch.Tensor]) -> list[bool]:
         if self.layout is None:
             return [False] * len(keys)
+        ok: list[bool] = []
+        for lo, hi in _byte_chunks(payloads, WRITE_BEHIND_BYTES):
+            ok += self._put_chunk(keys[lo:hi], payloads[lo:hi])
+            self._write_behind(sum(p.numel() for p in payloads[lo:hi]))
+        self.count(puts=len(keys), stored=sum(ok))
+        return ok
+
+    def _put_chunk(self, keys: list[bytes], payloads: list[torch.Tensor]) -> list[bool]:
         ok = [False] * len(keys)
         if self.disk is not None:
             ok = self._put_disk(keys, payloads)
@@ -161,8 +175,17 @@ class PageStore:
             self.remote.put_many([Unit(keys[i], payloads[i], self.layout, self.ttl_s) for i in todo])
             accepted = self.remote.breaker.allow()  # an open breaker drops the writes
             ok = [o or h or accepted for o, h in zip(ok, held)]
-        self.count(puts=len(keys), stored=sum(ok))
         return ok
+
+    def _write_behind(self, nbytes: int) -> None:
+        with self._count_lock:
+            self._unflushed += nbytes
+            full = self._unflushed >= WRITE_BEHIND_BYTES
+            if full:
+                self._unflushed = 0
+        if full:
+            self.flush()
+            self.count(write_waits=1)
 
     def _put_disk(self, keys: list[bytes], payloads: list[torch.Tensor]) -> list[bool]:
         # A unit already on disk (ours, or another engine's on a shared folder) is accounted, not
@@ -237,3 +260,15 @@ class PageStore:
         for tier in (self.disk, self.remote):
             if tier is not None:
                 tier.close()
+
+
+def _byte_chunks(payloads: list[torch.Tensor], limit: int):
+    """(lo, hi) ranges of consecutive payloads of at most `limit` bytes each (at least one payload)."""
+    lo, size = 0, 0
+    for i, p in enumerate(payloads):
+        if i > lo and size + p.numel() > limit:
+            yield lo, i
+            lo, size = i, 0
+        size += p.numel()
+    if lo < len(payloads):
+        yield lo, len(payloads)

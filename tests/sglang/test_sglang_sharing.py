@@ -226,3 +226,21 @@ def test_a_corrupt_redis_value_is_a_miss(pool, tmp_path):
         assert b.batch_get_v1(keys, slots(pool, [5])) == [False]
         assert torch.equal(pool.kv_buffer.view(torch.uint8), before.view(torch.uint8))
         b.close()
+
+
+@pytest.mark.skipif(not redis_available(), reason="redis-server not on PATH (apt-get install -y redis-server)")
+def test_writes_faster_than_redis_takes_them_are_not_dropped(pool, tmp_path, monkeypatch):
+    """The Redis writer drops puts past its pending-bytes cap without telling anyone; put_many waits
+    for the writers before that, so every page SGLang was told is stored is stored."""
+    import kvplug.sglang.store as store_mod
+    page = page_spec(pool).nbytes
+    monkeypatch.setattr(store_mod, "WRITE_BEHIND_BYTES", 2 * page)
+    with RedisServer(tmp_path / "redis") as server:
+        b = kvplug_backend(pool, remote_url=server.url)
+        b.store.remote._writes.max_pending_bytes = 3 * page  # a small cap stands in for a slow Redis
+        keys = keys_for(pool, 24)
+        assert b.batch_set_v1(keys, slots(pool, range(24))) == [True] * 24
+        b.flush()
+        assert server.client().dbsize() == 24
+        assert b.take_stats()["remote_dropped"] == 0
+        b.close()
