@@ -15,6 +15,7 @@ KVPlugHiCacheStorage(storage_config, kwargs=None) methods (SGLang's HiCacheStora
     batch_get(keys, target_locations=None, target_sizes=None) -> list[Tensor | None]
     set(key, value=None, ...) -> bool / batch_set(keys, values=None, ...) -> bool (all stored)
     exists(key) -> bool / batch_exists(keys, extra_info=None) -> int  (leading run of hits)
+    batch_exists_v2 / batch_get_v2 / batch_set_v2   hybrid pools: refused at attach; misses if called
     clear() -> bool                     remove this layout's pages from disk and Redis
     get_stats() -> StorageMetrics       SGLang's metrics, with kvplug's counters in `.kvplug`
     close()                             flush queued writes, stop the writer threads
@@ -29,7 +30,7 @@ import time
 from typing import Any, List, Optional
 
 import torch
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, PoolTransferResult
 
 from kvplug.sglang.config import parse_extra_config
 from kvplug.sglang.keys import PageSpec, UnitKeys, layout_tag, page_spec, unit_layout
@@ -174,6 +175,25 @@ class KVPlugHiCacheStorage(HiCacheStorage):
     def batch_exists(self, keys: List[str], extra_info=None) -> int:
         found = self.store.lookup(self._ukeys(keys))
         return found.index(False) if False in found else len(found)
+
+    # ---- the multi-pool (v2) interface: hybrid models, refused in on_host_pools_registered ------
+
+    def batch_exists_v2(self, keys, pool_transfers=None, extra_info=None):
+        self._v2_called("batch_exists_v2")
+        return PoolTransferResult.empty()
+
+    def batch_get_v2(self, transfers, extra_info=None):
+        self._v2_called("batch_get_v2")
+        return {t.name: [False] * len(t.keys or []) for t in transfers}
+
+    def batch_set_v2(self, transfers, extra_info=None):
+        self._v2_called("batch_set_v2")
+        return {t.name: [False] * len(t.keys or []) for t in transfers}
+
+    def _v2_called(self, name: str) -> None:
+        if name not in self._errors_logged:
+            self._errors_logged.add(name)
+            logger.error("kvplug SGLang backend: %s (hybrid pools) is not supported; answering misses", name)
 
     # ---- housekeeping ------------------------------------------------------------------------
 

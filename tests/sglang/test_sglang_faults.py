@@ -177,3 +177,14 @@ def test_hybrid_pool_groups_are_refused_at_attach(pool, tmp_path):
     with pytest.raises(ValueError, match="mamba"):
         b.on_host_pools_registered()
     b.close()
+
+
+def test_the_multi_pool_interface_answers_misses(pool, tmp_path):
+    from sglang.srt.mem_cache.hicache_storage import PoolTransfer
+    b = kvplug_backend(pool, disk_path=str(tmp_path / "kv"))
+    keys = write_pages(b, pool, 2)
+    t = PoolTransfer(name="kv", host_indices=slots(pool, [0, 1]), keys=keys)
+    assert b.batch_exists_v2(keys, [t]).kv_hit_pages == 0
+    assert b.batch_get_v2([t]) == {"kv": [False, False]}
+    assert b.batch_set_v2([t]) == {"kv": [False, False]}
+    b.close()
