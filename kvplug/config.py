@@ -116,17 +116,22 @@ class KVPlugConfig:
     same weights from different paths set the same model_id to share KV."""
 
     @classmethod
-    def from_dict(cls, extra: dict[str, Any] | None) -> "KVPlugConfig":
-        extra = dict(extra or {})
+    def from_dict(cls, extra: dict[str, Any] | None, *, source: str = "kv_connector_extra_config",
+                  keys: frozenset[str] | None = None, caller_keys: frozenset[str] = frozenset()) -> "KVPlugConfig":
+        """`source` names the option in messages; `keys` limits the kvplug keys a caller accepts (the
+        SGLang backend has no CPU tier or blending); `caller_keys` are the caller's own keys: allowed
+        here, parsed by the caller."""
+        extra = {k: v for k, v in (extra or {}).items() if k not in caller_keys}
         removed = sorted(set(extra) & set(REMOVED_KEYS))
         if removed:
-            raise ValueError(f"kv_connector_extra_config: {removed[0]!r} is no longer a key: {REMOVED_KEYS[removed[0]]}")
+            raise ValueError(f"{source}: {removed[0]!r} is no longer a key: {REMOVED_KEYS[removed[0]]}")
         known = _field_names(TierConfig) | set(BLEND_USER_KEYS) | {"model_id", "namespaces"}
+        known = known if keys is None else known & keys
         unknown = sorted(set(extra) - known)
         if unknown:
             raise ValueError(
-                f"kv_connector_extra_config: unknown key(s) {', '.join(map(repr, unknown))}; "
-                f"allowed keys are {', '.join(sorted(known))}"
+                f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"allowed keys are {', '.join(sorted(known | caller_keys))}"
             )
         tier_args = {k: extra[k] for k in _field_names(TierConfig) if k in extra}
         tiers = TierConfig(**{k: _coerce(TierConfig, k, v) for k, v in tier_args.items()})

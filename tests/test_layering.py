@@ -1,6 +1,7 @@
-"""The layering rule: only kvplug.connector imports vLLM; our Triton folder never shadows
-the real `triton_kernels` package."""
+"""The layering rule: only kvplug.connector imports vLLM, only kvplug.sglang imports SGLang; our
+Triton folder never shadows the real `triton_kernels` package."""
 import importlib
+import importlib.util
 import pkgutil
 import subprocess
 import sys
@@ -11,15 +12,40 @@ import kvplug
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_nothing_but_connector_imports_vllm():
-    mods = [m.name for m in pkgutil.walk_packages(kvplug.__path__, "kvplug.") if ".connector" not in m.name]
+def _modules(skip: tuple[str, ...]) -> list[str]:
+    return [m.name for m in pkgutil.walk_packages(kvplug.__path__, "kvplug.")
+            if not any(f".{s}" in m.name for s in skip)]
+
+
+def _import_blocking(mods: list[str], blocked: list[str]) -> subprocess.CompletedProcess:
     code = (
-        "import sys; sys.modules['vllm'] = None\n"
-        "import importlib\n"
+        "import sys\n"
+        + "".join(f"sys.modules[{b!r}] = None\n" for b in blocked)
+        + "import importlib\n"
         f"for m in {mods!r}:\n"
         "    importlib.import_module(m)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+def test_nothing_but_connector_imports_vllm():
+    # kvplug.sglang imports SGLang, which may be absent here; with it installed it is checked too.
+    skip = ("connector",) if importlib.util.find_spec("sglang") else ("connector", "sglang")
+    out = _import_blocking(_modules(skip), ["vllm"])
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_nothing_but_kvplug_sglang_imports_sglang():
+    out = _import_blocking(_modules(("connector", "sglang")), ["vllm", "sglang"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    # kvplug.sglang's own helper modules (all but backend) do not need SGLang either.
+    helpers = [m for m in _modules(("connector",)) if m.startswith("kvplug.sglang") and m != "kvplug.sglang.backend"]
+    out = _import_blocking(helpers, ["vllm", "sglang"])
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_the_connector_does_not_import_sglang():
+    out = _import_blocking([m for m in _modules(("sglang",)) if ".connector" in m], ["sglang"])
     assert out.returncode == 0, out.stderr[-2000:]
 
 
