@@ -76,14 +76,21 @@ class BlendConfig:
     recompute_ratio: float = 0.15
     """Fraction (0 to 1) of each blended request's cached-chunk tokens whose KV is recomputed."""
     recompute_policy: str = "query"
-    """Which tokens are recomputed (kvplug/blend/policies.py): `query` (default), `blend`, `epic`,
-    `fixed` (CacheBlend) or `adaptive` (Cache-Craft); see the README's "Blending"."""
+    """Which tokens are recomputed (kvplug/blend/policies.py): `query` (default: the question's
+    attention), `mixed`, `epic`, `fixed` (CacheBlend) or `adaptive` (Cache-Craft); README "Blending"."""
     blend_check_layer: int = 1
     """Layer at which KV deviation is scored (policies that use it); layers up to it run on all
     tokens. Must be below the model's layer count."""
-    blend_chunk_head_tokens: int = 0
-    """Tokens at the start of every chunk but the first that policies with chunk heads (`epic`,
-    `blend`) always recompute, within the budget (EPIC's sink tokens; separators sit there)."""
+    blend_chunk_head_tokens: int = 2
+    """Tokens at the start of every chunk but the first that policies with chunk heads (`query`,
+    `mixed`, `epic`) always recompute, within the budget (EPIC's sink tokens; the default covers
+    the default separator's two tokens)."""
+    blend_cluster_tokens: int = 16
+    """Tokens per key cluster kept with every stored chunk (k-means of each layer's keys, for the
+    relevance pass at long contexts); 0 stores chunks without clusters."""
+    blend_cluster_min_tokens: int = 16384
+    """Blend spans of at least this many tokens score the question's attention through the chunks'
+    key clusters instead of every token (faster, approximate; measured in the README); 0: never."""
     blend_min_chunk_tokens: int = 16
     """Chunks shorter than this many tokens are not cached on their own (always recomputed)."""
 
@@ -266,6 +273,12 @@ def _validate_blend(b: BlendConfig, t: TierConfig) -> None:
         raise ValueError(f"blend_min_chunk_tokens={b.blend_min_chunk_tokens!r}: must be an integer >= 1")
     if b.blend_chunk_head_tokens < 0:
         raise ValueError(f"blend_chunk_head_tokens={b.blend_chunk_head_tokens!r}: must be an integer >= 0")
+    if not 0 <= b.blend_cluster_tokens <= 4096:
+        raise ValueError(f"blend_cluster_tokens={b.blend_cluster_tokens!r}: must be an integer from 0 to 4096")
+    if b.blend_cluster_min_tokens < 0:
+        raise ValueError(f"blend_cluster_min_tokens={b.blend_cluster_min_tokens!r}: must be an integer >= 0")
+    if b.blend_cluster_min_tokens and not b.blend_cluster_tokens:
+        raise ValueError("blend_cluster_min_tokens > 0 needs blend_cluster_tokens > 0 (no clusters are stored)")
 
 
 def check_blend_for_model(b: BlendConfig, num_layers: int) -> None:

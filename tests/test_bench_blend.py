@@ -10,6 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 import blend  # noqa: E402
+import blend_engine  # noqa: E402
+import blend_metrics as bm  # noqa: E402
 from benchmarks.workloads import SEPARATOR, multidoc_qa as mq  # noqa: E402
 
 
@@ -123,16 +125,16 @@ def test_passage_chunk_prompt_is_one_passage(qs):
 # ---------------------------------------------------------------- metric helpers
 def test_kl_identical_is_zero():
     lp = {1: -0.1, 2: -2.5, 3: -4.0, 4: -7.0}
-    assert blend.kl_first_token(lp, dict(lp)) == pytest.approx(0.0, abs=1e-12)
+    assert bm.kl_first_token(lp, dict(lp)) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_kl_positive_for_different_distributions():
     ref = {1: -0.1, 2: -2.5, 3: -4.0}
     q = {1: -1.5, 2: -0.4, 3: -3.0}
-    assert blend.kl_first_token(ref, q) > 0.1
+    assert bm.kl_first_token(ref, q) > 0.1
     # a token missing from q takes q's smallest logprob, which makes it worse, not undefined
     q_missing = {1: -0.1, 2: -2.5, 9: -6.0}
-    kl = blend.kl_first_token(ref, q_missing)
+    kl = bm.kl_first_token(ref, q_missing)
     assert kl > 0 and math.isfinite(kl)
 
 
@@ -140,58 +142,78 @@ def test_kl_uses_reference_top_k_only():
     ref = {i: -float(i) for i in range(25)}  # 25 entries: only the top 20 count
     q = dict(ref)
     q[24] = 0.0  # differs only outside the reference's top 20
-    assert blend.kl_first_token(ref, q, k=20) == pytest.approx(0.0, abs=1e-12)
-    assert blend.kl_first_token({}, q) != blend.kl_first_token({}, q)  # nan
+    assert bm.kl_first_token(ref, q, k=20) == pytest.approx(0.0, abs=1e-12)
+    assert bm.kl_first_token({}, q) != bm.kl_first_token({}, q)  # nan
 
 
 def test_top1_and_agreement_counting():
-    assert blend.top1({"5": -0.2, "7": -1.0}) == "5"
-    assert blend.top1_agree({"5": -0.2, "7": -1.0}, {"5": -0.9, "7": -1.0})
-    assert not blend.top1_agree({"5": -0.2, "7": -1.0}, {"5": -1.9, "7": -1.0})
-    assert blend.agreement(["a", "b", "c"], ["a", "x", "c"]) == (2, 3)
-    assert blend.value_agreement([" 12.", " 12.\n\nThe", " 13", "none"], [" 12.", " 12.", " 12", "x"]) == (3, 4)
+    assert bm.top1({"5": -0.2, "7": -1.0}) == "5"
+    assert bm.top1_agree({"5": -0.2, "7": -1.0}, {"5": -0.9, "7": -1.0})
+    assert not bm.top1_agree({"5": -0.2, "7": -1.0}, {"5": -1.9, "7": -1.0})
+    assert bm.agreement(["a", "b", "c"], ["a", "x", "c"]) == (2, 3)
+    assert bm.value_agreement([" 12.", " 12.\n\nThe", " 13", "none"], [" 12.", " 12.", " 12", "x"]) == (3, 4)
     with pytest.raises(ValueError):
-        blend.agreement(["a"], ["a", "b"])
+        bm.agreement(["a"], ["a", "b"])
 
 
-def test_summarize_recomputed_fraction_and_ratios():
-    def req(i, text, lp, ttft):
-        return {"id": i, "text": text, "first_token_logprobs": lp, "ttft_s": ttft, "prompt_tokens": 100}
+def test_wilson_interval_matches_a_hand_computed_case_and_stays_in_range():
+    lo, hi = bm.wilson_ci(8, 10)  # p = 0.8, n = 10: (0.490, 0.943) by the formula
+    assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
+    assert bm.wilson_ci(0, 5)[0] == 0.0 and bm.wilson_ci(5, 5)[1] == 1.0
+    assert all(math.isnan(x) for x in bm.wilson_ci(0, 0))
 
-    ref = {"name": "full_prefill", "counters": {},
-           "requests": [req(0, " 1.", {"1": -0.1, "2": -3.0}, 2.0), req(1, " 2.", {"2": -0.1, "1": -3.0}, 2.0)]}
-    run = {"name": "fixed_0.15", "counters": {"kvplug_blend_requests": 4, "kvplug_blend_tokens": 380,
-                                               "kvplug_blend_recomputed_tokens": 60},
-           "requests": [req(0, " 1.", {"1": -0.1, "2": -3.0}, 0.5), req(1, " 3.", {"1": -0.2, "2": -2.0}, 1.5)]}
-    gold = {0: lambda t: mq.answer_correct(t, "1"), 1: lambda t: mq.answer_correct(t, "2")}
-    s = blend.summarize(run, ref, gold)
-    assert s["answer_agree"] == 0.5 == s["value_agree"] and s["accuracy"] == 0.5 and s["top1_agree"] == 0.5
-    assert s["recomputed_frac_of_prompt"] == pytest.approx(60 / 400)  # 4 blended requests x 100
+
+def test_paired_bootstrap_interval_covers_the_paired_difference():
+    a, b = [1] * 30 + [0] * 10, [1] * 20 + [0] * 20  # a wins on 10 questions, never loses
+    lo, hi = bm.paired_bootstrap_ci(a, b)
+    assert 0 < lo <= 0.25 <= hi < 0.5
+    assert bm.paired_bootstrap_ci(a, a) == (0.0, 0.0)
+
+
+def test_smallest_reaching():
+    pts = [(0.0, 0.5), (0.05, 0.58), (0.15, 0.66), (1.0, 0.7)]
+    assert bm.smallest_reaching(pts, 0.66) == 0.15
+    assert bm.smallest_reaching(pts, 0.71) is None
+
+
+# ---------------------------------------------------------------- configurations and report
+def test_every_policy_at_every_ratio_plus_the_shared_endpoints():
+    names = blend.config_names(quick=False)
+    assert names[:2] == ["concat", "ratio_1"] and len(names) == 2 + len(blend.POLICIES) * len(blend.RATIOS)
+    assert blend.kv_params("concat") == {"recompute_ratio": 0.0, "recompute_policy": "query"}
+    assert blend.kv_params("fixed_0.15") == {"recompute_ratio": 0.15, "recompute_policy": "fixed"}
+    from kvplug.config import RECOMPUTE_POLICIES
+
+    assert set(blend.POLICIES) == set(RECOMPUTE_POLICIES)  # the benchmark runs every named policy
+    assert set(blend.QUICK_CONFIGS) <= set(names)
+
+
+def test_summarize_accuracy_agreement_recomputed_and_ttft_ratio(qs):
+    items = qs.items[:2]
+
+    def req(it, text, lp, ttft, counters=None):
+        return {"id": f"synthetic/{it.qid}", "text": text, "first_token_logprobs": lp, "ttft_s": ttft,
+                "prompt_tokens": 100, "counters": counters or {}}
+
+    ref = [req(items[0], f" {items[0].answer}.", {"1": -0.1, "2": -3.0}, 2.0),
+           req(items[1], f" {items[1].answer}.", {"2": -0.1, "1": -3.0}, 2.0)]
+    c = {"kvplug_blend_requests": 1, "kvplug_blend_tokens": 190, "kvplug_blend_recomputed_tokens": 30}
+    run = [req(items[0], f" {items[0].answer}. The", {"1": -0.1, "2": -3.0}, 0.5, c),
+           req(items[1], " 3.", {"1": -0.2, "2": -2.0}, 1.5, c)]
+    s = blend.summarize("fixed_0.15", run, ref, qs, {})
+    assert s["accuracy"] == 0.5 and s["value_agree"] == 0.5 and s["text_agree"] == 0.0 and s["top1_agree"] == 0.5
     assert s["recomputed_frac_of_blend_tokens"] == pytest.approx(60 / 380)
-    assert s["ttft_p50_s"] == 1.0 and s["ttft_ratio_vs_full"] == 0.5
-    assert s["kl_mean"] > 0 and s["disagreements"] == [{"id": 1, "got": " 3.", "want": " 2."}]
-    s_ref = blend.summarize(ref, None, gold)
-    assert s_ref["accuracy"] == 1.0 and math.isnan(s_ref["recomputed_frac_of_prompt"])
+    assert s["ttft_p50_s"] == 1.0 and s["ttft_ratio_vs_full"] == 0.5 and s["kl_mean"] > 0
+    assert (s["policy"], s["ratio"]) == ("fixed", 0.15) and s["correct"] == [1, 0]
+    lo, hi = s["accuracy_ci95"]
+    assert lo < 0.5 < hi
 
 
-def test_config_phases_blend_warmup_first(qs):
-    vllm, bl = blend.config_phases(qs, blend.ALL_CONFIGS)
-    assert [p["name"] for p in vllm] == ["full_prefill", "vllm_prefix_cache"]
-    assert [p["reset_each"] for p in vllm] == [True, False]
-    assert [p["name"] for p in bl] == ["warmup", "fixed_0", "fixed_0.05", "fixed_0.15", "fixed_0.3",
-                                       "fixed_1", "adaptive"]
-    assert len(bl[0]["prompts"]) == 24 and bl[0]["warmup"]  # the whole pool
-    assert all(p["reset_each"] for p in bl[1:])
-    assert bl[-1]["kv_params"] == {"recompute_ratio": 0.15, "recompute_policy": "adaptive"}
-    assert bl[3]["kv_params"] == {"recompute_ratio": 0.15, "recompute_policy": "fixed"}
-    assert blend.config_phases(qs, ["full_prefill"])[1] == []
-
-
-def test_explain_failure_names_rejected_blend_keys():
-    log = "ValueError: kv_connector_extra_config: unknown key(s) 'blend'; allowed keys are cpu_bytes"
-    msg = blend.explain_failure(log, 1, {"blend": True})
-    assert "rejected the blend keys" in msg and "unknown key(s) 'blend'" in msg
-    assert "rc=3" in blend.explain_failure("boom\nRuntimeError: x", 3, None)
+def test_explain_failure_names_rejected_keys():
+    log = "ValueError: kv_connector_extra_config: 'blend_cpu_bytes' is no longer a key: chunk KV now shares"
+    msg = blend_engine.explain_failure(log, 1, {"blend": True})
+    assert "rejected its keys" in msg and "blend_cpu_bytes" in msg
+    assert "rc=3" in blend_engine.explain_failure("boom\nRuntimeError: x", 3, None)
 
 
 def test_help_runs():

@@ -134,6 +134,15 @@ class QASet:
         return (self.frame.render_head(self.system) + SEPARATOR + self.passages[doc]
                 + SEPARATOR + self.frame.render_tail(question))
 
+    def correct(self, item: QAItem, text: str) -> bool:
+        return answer_correct(text, item.answer)
+
+    @staticmethod
+    def answer_key(text: str):
+        """What two answers must share to agree: the value (the first integer)."""
+        m = re.search(r"\d+", text.replace(",", ""))
+        return m.group(0) if m else None
+
 
 def make_facts(n: int, rng: random.Random) -> list[Fact]:
     """n facts with distinct subjects and distinct 5-digit values."""

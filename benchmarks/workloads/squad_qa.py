@@ -111,6 +111,11 @@ class QASet:
     def correct(self, item: QAItem, text: str) -> bool:
         return answer_correct(text, item.answers)
 
+    @staticmethod
+    def answer_key(text: str) -> str:
+        """What two answers must share to agree: the normalised first line."""
+        return normalize(_first_line(text))
+
 
 def _passages(articles: list[dict], passage_tokens: int, tokenizer: Tokenizer | None):
     """Per article: (passage text, [(paragraph index, qas)]) from its first paragraphs, about

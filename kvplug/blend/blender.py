@@ -33,7 +33,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kvplug.blend import clusters as kc
 from kvplug.blend.adapter import ModelAdapter
+from kvplug.blend.clusters import SpanClusters
+from kvplug.blend.relevance import question_pass
 from kvplug.blend.selection import (POLICIES, adaptive_budget, chunk_heads, combine, deviation, global_budget,
                                    per_chunk_budget, pick_tokens)
 from kvplug.ops.rope import rerotate_keys
@@ -58,6 +61,7 @@ class BlendJob:
     tail: list[int] = field(default_factory=list)  # the question after the span (relevance)
     chunk_kv: Mapping[bytes, torch.Tensor] | None = None  # cached chunks' KV; None: from the blender's store
     prefix_slots: torch.Tensor | None = None  # int64 [start]: where the engine holds [0, start); None: slots 0..
+    chunk_clusters: Mapping | None = None  # cached chunks' key clusters (kvplug/blend/clusters.py), by key
 
 
 @dataclass
@@ -69,10 +73,14 @@ class BlendReport:
 
 
 class Blender:
-    def __init__(self, adapter: ModelAdapter, store, check_layer: int = 1, head_tokens: int = 0):
+    def __init__(self, adapter: ModelAdapter, store, check_layer: int = 1, head_tokens: int = 0,
+                 cluster_tokens: int = 0, cluster_min_tokens: int = 0, cluster_top: int = 8):
+        """cluster_tokens: tokens per key cluster stored with each chunk (0: none); spans of at
+        least cluster_min_tokens (0: never) run the relevance pass through the clusters."""
         self.m, self.store = adapter, store
         self.check_layer = min(max(check_layer, 0), adapter.num_layers - 1)
         self.head_tokens = head_tokens
+        self.cluster_tokens, self.cluster_min_tokens, self.cluster_top = cluster_tokens, cluster_min_tokens, cluster_top
 
     # ---- one request ---------------------------------------------------------------------
     @torch.inference_mode()
@@ -182,27 +190,19 @@ class Blender:
             p = self.b._attention_weights(self.q, self.k, self.pos).mean(dim=(0, 1))  # [keys]
             return p[self.job.start:self.job.end].cpu()
 
-    @torch.inference_mode()
     def _prophet(self, job: BlendJob, kv: torch.Tensor) -> torch.Tensor:
-        """fp32 [span]: the question's attention on each span token, run through every layer
-        over the cached KV before anything is recomputed (ProphetKV's first stage), averaged over
-        layers, heads and question tokens. Costs the question's length, not the span's."""
-        m = self.m
-        pos = torch.arange(job.end, job.end + len(job.tail), device=m.device)
-        hidden = m.embed(torch.tensor(job.tail, dtype=torch.long, device=m.device))
-        residual = None
-        total = torch.zeros(job.end, dtype=torch.float32, device=m.device)
-        for i in range(m.num_layers):
-            def attend(q, k, v, layer=kv[i]):
-                q = q.view(-1, m.num_heads, m.head_dim)
-                keys = torch.cat([layer[0], k.view(-1, m.num_kv_heads, m.head_dim)])
-                values = torch.cat([layer[1], v.view(-1, m.num_kv_heads, m.head_dim)])
-                p = self._attention_weights(q, keys, pos)  # [H, T, K]
-                total.add_(p[..., :job.end].mean(dim=(0, 1)))
-                vv = values.float().repeat_interleave(m.num_heads // m.num_kv_heads, dim=1)
-                return torch.einsum("htk,khd->thd", p, vv).to(q.dtype).reshape(q.shape[0], -1)
-            hidden, residual = m.forward_layer(i, pos, hidden, residual, attend)
-        return (total / m.num_layers)[job.start:job.end].cpu()
+        """fp32 [span]: the question's attention on each span token (kvplug/blend/relevance.py),
+        through the chunks' key clusters on long spans that have them."""
+        return question_pass(self.m, job.tail, kv, job.end, job.start, self._span_clusters(job), self.cluster_top)
+
+    def _span_clusters(self, job: BlendJob):
+        if not (self.cluster_min_tokens and job.end - job.start >= self.cluster_min_tokens and job.chunk_clusters):
+            return None
+        inside = [(b, key) for b, e, key in job.chunks if key is not None and b >= job.start and e <= job.end]
+        if not inside or any(key not in job.chunk_clusters for _, key in inside):
+            return None
+        inv_freq, style = self.m.rope
+        return SpanClusters.build([(b, job.chunk_clusters[key]) for b, key in inside], job.end, inv_freq, style)
 
     def _select(self, job: BlendJob, spec, kv_layer: torch.Tensor | None, seen: dict, chunk_of: torch.Tensor,
                 begins: list[int], question: "_Question | None", prophet: torch.Tensor | None) -> torch.Tensor:
@@ -315,15 +315,44 @@ class Blender:
         inv_freq, style = m.rope
         pos = torch.arange(begin, begin + n, device=out.device)
         rerotate_keys(out[:, 0], pos, pos - begin, inv_freq.to(out.device), style, out=out[:, 0])
-        return out.cpu().reshape(-1).view(torch.uint8)
+        out = out.cpu()
+        kv = out.reshape(-1).view(torch.uint8)
+        if not self.cluster_tokens:
+            return kv
+        return torch.cat([kv, kc.pack(kc.cluster_chunk(out, self.cluster_tokens))])
 
-    def chunk_kv(self, payload: torch.Tensor) -> torch.Tensor:
-        """Stored chunk bytes viewed as [L, 2, n, KV, D] (ValueError when they do not divide)."""
+    def chunk_bytes(self, n: int) -> int:
+        """Bytes of a stored chunk of n tokens: its KV, then its clusters when they are kept."""
         m = self.m
-        per_token = 2 * m.num_layers * m.num_kv_heads * m.head_dim * m.dtype.itemsize
-        if payload.numel() == 0 or payload.numel() % per_token:
-            raise ValueError(f"{payload.numel()} bytes are not a whole number of {per_token}-byte tokens")
-        return payload.view(m.dtype).view(m.num_layers, 2, -1, m.num_kv_heads, m.head_dim)
+        kv = n * 2 * m.num_layers * m.num_kv_heads * m.head_dim * m.dtype.itemsize
+        side = kc.sidecar_bytes(m.num_layers, m.num_kv_heads, m.head_dim, n, self.cluster_tokens,
+                                m.dtype.itemsize) if self.cluster_tokens else 0
+        return kv + side
+
+    def chunk_kv(self, payload: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """Stored chunk bytes (of n tokens; found from the size when None) viewed as [L, 2, n, KV, D];
+        ValueError when the size fits no token count."""
+        m = self.m
+        n = self._tokens_of(payload.numel()) if n is None else n
+        if n <= 0 or self.chunk_bytes(n) != payload.numel():
+            raise ValueError(f"{payload.numel()} bytes are not a stored chunk of {n} tokens")
+        kv = payload[: n * 2 * m.num_layers * m.num_kv_heads * m.head_dim * m.dtype.itemsize]
+        return kv.view(m.dtype).view(m.num_layers, 2, n, m.num_kv_heads, m.head_dim)
+
+    def chunk_clusters(self, payload: torch.Tensor, n: int):
+        """The key clusters stored after a chunk's KV, or None when chunks are stored without."""
+        if not self.cluster_tokens:
+            return None
+        m = self.m
+        kv = n * 2 * m.num_layers * m.num_kv_heads * m.head_dim * m.dtype.itemsize
+        return kc.unpack(payload[kv:], m.num_layers, m.num_kv_heads, m.head_dim, n, self.cluster_tokens, m.dtype)
+
+    def _tokens_of(self, nbytes: int) -> int:
+        m = self.m
+        n = nbytes // (2 * m.num_layers * m.num_kv_heads * m.head_dim * m.dtype.itemsize)
+        while n > 0 and self.chunk_bytes(n) > nbytes:  # the sidecar makes a token cost more
+            n -= 1
+        return n
 
     @torch.inference_mode()
     def compute_chunk(self, tokens: list[int]) -> torch.Tensor:

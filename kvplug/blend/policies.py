@@ -53,5 +53,5 @@ POLICIES: dict[str, Selection] = {
     "adaptive": Selection(budget="adaptive", relevance="check"),
     "epic": Selection(heads=True),
     "query": Selection(score="relevance", heads=True),
-    "blend": Selection(score="mix", heads=True),
+    "mixed": Selection(score="mix", heads=True),
 }

@@ -24,8 +24,8 @@ Named policies (`POLICIES`, the values of `recompute_policy`):
               on its new context x how much the question reads it
     epic      chunk heads first, the rest of the budget by deviation (EPIC + CacheBlend)
     query     chunk heads first, the rest by the question's attention (ProphetKV); nothing runs
-              on all tokens, so it costs least
-    blend     chunk heads, then relevance and deviation mixed (the default: best measured)
+              on all tokens, so it costs least (the default: best measured, README "Blending")
+    mixed     chunk heads, then relevance and deviation mixed half and half
 Every policy spends at most round(ratio x cached tokens): ratio 0 recomputes nothing (the
 re-rotated concatenation), ratio 1 everything (a full prefill).
 

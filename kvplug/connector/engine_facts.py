@@ -26,13 +26,24 @@ class EngineFacts:
     num_blocks: int
     tp_size: int
     chunk_token_bytes: int = 0  # one token's K and V of every layer in the canonical chunk layout (this rank)
+    kv_heads: int = 0
+    head_dim: int = 0
+    itemsize: int = 2
+    cluster_tokens: int = 0  # tokens per key cluster stored with each chunk (blend_cluster_tokens; 0: none)
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_names)
 
     def chunk_bytes(self, tokens: int) -> int:
-        return tokens * self.chunk_token_bytes
+        """A stored chunk's payload: its KV, then its key clusters (kvplug/blend/clusters.py), the
+        same count the worker's blender makes (Blender.chunk_bytes)."""
+        if not self.cluster_tokens:
+            return tokens * self.chunk_token_bytes
+        from kvplug.blend.clusters import sidecar_bytes
+
+        return tokens * self.chunk_token_bytes + sidecar_bytes(self.num_layers, self.kv_heads, self.head_dim, tokens,
+                                                               self.cluster_tokens, self.itemsize)
 
     @classmethod
     def from_vllm(cls, vllm_config, kv_cache_config, cfg: KVPlugConfig) -> "EngineFacts":
@@ -70,4 +81,6 @@ class EngineFacts:
             num_blocks=kv_cache_config.num_blocks,
             tp_size=parallel.tensor_parallel_size,
             chunk_token_bytes=2 * len(layer_names) * spec.num_kv_heads * spec.head_size * spec.dtype.itemsize,
+            kv_heads=spec.num_kv_heads, head_dim=spec.head_size, itemsize=spec.dtype.itemsize,
+            cluster_tokens=cfg.blend.blend_cluster_tokens if cfg.blend.enabled else 0,
         )

@@ -29,6 +29,7 @@ class LoadJob:
     blocks: list = field(default_factory=list)  # BlockLoad
     blend: object = None  # BlendPlan
     chunk_kv: dict = field(default_factory=dict)  # key -> chunk KV tensor [L, 2, n, KV, D]
+    chunk_clusters: dict = field(default_factory=dict)  # key -> its key clusters, when stored with them
     chunk_failures: int = 0
     fetch: futures.Future | None = None
     fetched: dict = field(default_factory=dict)  # (tier, key) -> payload or None
@@ -101,7 +102,11 @@ class LoadJob:
 
     def _take_chunk(self, worker, ref, payload) -> None:
         if payload is not None and payload.numel() == ref.nbytes and worker.blender is not None:
-            self.chunk_kv[ref.key] = worker.blender.chunk_kv(payload)
+            n = ref.end - ref.begin
+            self.chunk_kv[ref.key] = worker.blender.chunk_kv(payload, n)
+            clusters = worker.blender.chunk_clusters(payload, n)
+            if clusters is not None:
+                self.chunk_clusters[ref.key] = clusters
             worker._count(load_bytes=ref.nbytes)
             return
         self.chunk_failures += 1

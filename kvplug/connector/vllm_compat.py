@@ -100,21 +100,19 @@ def is_cpu_backend(attn) -> bool:
 def cpu_paged_metadata(attn, q_pos: torch.Tensor, block_table: torch.Tensor, num_heads: int, num_kv_heads: int,
                        head_dim: int, dtype: torch.dtype):
     """CPU attention metadata for queries at q_pos (ascending) of one request: one causal
-    sequence when they are contiguous, else one single-query sequence per token (a decode batch
-    over the same blocks)."""
+    sequence per run of consecutive positions (its queries are the run, its keys everything up
+    to the run's end), all over the request's blocks - picked tokens cluster, so this is a few
+    sequences, not one per token."""
     from vllm import _custom_ops as ops
     from vllm import envs
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
 
     n = q_pos.numel()
-    bt = block_table.to(torch.int32).view(1, -1)
-    if int(q_pos[-1]) - int(q_pos[0]) + 1 == n:
-        starts = torch.tensor([0, n], dtype=torch.int32)
-        seq_lens = torch.tensor([int(q_pos[-1]) + 1], dtype=torch.int32)
-    else:
-        starts = torch.arange(n + 1, dtype=torch.int32)
-        seq_lens = (q_pos + 1).to(torch.int32)
-        bt = bt.expand(n, -1).contiguous()
+    pos = q_pos.to(torch.int64).cpu()
+    breaks = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1  # where a new run starts
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), breaks, torch.tensor([n])]).to(torch.int32)
+    seq_lens = (pos[starts[1:].long() - 1] + 1).to(torch.int32)
+    bt = block_table.to(torch.int32).view(1, -1).expand(seq_lens.numel(), -1).contiguous()
     sched = ops.cpu_attn_get_scheduler_metadata(
         num_reqs=seq_lens.numel(), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         seq_lens=seq_lens, dtype=dtype, query_start_loc=starts, causal=True, sliding_window_size=-1,
@@ -186,11 +184,15 @@ class PagedKVReader:
         return where.view(self.block_size, -1)
 
     def read(self, cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Whole blocks first (one contiguous gather), then each token's elements within its block.
         slots = slots.to(cache.device)
-        flat = cache.reshape(cache.shape[0], -1)
-        blocks, offsets = (slots // self.block_size).unsqueeze(1), slots % self.block_size
+        blocks, where = torch.unique(slots // self.block_size, return_inverse=True)
+        rows = cache.reshape(cache.shape[0], -1).index_select(0, blocks)  # [nb, block elements]
+        offsets = slots % self.block_size
         shape = (-1, self.kv_heads, self.head_dim)
-        return flat[blocks, self.k_index[offsets]].view(shape), flat[blocks, self.v_index[offsets]].view(shape)
+        k = rows.view(-1)[(where * rows.shape[1]).unsqueeze(1) + self.k_index[offsets]]
+        v = rows.view(-1)[(where * rows.shape[1]).unsqueeze(1) + self.v_index[offsets]]
+        return k.view(shape), v.view(shape)
 
 
 # ---- self-test ------------------------------------------------------------------------------

@@ -95,9 +95,10 @@ class WorkerHalf:
             logger.warning("kvplug: blending is off: %s", self._blend_off)
             return
         b = self.cfg.blend
-        self.blender = Blender(adapter, {}, check_layer=b.blend_check_layer, head_tokens=b.blend_chunk_head_tokens)
+        self.blender = Blender(adapter, {}, check_layer=b.blend_check_layer, head_tokens=b.blend_chunk_head_tokens,
+                               cluster_tokens=b.blend_cluster_tokens, cluster_min_tokens=b.blend_cluster_min_tokens)
         self.chunk_layout = (f"chunk-v2|{str(adapter.dtype).removeprefix('torch.')}|L{adapter.num_layers}"
-                             f"KV{adapter.num_kv_heads}D{adapter.head_dim}|keys-at-0")
+                             f"KV{adapter.num_kv_heads}D{adapter.head_dim}|keys-at-0|c{b.blend_cluster_tokens}")
         self._loader.chunk_layout = self.chunk_layout
 
     # ---- before the forward pass --------------------------------------------------------
@@ -161,7 +162,8 @@ class WorkerHalf:
                 raise RuntimeError(f"{job.chunk_failures} chunk(s) could not be loaded")
             r = self.blender.run(BlendJob(plan.tokens, plan.start, plan.end, [(c.begin, c.end, c.key) for c in plan.chunks],
                                           slots, plan.ratio, plan.policy, block_table=blocks, tail=plan.tail,
-                                          chunk_kv=job.chunk_kv, prefix_slots=prefix_slots))
+                                          chunk_kv=job.chunk_kv, prefix_slots=prefix_slots,
+                                          chunk_clusters=job.chunk_clusters))
         except Exception as e:  # noqa: BLE001 - a failed blend is recomputed by vLLM, never a dead engine
             if job.chunk_failures or self.blender is None:
                 logger.debug("kvplug: request %s not blended (%s); vLLM recomputes its tokens", plan.req_id, e)

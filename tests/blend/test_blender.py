@@ -209,7 +209,7 @@ def test_chunk_payload_is_the_engines_kv_with_keys_back_at_zero():
         want[:, 0] = rerotate_keys_ref(want[:, 0], torch.arange(b, e), torch.arange(e - b), toy.inv_freq, "neox")
         got = blender.chunk_kv(blender.chunk_payload(torch.arange(b, e), b))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="whole number"):
+    with pytest.raises(ValueError, match="not a stored chunk"):
         blender.chunk_kv(torch.zeros(7, dtype=torch.uint8))
 
 
@@ -299,7 +299,7 @@ def planted():
     return toy, tokens, chunks, end, marker, deviant
 
 
-@pytest.mark.parametrize("policy", ["query", "blend"])
+@pytest.mark.parametrize("policy", ["query", "mixed"])
 def test_a_token_the_question_reads_outranks_a_deviating_token_it_ignores(policy):
     toy, tokens, chunks, end, marker, deviant = planted()
     store = DictStore()
@@ -310,3 +310,20 @@ def test_a_token_the_question_reads_outranks_a_deviating_token_it_ignores(policy
     one = 1 / end  # a budget of exactly one token
     assert blender.run(job(tokens, chunks, end, one, policy="fixed")).picked == [deviant]
     assert blender.run(job(tokens, chunks, end, one, policy=policy)).picked == [marker]
+
+
+def test_question_attention_equals_a_plain_softmax_over_the_repeated_heads():
+    from kvplug.blend.relevance import question_attention
+
+    g = torch.Generator().manual_seed(2)
+    T, S = 5, 17
+    q, ks, vs = torch.randn(T, H, D, generator=g), torch.randn(S, KV, D, generator=g), torch.randn(S, KV, D, generator=g)
+    ko, vo = torch.randn(T, KV, D, generator=g), torch.randn(T, KV, D, generator=g)
+    out, w = question_attention(q, ks, vs, ko, vo, D ** -0.5)
+    k = torch.cat([ks, ko]).repeat_interleave(H // KV, 1)
+    v = torch.cat([vs, vo]).repeat_interleave(H // KV, 1)
+    s = torch.einsum("thd,khd->htk", q, k) * D ** -0.5
+    future = torch.arange(S + T)[None, :] > (S + torch.arange(T))[:, None]
+    p = s.masked_fill(future[None], float("-inf")).softmax(-1)
+    torch.testing.assert_close(out, torch.einsum("htk,khd->thd", p, v).reshape(T, H * D), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w, p[..., :S].sum(dim=(0, 1)), rtol=1e-5, atol=1e-5)

@@ -45,7 +45,7 @@ def test_defaults_and_json_numbers(tmp_path):
         ({"recompute_ratio": -0.1}, "recompute_ratio=-0.1"),
         ({"recompute_ratio": float("nan")}, "recompute_ratio=nan"),
         ({"recompute_ratio": "0.2"}, "recompute_ratio='0.2'"),
-        ({"recompute_policy": "greedy"}, "recompute_policy='greedy': allowed values are fixed, adaptive, epic, query"),
+        ({"recompute_policy": "greedy"}, "recompute_policy='greedy': allowed values are fixed, adaptive, epic, query, mixed"),
         ({"blend_check_layer": -1}, "blend_check_layer=-1: must be an integer >= 0"),
         ({"blend_check_layer": 1.5}, "blend_check_layer=1.5: must be an integer"),
         ({"blend_check_layer": True}, "blend_check_layer=True: must be an integer"),
@@ -90,7 +90,7 @@ def test_blend_defaults_and_round_trip():
     b = KVPlugConfig.from_dict({}).blend
     assert b == BlendConfig()
     assert (b.enabled, b.chunk_separator, b.recompute_ratio, b.recompute_policy) == (False, " # # ", 0.15, "query")
-    assert (b.blend_check_layer, b.blend_chunk_head_tokens, b.blend_min_chunk_tokens) == (1, 0, 16)
+    assert (b.blend_check_layer, b.blend_chunk_head_tokens, b.blend_min_chunk_tokens) == (1, 2, 16)
     extra = {"blend": True, "chunk_separator": "\n\n", "recompute_ratio": 1, "recompute_policy": "adaptive",
              "blend_check_layer": 0, "blend_chunk_head_tokens": 8, "blend_min_chunk_tokens": 1}
     cfg = KVPlugConfig.from_dict(extra)
