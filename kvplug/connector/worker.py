@@ -31,6 +31,7 @@ from kvplug.connector.metadata import KVPlugMetadata, KVPlugWorkerMeta
 from kvplug.connector.stats import KVPlugStats
 from kvplug.tiers.cpu import BlockRows, UnitRows
 from kvplug.tiers.disk import DiskStore
+from kvplug.tiers.unit_kinds import CHUNK_PREFIX
 
 logger = logging.getLogger("kvplug")
 
@@ -96,7 +97,7 @@ class WorkerHalf:
             return
         b = self.cfg.blend
         self.blender = Blender(adapter, {}, check_layer=b.blend_check_layer, head_tokens=b.blend_chunk_head_tokens)
-        self.chunk_layout = (f"chunk-v2|{str(adapter.dtype).removeprefix('torch.')}|L{adapter.num_layers}"
+        self.chunk_layout = (f"{CHUNK_PREFIX}{str(adapter.dtype).removeprefix('torch.')}|L{adapter.num_layers}"
                              f"KV{adapter.num_kv_heads}D{adapter.head_dim}|keys-at-0")
         self._loader.chunk_layout = self.chunk_layout
 
