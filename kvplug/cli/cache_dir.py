@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kvplug.cli.common import CliError
 from kvplug.tiers.disk_format import CorruptUnit, read_header, verify
+from kvplug.tiers.unit_kinds import KINDS, unit_kind
 
 _SUBDIR = re.compile(r"[0-9a-f]{2}")
 _UNIT = re.compile(r"([0-9a-f]{64})\.r(0|[1-9][0-9]*)\.kvp")
@@ -35,6 +36,9 @@ class CacheSummary:
     units: int = 0  # good unit files
     bytes: int = 0  # bytes of the good unit files
     layouts: dict[str, int] = field(default_factory=dict)  # layout fingerprint -> units
+    # Per kind of unit (kvplug/tiers/unit_kinds.py: "block" vLLM prefix blocks, "chunk" blend
+    # chunks, "sglang" SGLang pages; they share the folder): {"units": n, "bytes": b}, every kind listed.
+    kinds: dict[str, dict[str, int]] = field(default_factory=lambda: {k: {"units": 0, "bytes": 0} for k in KINDS})
     ranks: dict[int, int] = field(default_factory=dict)  # tensor-parallel rank -> units
     oldest_mtime: float | None = None
     newest_mtime: float | None = None
@@ -107,6 +111,9 @@ def _add_unit(s: CacheSummary, layout: str, rank: int, size: int, mtime: float) 
     s.units += 1
     s.bytes += size
     s.layouts[layout] = s.layouts.get(layout, 0) + 1
+    kind = s.kinds[unit_kind(layout)]
+    kind["units"] += 1
+    kind["bytes"] += size
     s.ranks[rank] = s.ranks.get(rank, 0) + 1
     s.oldest_mtime = mtime if s.oldest_mtime is None else min(s.oldest_mtime, mtime)
     s.newest_mtime = mtime if s.newest_mtime is None else max(s.newest_mtime, mtime)

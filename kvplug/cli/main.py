@@ -30,8 +30,13 @@ def _iso(t: float | None) -> str:
     return "-" if t is None else dt.datetime.fromtimestamp(t).isoformat(sep=" ", timespec="seconds")
 
 
+_KIND_NAMES = {"block": "prefix blocks", "chunk": "blend chunks", "sglang": "SGLang pages"}
+
+
 def _stats_text(s) -> str:
-    rows = [("units", f"{s.units} ({human_bytes(s.bytes)})"),
+    kinds = [(f"  {_KIND_NAMES[k]}", f"{c['units']} ({human_bytes(c['bytes'])})") for k, c in s.kinds.items()
+             if k != "sglang" or c["units"]]  # SGLang pages belong in a folder of their own: shown only when there
+    rows = [("units", f"{s.units} ({human_bytes(s.bytes)})"), *kinds,
             ("ranks", ", ".join(f"r{k}: {v}" for k, v in sorted(s.ranks.items())) or "-"),
             ("oldest", _iso(s.oldest_mtime)), ("newest", _iso(s.newest_mtime)),
             ("corrupt", f"{s.corrupt}" + (" (an engine deletes these when it reads them; "

@@ -20,7 +20,10 @@ from torch import nn
 from kvplug.connector import vllm_compat as compat
 
 # Families whose decoder layers are (positions, hidden, residual) -> (hidden, residual) and
-# whose attention calls self.attn(q, k, v) with rotated q and k. Mistral runs as Llama in vLLM.
+# whose attention calls self.attn(q, k, v) with rotated q and k (checked against vLLM's
+# transformers for each family in tests/e2e/test_blend_e2e.py). In vLLM 0.32 Mistral has its own
+# MistralDecoderLayer (a LlamaDecoderLayer with an optional time-conditioned norm, refused below)
+# and Qwen2 its own layer with q/k/v biases inside qkv_proj.
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
@@ -42,6 +45,10 @@ class VLLMModelAdapter:
         if getattr(inner, "start_layer", 0) != 0 or getattr(inner, "end_layer", len(inner.layers)) != len(inner.layers):
             raise ValueError("blend does not support pipeline parallelism")
         self.layers = list(inner.layers)
+        if any(getattr(layer, "ada_rms_norm_t_cond", None) is not None for layer in self.layers):
+            # Mistral's time-conditioned layers (ada_rms_norm_t_cond) need a t_cond per forward
+            # pass, which the blender does not have.
+            raise ValueError(f"blend does not support {arch} layers conditioned on t_cond (ada_rms_norm_t_cond)")
         self._embed = inner.embed_input_ids if hasattr(inner, "embed_input_ids") else inner.embed_tokens
         first = self.layers[0].self_attn
         self.attn = [layer.self_attn.attn for layer in self.layers]

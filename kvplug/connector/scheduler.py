@@ -32,7 +32,7 @@ from kvplug.connector.metadata import BlendPlan, BlockLoad, BlockSave, ChunkRef,
 from kvplug.connector.stats import KVPlugStats
 from kvplug.core.chunking import chunk_key, chunk_spans, spans_from_ends
 from kvplug.core.hashing import prefix_block_keys
-from kvplug.tiers.disk import scan_units, unit_path
+from kvplug.tiers.disk import ScanStats, scan_units, unit_path
 from kvplug.tiers.manager import CPU, Quota, TierManager
 
 logger = logging.getLogger("kvplug")
@@ -129,9 +129,17 @@ class SchedulerHalf:
         return total
 
     def _restore_disk_index(self) -> None:
-        units = sorted((u for u in scan_units(self._disk_root) if u.rank == 0), key=lambda u: u.mtime)
+        """Index the units already on disk. The scan removes files that fail it (bad header, wrong
+        size, a name that does not match the key inside): they count in disk_corrupt, reported
+        with the first step's stats, and are logged once here with their number."""
+        scan = ScanStats()
+        units = sorted((u for u in scan_units(self._disk_root, stats=scan) if u.rank == 0), key=lambda u: u.mtime)
         sizes = [u.nbytes * self.facts.tp_size for u in units]
         kept = self.manager.restore_disk_index([u.key for u in units], sizes)
+        if scan.corrupt:
+            self._count(disk_corrupt=scan.corrupt)
+            logger.warning("kvplug: disk tier %s: removed %d corrupt/truncated unit files at start-up",
+                           self._disk_root, scan.corrupt)
         logger.info("kvplug: disk tier %s holds %d unit(s); indexed %d", self._disk_root, len(units), kept)
 
     # ---- requests ------------------------------------------------------------------------

@@ -31,7 +31,7 @@ FIELDS = {
     "load_seconds": "seconds spent loading KV before forward passes",
     "save_seconds": "seconds spent saving KV after forward passes",
     "load_errors": "blocks that could not be loaded (recomputed instead)",
-    "disk_corrupt": "disk files found corrupt, truncated or foreign and removed",
+    "disk_corrupt": "disk files found corrupt, truncated or foreign and removed (by the start-up scan or on a read)",
     "disk_write_errors": "failed disk writes (disk full, I/O error)",
     "remote_write_bytes": "bytes written to the remote store",
     "remote_read_bytes": "bytes read from the remote store",

@@ -31,6 +31,7 @@ from kvplug.connector.metadata import KVPlugMetadata, KVPlugWorkerMeta
 from kvplug.connector.stats import KVPlugStats
 from kvplug.tiers.cpu import BlockRows, UnitRows
 from kvplug.tiers.disk import DiskStore
+from kvplug.tiers.unit_kinds import CHUNK_PREFIX
 
 logger = logging.getLogger("kvplug")
 
@@ -97,7 +98,7 @@ class WorkerHalf:
         b = self.cfg.blend
         self.blender = Blender(adapter, {}, check_layer=b.blend_check_layer, head_tokens=b.blend_chunk_head_tokens,
                                cluster_tokens=b.blend_cluster_tokens, cluster_min_tokens=b.blend_cluster_min_tokens)
-        self.chunk_layout = (f"chunk-v2|{str(adapter.dtype).removeprefix('torch.')}|L{adapter.num_layers}"
+        self.chunk_layout = (f"{CHUNK_PREFIX}{str(adapter.dtype).removeprefix('torch.')}|L{adapter.num_layers}"
                              f"KV{adapter.num_kv_heads}D{adapter.head_dim}|keys-at-0|c{b.blend_cluster_tokens}")
         self._loader.chunk_layout = self.chunk_layout
 

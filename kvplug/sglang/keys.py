@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvplug.tiers.unit_kinds import SGLANG_PREFIX
+
 KEY_TAG = b"kvplug-sglang-page-v1"
 # Host-pool attributes that shape a page's bytes; pools lack some of them (MLA has no head_num,
 # MHA no kv_lora_rank): what a pool has is in its tag.
@@ -67,7 +69,7 @@ def layout_tag(pool, storage, model_id: str | None = None) -> str:
     parts += [("pp", f"{storage.pp_rank}/{storage.pp_size}"),
               ("cp", f"{storage.attn_cp_rank}/{storage.attn_cp_size}"),
               ("dcp", f"{getattr(storage, 'dcp_rank', 0)}/{getattr(storage, 'dcp_size', 1)}")]
-    return "sglang;" + ";".join(f"{k}={_text(v)}" for k, v in parts)
+    return SGLANG_PREFIX + ";".join(f"{k}={_text(v)}" for k, v in parts)
 
 
 def unit_layout(page_layout: str, namespace: str) -> str:

@@ -73,6 +73,22 @@ def test_unusable_disk_path(tmp_path):
         KVPlugConfig.from_dict({"disk_path": str(tmp_path / "d"), "disk_bytes": 0})
 
 
+def test_disk_path_that_is_a_regular_file_fails_start_up_naming_the_key_and_leaves_it_alone(tmp_path):
+    """The connector parses its extra config first thing (KVPlugConnector.__init__), so this is
+    the start-up error; a symlink to a file is refused the same way."""
+    import re
+
+    f = tmp_path / "cache.bin"
+    f.write_bytes(b"someone's data")
+    link = tmp_path / "link"
+    link.symlink_to(f)
+    for path in (f, link):
+        with pytest.raises(ValueError, match=re.escape(f"disk_path={str(path)!r}: exists and is a regular file; "
+                                                       "give a directory")):
+            KVPlugConfig.from_dict({"disk_path": str(path)})
+    assert f.read_bytes() == b"someone's data" and link.is_symlink()
+
+
 def test_every_key_is_documented_in_the_readme():
     import dataclasses
     from pathlib import Path

@@ -2,12 +2,16 @@
 
     python blend_kv_driver.py MODEL OUT.json
 
+MODEL is any folder vLLM and transformers both load (the tests run one per model family the
+blender's vLLM adapter supports: tests/tiny_model.py FAMILIES); nothing here depends on the family.
+
 After one request has put its chunks in the store, the blender is run again on the same chunks
 in a new order with its cache writes captured, at recompute_ratio 1.0 and 0. The references are
 computed by Hugging Face transformers, not by kvplug: the full prefill of the new prompt; and the
 full prefill of the first prompt (where the chunks were stored from), cut into its chunks, keys
 re-rotated to their new positions (kvplug.ops.rerotate_keys_ref) and concatenated in the new
-order. OUT: max abs differences per case, and the KV scale.
+order. OUT: max abs differences per case, the KV scale, and which classes ran (vLLM's decoder layer,
+transformers' model) with the largest q/k/v bias of vLLM's layer 0 (0 for families without one).
 """
 import json
 import os
@@ -94,7 +98,11 @@ def main(model_path: str, out_path: str) -> None:
         concat = torch.cat(pieces, dim=2)
     blended_full, r1 = results[1.0]
     blended_zero, r0 = results[0.0]
+    qkv = getattr(blender.m.layers[0].self_attn, "qkv_proj", None)
+    bias = getattr(qkv, "bias", None)
     out = {
+        "vllm_layer": type(blender.m.layers[0]).__name__, "hf_model": type(hf).__name__,
+        "qkv_bias_max": float(bias.abs().max()) if bias is not None else 0.0,
         "tokens": end, "chunks": len(spans), "store_hits": len(chunk_kv),
         "ratio1_recomputed": r1.recomputed, "ratio0_recomputed": r0.recomputed,
         "ratio1_vs_full_prefill": float((blended_full - full).abs().max()),

@@ -162,20 +162,36 @@ def test_explicit_chunk_ends(blended, baseline, tokens):
     assert c["blend_chunk_hits"] == 4 and c["blend_tokens"] == len(tokens["A"]) - 12
 
 
-def test_blended_kv_against_transformers(model, tmp_path):
-    """Tensor level, against Hugging Face transformers: ratio 1.0 = the full prefill's KV;
-    ratio 0 = the chunks' KV from the prompt that stored them, keys re-rotated to their new
-    positions, concatenated in the new order."""
+# Per family: the class of vLLM's decoder layer the blender must have run, transformers' model,
+# and the tiny model's arguments (Mistral gets another seed: with the Llama's shapes and seed it
+# would have the Llama's very weights).
+FAMILIES = {"llama": ("LlamaDecoderLayer", "LlamaForCausalLM", {}),
+            "mistral": ("MistralDecoderLayer", "MistralForCausalLM", {"family": "mistral", "seed": 1}),
+            "qwen2": ("Qwen2DecoderLayer", "Qwen2ForCausalLM", {"family": "qwen2"})}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_blended_kv_equals_transformers_prefill_at_ratio_one_and_rerotated_chunks_at_zero(family, tmp_path):
+    """Tensor level, against Hugging Face transformers, one engine per model family (vLLM's own
+    Llama, Mistral and Qwen2 modules under the blender's adapter): ratio 1.0 = the full
+    prefill's KV; ratio 0 = the chunks' KV from the prompt that stored them, keys re-rotated to
+    their new positions, concatenated in the new order."""
     import json
     import subprocess
 
     from test_offload_e2e import ENV
+    from tiny_model import tiny_model_path
 
+    layer, hf_model, kwargs = FAMILIES[family]
+    model = str(tiny_model_path(**kwargs))
     out = tmp_path / "kv.json"
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("blend_kv_driver.py")), model, str(out)],
                           capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
+    assert (r["vllm_layer"], r["hf_model"]) == (layer, hf_model), r  # the family's own code ran on both sides
+    if family == "qwen2":
+        assert r["qkv_bias_max"] > 0.5, r  # the q/k/v biases are there, and large enough to matter
     assert r["chunks"] == 4 and r["store_hits"] == 4  # every chunk saved from the paged cache by the first request
     assert r["ratio1_recomputed"] == r["tokens"] and r["ratio0_recomputed"] == 0
     tol = 1e-4 * r["kv_scale"]  # float32
