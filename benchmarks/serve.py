@@ -319,11 +319,12 @@ def parse_args(argv):
     p.add_argument("--reserved-cpus", type=int, default=1)
     p.add_argument("--kvplug-rev", default=None,
                    help="run the servers on kvplug as committed at this git revision (default: working tree)")
-    return _defaults(p.parse_args(argv))
+    return _defaults(p.parse_args(argv), argv)
 
 
-def _defaults(a):
+def _defaults(a, argv):
     """Mode defaults for what the command line left out."""
+    a.argv = list(sys.argv[1:] if argv is None else argv)  # in the report: how to run it again
     a.requests = a.requests or (16 if a.quick else 64)
     a.evict_requests = min(a.evict_requests or (16 if a.quick else a.requests), a.requests)
     a.evict_cpu_frac = a.evict_cpu_frac if a.evict_cpu_frac is not None else (0.5 if a.quick else 0.35)

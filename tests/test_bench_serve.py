@@ -456,6 +456,7 @@ def test_report_prints_oracle_share_previous_and_neighbours(capsys):
     rep = serve.build_report(args, runs, {"requests": 1, "concurrency": 4}, plan, 1, [], 1.0, {},
                              {"neighbours": _nb_section()})
     assert rep["configs"]["vllm"]["share_of_oracle"] == pytest.approx(0.5)
+    assert rep["argv"] == ["--configs", "vllm,kvplug_oracle", "--policies", "", "--requests", "1"]
     rep["previous"] = serve_report.vs_previous(rep["configs"], {}, {"configs": {"vllm": {"requests_per_s": 0.5}}},
                                                Path("prev.json"))
     assert rep["previous"]["configs"]["vllm"]["requests_per_s_vs_previous"] == pytest.approx(2.0)
