@@ -463,3 +463,17 @@ def test_report_prints_oracle_share_previous_and_neighbours(capsys):
     serve.print_report(rep)
     out = capsys.readouterr().out
     assert "share_of_oracle" in out and "vs previous results prev.json" in out and "neighbours:" in out
+
+
+def test_prewarm_sends_each_context_once_before_the_trace(monkeypatch):
+    sent = []
+    monkeypatch.setattr(serve, "warm_pass", lambda url, model, prompts, conc, desc: sent.append(prompts) or
+                        [_timed(i, 0.1, [0.1]) for i in range(len(prompts))])
+    monkeypatch.setattr(serve.serving, "scrape_settled", lambda url, **kw: {})
+    trace = serve.rag_session_trace(n=12, n_contexts=4, n_docs=12, chunk_tokens=16, k_min=2, k_max=3, zipf_docs=1.0,
+                                    zipf_contexts=1.0, seed=2, max_tokens=4)
+    args = serve.parse_args(["--concurrency", "4"])
+    args.model = "m"
+    out = serve.prewarm("http://x", args, trace)
+    assert sent == [serve.warm_up_prompts(trace)]
+    assert out["requests"] == len({r.session for r in trace}) and out["errors"] == 0
