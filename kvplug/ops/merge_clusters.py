@@ -1,16 +1,15 @@
-"""Size-weighted cluster merge of K/V, and attention over merged entries.
+"""Size-weighted cluster merge of K/V.
 
 Each cluster's keys and values become their member mean and carry log(count) as an
 attention bias: one merged entry with bias log(n) receives exactly the softmax mass of
-n identical copies of it, so the merged cache stands in for the full one.
+n identical copies of it, so the merged cache stands in for the full one. Attention over
+the result is kvplug.ops.attend_merged: attend_merged(q, merged_k, merged_v, log_size)
+(an empty cluster's -inf bias gives it zero weight).
 
 Functions:
     merge_clusters_ref(keys, values, assign, n_clusters)         torch spec (fp32 math)
     merge_clusters(keys, values, assign, n_clusters, backend)    dispatcher (cuda -> triton -> torch)
-    attend_merged_ref(q, merged_k, merged_v, log_size)           softmax(q.k/sqrt(D) + log_size) @ v
 """
-import math
-
 import torch
 
 from kvplug.ops import _backend
@@ -90,20 +89,3 @@ def merge_clusters(keys: torch.Tensor, values: torch.Tensor, assign: torch.Tenso
     _check(keys, values, assign, int(n_clusters))
     return _merge_clusters_op(keys, values, assign, int(n_clusters), backend)
 
-
-def attend_merged_ref(q: torch.Tensor, merged_k: torch.Tensor, merged_v: torch.Tensor,
-                      log_size: torch.Tensor) -> torch.Tensor:
-    """fp32 [Q, Hq, D]: softmax_c(q . k_c / sqrt(D) + log_size_c) @ v_c per query head.
-
-    q [Q, Hq, D]; merged_k, merged_v [Hkv, C, D]; log_size [Hkv, C]; query head h reads
-    kv head h // (Hq // Hkv). Empty clusters (-inf) get zero weight.
-    """
-    Hq, Hkv = q.shape[1], merged_k.shape[0]
-    if Hkv == 0 or Hq % Hkv != 0 or merged_k.shape[2] != q.shape[2]:
-        raise ValueError(f"attend_merged_ref: q {tuple(q.shape)} vs merged_k {tuple(merged_k.shape)}")
-    g = Hq // Hkv
-    k = merged_k.float().repeat_interleave(g, dim=0)
-    v = merged_v.float().repeat_interleave(g, dim=0)
-    logits = torch.einsum("qhd,hcd->qhc", q.float(), k) / math.sqrt(q.shape[2])
-    logits = logits + log_size.float().repeat_interleave(g, dim=0).unsqueeze(0)
-    return torch.einsum("qhc,hcd->qhd", torch.softmax(logits, dim=-1), v)
