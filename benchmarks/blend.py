@@ -18,7 +18,9 @@ Engines (bf16, enforce_eager, seed 0, prefix caching on, requests one at a time)
     blend  KVPlugConnector with blend on. A warm-up pass puts every pool passage through vLLM once
            (the worker saves each as a chunk); then every configuration, with vLLM's prefix cache
            reset before each request: concat (ratio 0: the re-rotated cached KV, nothing recomputed),
-           ratio_1 (everything recomputed), and <policy>_<ratio> for every policy and ratio.
+           ratio_1 (everything recomputed), and <policy>_<ratio> for every policy and ratio; before
+           and after them full_prefill_kvplug(_after): plain prefills (blend off, a fresh cache_salt
+           each) in the same engine, the TTFT baseline under the blends' own conditions.
 Per request: one greedy generate with the first-token logprobs; TTFT is vLLM's first-token latency.
 Reported per family and configuration: accuracy against gold with a 95% Wilson interval, agreement
 with full prefill (same answer value / normalised answer), first-token KL and top-1 agreement,
@@ -99,8 +101,13 @@ def engine_specs(args, families: dict, configs: list[str]) -> tuple[dict, dict]:
     # (fixed at ratio 1), so no configuration gets exact prefix blocks the others do not.
     phases = [{"name": "warmup", "reset_each": False, "kv_params": {"recompute_ratio": 1.0, "recompute_policy": "fixed"},
                "warmup": True, "requests": warm}]
+    # Full prefills in the blend engine too, before and after the configurations (a fresh cache_salt
+    # each: nothing cached anywhere): the TTFT baseline under the same conditions as the blends.
+    same = {"reset_each": True, "salt_each": True, "kv_params": {"blend": False}, "warmup": False, "requests": everything}
+    phases += [{"name": "full_prefill_kvplug", **same}]
     phases += [{"name": c, "reset_each": True, "kv_params": kv_params(c), "warmup": False, "requests": everything}
                for c in configs]
+    phases += [{"name": "full_prefill_kvplug_after", **same}]
     blend = {**base, "extra": {"cpu_bytes": CPU_BYTES, "blend": True}, "phases": phases}
     return vllm, blend
 
@@ -121,7 +128,7 @@ def summarize(name: str, reqs: list[dict], ref: list[dict] | None, qs, counters:
          "accuracy_ci95": list(wilson_ci(sum(correct), n)), "correct": [int(c) for c in correct],
          "ttft_p50_s": percentile([r["ttft_s"] for r in reqs], 50),
          "prompt_tokens_mean": sum(r["prompt_tokens"] for r in reqs) / n if n else math.nan}
-    s.update(kv_params(name) if name not in ("full_prefill", "full_prefill_cached") else
+    s.update(kv_params(name) if not name.startswith("full_prefill") else
              {"recompute_ratio": 1.0, "recompute_policy": name})
     s["policy"], s["ratio"] = s.pop("recompute_policy"), s.pop("recompute_ratio")
     if name in ("concat", "ratio_1"):  # nothing or everything recomputed: the same under every policy
@@ -143,6 +150,16 @@ def summarize(name: str, reqs: list[dict], ref: list[dict] | None, qs, counters:
     return s
 
 
+def add_same_engine_ratio(configs: dict) -> None:
+    """TTFT against the blend engine's own full prefills (run before and after, pooled)."""
+    base = [c["ttft_p50_s"] for n, c in configs.items() if n.startswith("full_prefill_kvplug")]
+    if not base:
+        return
+    ref = sum(base) / len(base)
+    for c in configs.values():
+        c["ttft_ratio_vs_full_same_engine"] = ratio(c["ttft_p50_s"], ref)
+
+
 def family_report(fam: str, qs, phases: dict) -> dict:
     ref = _by_family(phases["full_prefill"])[fam]
     configs = {}
@@ -154,6 +171,7 @@ def family_report(fam: str, qs, phases: dict) -> dict:
             configs[name] = summarize(name, reqs, None if name == "full_prefill" else ref, qs, ph["counters"])
     full = configs["full_prefill"]
     full.update(value_agree=1.0, text_agree=1.0, kl_mean=0.0, top1_agree=1.0, ttft_ratio_vs_full=1.0)
+    add_same_engine_ratio(configs)
     concat = configs.get("concat")
     for c in configs.values():
         if concat is not None and c is not concat and len(c["correct"]) == len(concat["correct"]):
@@ -175,7 +193,8 @@ def default_policy() -> str:
 
 
 COLUMNS = ["config", "n", "accuracy", "accuracy_ci95", "value_agree", "kl_mean", "top1_agree",
-           "recomputed_frac_of_blend_tokens", "ttft_p50_s", "ttft_ratio_vs_full", "vs_concat_ci95"]
+           "recomputed_frac_of_blend_tokens", "ttft_p50_s", "ttft_ratio_vs_full", "ttft_ratio_vs_full_same_engine",
+           "vs_concat_ci95"]
 
 
 def print_report(report: dict) -> None:

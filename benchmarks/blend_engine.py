@@ -6,7 +6,7 @@ every engine needs a fresh process).
     explain_failure(log, rc, extra) -> str                      one line on why an engine died
 
 SPEC: {model, extra (None: no connector), max_model_len, dtype, engine_warmup_prompt,
-phases: [{name, reset_each, repeat_cached, kv_params, warmup, requests: [{id, prompt, max_tokens}]}]}.
+phases: [{name, reset_each, repeat_cached, salt_each, kv_params, warmup, requests: [{id, prompt, max_tokens}]}]}.
 Per request: one greedy generate with logprobs (the answer, its first-token logprobs, and the time
 to first token from vLLM's request metrics), counter deltas. `repeat_cached`: the same prompt
 again right after, without a reset, recorded as phase "<name>_cached" (vLLM served from its own
@@ -35,13 +35,14 @@ def _metrics(llm) -> dict:
     return out
 
 
-def _generate(llm, req: dict, kv_params) -> dict:
+def _generate(llm, req: dict, kv_params, salt: str | None = None) -> dict:
     from vllm import SamplingParams
 
     extra = {"kv_transfer_params": dict(kv_params)} if kv_params else None
     sp = SamplingParams(temperature=0, max_tokens=req["max_tokens"], logprobs=LOGPROBS, extra_args=extra)
+    prompt = req["prompt"] if salt is None else {"prompt": req["prompt"], "cache_salt": salt}
     m0, t = _metrics(llm), time.perf_counter()
-    o = llm.generate([req["prompt"]], sp, use_tqdm=False)[0]
+    o = llm.generate([prompt], sp, use_tqdm=False)[0]
     wall = time.perf_counter() - t
     first = getattr(o.metrics, "first_token_latency", 0.0) if o.metrics is not None else 0.0
     out = o.outputs[0]
@@ -71,7 +72,8 @@ def run_engine(spec: dict, out_path: Path) -> None:
         for req in ph["requests"]:
             if ph["reset_each"]:
                 llm.reset_prefix_cache()
-            rec = _generate(llm, req, ph["kv_params"])
+            # salt_each: a fresh tenant per request, so no tier of kvplug holds any of its KV
+            rec = _generate(llm, req, ph["kv_params"], f"{ph['name']}/{req['id']}" if ph.get("salt_each") else None)
             reqs.append(rec)
             if ph.get("repeat_cached"):
                 cached.append(_generate(llm, req, ph["kv_params"]))

@@ -113,7 +113,8 @@ def test_blend_defaults_and_round_trip():
     assert cfg.blend.enabled is True and cfg.blend.recompute_ratio == 1.0
     assert isinstance(cfg.blend.recompute_ratio, float) and cfg.blend.blend_chunk_head_tokens == 8
     d = cfg.to_dict()
-    assert {k: d[k] for k in BLEND_USER_KEYS} == {**extra, "recompute_ratio": 1.0}
+    assert {k: d[k] for k in BLEND_USER_KEYS} == {**extra, "recompute_ratio": 1.0, "blend_cluster_tokens": 16,
+                                                  "blend_cluster_min_tokens": 16384}
     assert KVPlugConfig.from_dict({k: d[k] for k in BLEND_USER_KEYS}) == cfg  # to_dict feeds from_dict
 
 
