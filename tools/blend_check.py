@@ -225,6 +225,18 @@ def _check(name, fn, tol, results):
     results[-1]["seconds"] = round(time.perf_counter() - start, 3)
 
 
+def _per_layer(toy: LlamaToy, blender: Blender, job, slots: torch.Tensor, dtype: torch.dtype) -> float:
+    """Ratio 0 and 1 written through the all-layer methods against the same blends written layer
+    by layer (a twin of the toy without them, same weights and store): worst _elem."""
+    plain = toy.twin(wired=False)
+    other, worst = Blender(plain, blender.store, check_layer=blender.check_layer), 0.0
+    for r in (0.0, 1.0):
+        blender.run(job(r))
+        other.run(job(r))
+        worst = max(worst, _elem(toy.paged.read(slots), plain.paged.read(slots), ELEM_TOL[dtype]))
+    return worst
+
+
 def run_checks(shape: Shape, dtype: torch.dtype, device) -> list[dict]:
     toy = LlamaToy(shape, dtype, device)
     tokens, chunks, end, slots = _prompt(toy)
@@ -254,15 +266,7 @@ def run_checks(shape: Shape, dtype: torch.dtype, device) -> list[dict]:
         return _elem(toy.paged.read(slots), concat, ELEM_TOL[dtype])
     _check("fused", fused, 1.0, results)
 
-    def per_layer():
-        plain = toy.twin(wired=False)
-        other, worst = Blender(plain, store, check_layer=1), 0.0
-        for r in (0.0, 1.0):
-            blender.run(job(r))
-            other.run(job(r))
-            worst = max(worst, _elem(toy.paged.read(slots), plain.paged.read(slots), ELEM_TOL[dtype]))
-        return worst
-    _check("per_layer", per_layer, 1.0, results)
+    _check("per_layer", lambda: _per_layer(toy, blender, job, slots, dtype), 1.0, results)
 
     def partial():
         report = blender.run(job(0.15))

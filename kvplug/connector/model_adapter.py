@@ -72,6 +72,12 @@ class VLLMModelAdapter:
                              f"size ({block_size})")
         self._rope = compat.rope_frequencies(first.rotary_emb)
         cpu = compat.is_cpu_backend(self.attn[0])
+        self._kv_path(kv_io, cpu)
+        self.paged_plan = self._cpu_plan if cpu else None
+
+    def _kv_path(self, kv_io: str, cpu: bool) -> None:
+        """canonical: PagedKV over the caches, the all-layer methods bound; opaque: the backend's
+        write op and a reader learned by probing it."""
         self.kv_io, self._paged, self._reader = kv_io, None, None
         if kv_io == "canonical":
             if cpu:
@@ -80,10 +86,9 @@ class VLLMModelAdapter:
             self._paged.bind(self)
         elif kv_io == "opaque":
             self._reader = compat.PagedKVReader(self.attn[0], self._caches[0], self.num_kv_heads, self.head_dim,
-                                                block_size)
+                                                self.block_size)
         else:
             raise ValueError(f"kv_io={kv_io!r}: allowed values are opaque, canonical")
-        self.paged_plan = self._cpu_plan if cpu else None
 
     @property
     def rope(self) -> tuple[torch.Tensor, str]:

@@ -55,6 +55,18 @@ def steps(w, *metas):
         w.save(meta)
 
 
+@pytest.mark.parametrize("io,want", [("auto", "KV path opaque: whole engine blocks as bytes"),
+                                     ("canonical", "KV path canonical: blocks as canonical tokens")])
+def test_register_says_once_which_path_it_chose_and_why(caplog, io, want):
+    with caplog.at_level("INFO", logger="kvplug"):
+        w = worker(engine("BLHNC"), io)
+    lines = [r.getMessage() for r in caplog.records if "KV path" in r.getMessage()]
+    assert len(lines) == 1 and want in lines[0], lines
+    assert lines[0].endswith("cpu cache: the backend's block interior may be packed, copied as bytes" if io == "auto"
+                             else "BLHNC bfloat16 cache on cpu (forced)")
+    assert w.io_kind == ("opaque" if io == "auto" else "canonical")
+
+
 @pytest.mark.parametrize("layout", ["LBNHC", "BLHNC"])
 def test_blocks_through_rows_land_as_on_the_opaque_path(layout):
     src = engine(layout)
