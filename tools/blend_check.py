@@ -1,5 +1,8 @@
 """The blender on a random-weight Llama-shaped model (torch only, no vLLM, no transformers), its
-writes into a vLLM 0.32 paged cache (LBNHC) read back and compared with a reference forward.
+writes into a vLLM 0.32 paged cache (LBNHC) read back and compared with a reference forward. The
+model's KV access is the worker's canonical path (kvplug/blend/paged_cache.py): the blender writes
+every layer in one launch (write_kv_layers), ratio 0 through the fused write_rerotated, reads
+through read_kv_layers.
 
     python tools/blend_check.py [--device cuda|cpu] [--dtype bfloat16] [--shape llama-1b|tiny] [--json PATH]
 
@@ -11,17 +14,21 @@ BlendJob(...), Blender.run; the adapter follows kvplug/blend/adapter.py):
     ratio_0     ratio 0.0: the cache must hold the cached chunks' KV, keys re-rotated to their
                 prompt positions (rerotate_keys_ref), concatenated
     fused       the same concatenation written by PagedKV.write_rerotated (one fused
-                rerotate_and_scatter over every layer), the blender's GPU write path
+                rerotate_and_scatter over every layer), directly
+    per_layer   ratio 0 and 1 through those all-layer methods equal the same blends written layer by
+                layer with write_kv (the path of adapters without them), within the dtype's tolerance
     partial     ratio 0.15 runs and recomputes some tokens (a smoke run, no tolerance)
 
 Methods:
     LlamaToy(shape, dtype, device, seed)   a ModelAdapter over random Llama weights and a paged cache
+    LlamaToy.twin(wired)                   the same weights over a cache of its own
     run_checks(shape, dtype, device) -> list[dict]   one dict per check: name, ok, error, tol, seconds
     main(argv)                              prints one line per check; exit 1 if any fails
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -32,6 +39,7 @@ from pathlib import Path
 import torch
 
 from kvplug.blend.blender import BlendJob, Blender
+from kvplug.blend.paged_cache import OPTIONAL, PagedCacheKV
 from kvplug.ops.kv_layout import make_vllm_caches, vllm_kv_views
 from kvplug.ops.paged_kv import PagedKV
 from kvplug.ops.rope import rerotate_keys_ref, rope_inv_freq
@@ -69,7 +77,7 @@ def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 class LlamaToy:
     """Random-weight Llama decoder as a ModelAdapter: vLLM's layer convention (positions, hidden,
     residual) -> (hidden, residual), neox RoPE, grouped KV heads, SwiGLU; write_kv scatters into
-    a vLLM 0.32 LBNHC paged cache through PagedKV."""
+    a vLLM 0.32 LBNHC paged cache through PagedKV, and (wired) the all-layer methods are bound."""
 
     def __init__(self, shape: Shape, dtype: torch.dtype, device, seed: int = 0, num_blocks: int = 0):
         s = self.shape = shape
@@ -85,10 +93,24 @@ class LlamaToy:
                        down=w(s.ffn, s.hidden), n1=torch.ones(s.hidden, dtype=dtype, device=self.device),
                        n2=torch.ones(s.hidden, dtype=dtype, device=self.device)) for _ in range(s.layers)]
         self.inv_freq = rope_inv_freq(s.head_dim, s.theta)
-        nb = num_blocks or sum(s.chunks) // BLOCK + 4
-        self.caches = make_vllm_caches(s.layers, nb, BLOCK, s.kv_heads, s.head_dim, dtype, self.device, "LBNHC")
-        self.paged = PagedKV(self.caches, "LBNHC")
+        self.num_blocks = num_blocks or sum(s.chunks) // BLOCK + 4
         self.paged_plan = None  # the blender attends with torch SDPA over its own KV copy
+        self._attach(wired=True)
+
+    def _attach(self, wired: bool) -> None:
+        s = self.shape
+        self.caches = make_vllm_caches(s.layers, self.num_blocks, BLOCK, s.kv_heads, s.head_dim, self.dtype,
+                                       self.device, "LBNHC")
+        self.paged = PagedKV(self.caches, "LBNHC")
+        if wired:
+            PagedCacheKV(self.caches, self.rope, "LBNHC").bind(self)
+
+    def twin(self, wired: bool) -> "LlamaToy":
+        other = copy.copy(self)  # shares the weights
+        for name in OPTIONAL:
+            other.__dict__.pop(name, None)
+        other._attach(wired)
+        return other
 
     @property
     def rope(self):
@@ -203,6 +225,18 @@ def _check(name, fn, tol, results):
     results[-1]["seconds"] = round(time.perf_counter() - start, 3)
 
 
+def _per_layer(toy: LlamaToy, blender: Blender, job, slots: torch.Tensor, dtype: torch.dtype) -> float:
+    """Ratio 0 and 1 written through the all-layer methods against the same blends written layer
+    by layer (a twin of the toy without them, same weights and store): worst _elem."""
+    plain = toy.twin(wired=False)
+    other, worst = Blender(plain, blender.store, check_layer=blender.check_layer), 0.0
+    for r in (0.0, 1.0):
+        blender.run(job(r))
+        other.run(job(r))
+        worst = max(worst, _elem(toy.paged.read(slots), plain.paged.read(slots), ELEM_TOL[dtype]))
+    return worst
+
+
 def run_checks(shape: Shape, dtype: torch.dtype, device) -> list[dict]:
     toy = LlamaToy(shape, dtype, device)
     tokens, chunks, end, slots = _prompt(toy)
@@ -231,6 +265,8 @@ def run_checks(shape: Shape, dtype: torch.dtype, device) -> list[dict]:
         toy.paged.write_rerotated(raw, old, torch.arange(end), toy.inv_freq, "neox", slots)
         return _elem(toy.paged.read(slots), concat, ELEM_TOL[dtype])
     _check("fused", fused, 1.0, results)
+
+    _check("per_layer", lambda: _per_layer(toy, blender, job, slots, dtype), 1.0, results)
 
     def partial():
         report = blender.run(job(0.15))

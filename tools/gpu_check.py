@@ -6,11 +6,13 @@ nvcc; no vLLM, no network), at most ~8 minutes, then a one-screen summary.
 Parts, each in its own process with its own time limit (a failing part never stops the next):
     build   python setup.py build_ext --inplace (sm_90 only, ninja's parallel jobs), then import
             kvplug._C and list the ops it registers; torch's cpp_extension.load if setup.py fails
-    tests   pytest tests/ops and tests/tiers/test_paged_io.py with TRITON_INTERPRET=0: every op,
-            backend (torch, triton, cuda) and dtype on CUDA tensors, the block IO path on CUDA
-            (side streams, fences, pinned rows); test_cuda_compile is CI's (CPU) and is left out
+    tests   pytest tests/ops, tests/tiers/test_paged_io.py and tests/tiers/test_block_io.py with
+            TRITON_INTERPRET=0: every op, backend (torch, triton, cuda) and dtype on CUDA tensors,
+            the block IO path on CUDA (side streams, fences, pinned rows) and the worker's block
+            path over it against the opaque path; test_cuda_compile is CI's (CPU) and is left out
     blend   tools/blend_check.py: the blender on a random-weight Llama-3.2-1B-shaped model in
-            bf16 (and a tiny fp32 one), SDPA path, against the reference forward
+            bf16 (and a tiny fp32 one), SDPA path, writing through the canonical path's all-layer
+            methods, against the reference forward and against per-layer writes
     bench   benchmarks/kernels.py --check -> benchmarks/results/kernels_gpu.json: per op and
             backend time, GB/s, the measured copy ceiling, % of it, x torch (LMCache beside where
             it imports), read against the issue's targets (tools/gpu_summary.py)
@@ -48,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("build", "tests", "blend", "bench")
 CAPS_S = {"build": 200, "tests": 170, "blend": 90, "bench": 240}  # each part's own limit
 FLOOR_S = {"build": 30, "tests": 30, "blend": 20, "bench": 40}  # kept for the parts after one
-TEST_PATHS = ["tests/ops", "tests/tiers/test_paged_io.py"]
+TEST_PATHS = ["tests/ops", "tests/tiers/test_paged_io.py", "tests/tiers/test_block_io.py"]
 OPS = ("gather_chunks", "scatter_chunks", "rerotate_and_scatter", "rerotate_keys", "deviation_topk",
        "kmeans_step", "centroid_topk", "merge_clusters")
 
@@ -168,7 +170,8 @@ def part_tests(ctx: Ctx) -> dict:
         rc, seconds, out = run_part("tests (collect)", base + ["--collect-only"], ctx.timeout("tests"), ctx)
         collected = next((ln for ln in out.splitlines()[::-1] if "collected" in ln or "tests" in ln), "").strip()
         rc2, more, out2 = run_part("tests (run)", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                                   "tests/ops/test_kv_layout.py", "tests/tiers/test_paged_io.py"],
+                                                   "tests/ops/test_kv_layout.py", "tests/tiers/test_paged_io.py",
+                                                   "tests/tiers/test_block_io.py"],
                                    ctx.timeout("tests"), ctx)
         ran = out2.strip().splitlines()[-1] if out2.strip() else "no output"
         status = "ok" if rc == 0 and rc2 == 0 else "FAIL"

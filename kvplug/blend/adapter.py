@@ -13,6 +13,12 @@ modules; tests may implement it over a toy model.
     paged_plan: None, or (q_pos [T] ascending, block_table [blocks]) -> plan; with it
     paged_attention(i, q [T, H*D], plan) -> [T, H*D]: causal attention against what the engine's
         paged cache of layer i holds (its own kernel, faster than torch SDPA on CPU)
+Optional (the blender looks them up with getattr and falls back to write_kv / read_kv per layer;
+kvplug/blend/paged_cache.py provides them over vLLM's CUDA caches, one kernel launch each):
+    write_kv_layers(kv [L', 2, T, KV, D], slots [T], first_layer=0)   layers first_layer.. at once
+    write_rerotated(kv [L', 2, T, KV, D], old_pos [T], new_pos [T], slots [T], first_layer=0)
+        keys re-rotated from old_pos to new_pos with the model's RoPE as they are written
+    read_kv_layers(slots [T], first_layer=0, num_layers=None) -> [L', 2, T, KV, D]
 """
 from __future__ import annotations
 

@@ -22,6 +22,11 @@ How `run` works (CacheBlend's frame; which tokens are recomputed is the policy's
    fresh KV replaces the cached KV at their positions, everyone else keeps the cached KV. With
    ratio 0 nothing runs: the cache gets the re-rotated concatenation. With ratio 1 every span
    token is recomputed in every layer: a full prefill of the span.
+Writes and reads of the engine's cache use the adapter's all-layer methods where it has them
+(write_rerotated, write_kv_layers, read_kv_layers: one kernel launch each on GPU), else write_kv /
+read_kv per layer. Without a paged plan nothing reads the engine's cache during a run, so every
+layer is written once, at the end; with ratio 0 and every chunk cached the keys are re-rotated as
+they are written (write_rerotated) and the engine's prefix is never read.
 Positions [0, start) are already in the engine's cache (its prefix cache, or kvplug's prefix
 tiers): they are read back from it, attended to as they are, and never written.
 """
@@ -88,9 +93,13 @@ class Blender:
         _check_job(job)
         spec = POLICIES[job.policy]
         report = BlendReport(tokens=job.end - job.start)
-        kv, chunk_of, begins = self._gather(job, report)
+        span, moves, chunk_of, begins = self._gather(job, report)
         n = job.end - job.start
         budgeted = job.ratio > 0 and bool((chunk_of >= 0).any())
+        if not budgeted and not bool((chunk_of < 0).any()):  # nothing runs: the moved concatenation
+            self._write_moved(span, moves, job)
+            return report
+        kv = self._with_prefix(job, self._rotated(span, moves))
         # With relevance from the question over the cached KV, the pick needs no pass over the
         # span: only the picked tokens ever run. Deviation needs layers 0..check on every token.
         select_at = self.check_layer if budgeted and spec.runs_check_pass else None
@@ -103,9 +112,18 @@ class Blender:
         else:
             active = torch.nonzero(chunk_of < 0).flatten()
         if active.numel() == 0:
-            for i in range(self.m.num_layers):
-                self._write(i, kv[i], job)
+            self._write_span(kv[:, :, job.start:], job)
             return report
+        active = self._recompute(job, spec, kv, active, select_at, (chunk_of, begins), prophet)
+        report.recomputed = int(active.numel())
+        report.picked = active.tolist()
+        return report
+
+    def _recompute(self, job: BlendJob, spec, kv: torch.Tensor, active: torch.Tensor, select_at: int | None,
+                   chunks, prophet) -> torch.Tensor:
+        """The active span tokens through every layer (at select_at the policy picks who goes on),
+        their fresh KV into kv and the engine's cache. Returns the tokens the last layers ran."""
+        chunk_of, begins = chunks
         dev = self.m.device
         ids = torch.tensor(job.tokens[job.start:job.end], dtype=torch.long, device=dev)
         positions = torch.arange(job.start, job.end, device=dev)
@@ -124,8 +142,6 @@ class Blender:
             seen: dict[str, torch.Tensor] = {}
             attend = self._mixed_attend(i, kv[i], job, active, seen, check, plan)
             hidden, residual = self.m.forward_layer(i, q_pos, hidden, residual, attend)
-            if plan is None:
-                self._write(i, kv[i], job)
             if question is not None and i <= self.check_layer:
                 question.step(i, kv[i])
             if check:
@@ -133,16 +149,34 @@ class Blender:
                 hidden, residual = hidden[picked.to(dev)], residual[picked.to(dev)]
                 active, q_pos = picked, None
                 if active.numel() == 0:  # nothing picked: the other layers keep the cached KV
-                    for j in range(i + 1, self.m.num_layers):
+                    for j in range(i + 1, self.m.num_layers) if paged else ():
                         self._write(j, kv[j], job)
                     break
-        report.recomputed = int(active.numel())
-        report.picked = active.tolist()
-        return report
+        if not paged:  # nothing read the engine's cache meanwhile: every layer at once
+            self._write_span(kv[:, :, job.start:], job)
+        return active
 
     def _write(self, i: int, kv_layer: torch.Tensor, job: BlendJob) -> None:
-        """Layer i's KV of the span into the engine's cache."""
+        """Layer i's KV of the span into the engine's cache (kv_layer [2, end, KV, D])."""
         self.m.write_kv(i, kv_layer[0, job.start:], kv_layer[1, job.start:], job.slots)
+
+    def _write_span(self, span: torch.Tensor, job: BlendJob) -> None:
+        """Every layer's KV of the span (span [L, 2, end - start, KV, D]) into the engine's cache."""
+        write_layers = getattr(self.m, "write_kv_layers", None)
+        if write_layers is not None:
+            write_layers(span, job.slots)
+            return
+        for i in range(self.m.num_layers):
+            self.m.write_kv(i, span[i, 0], span[i, 1], job.slots)
+
+    def _write_moved(self, span: torch.Tensor, moves, job: BlendJob) -> None:
+        """The span's cached KV, keys still at their chunk positions, written with the keys moved
+        to their prompt positions: fused where the adapter can, else re-rotated and then written."""
+        fused = getattr(self.m, "write_rerotated", None)
+        if fused is not None:
+            fused(span, moves[0], moves[1], job.slots)
+        else:
+            self._write_span(self._rotated(span, moves), job)
 
     def _mixed_attend(self, i: int, kv_layer: torch.Tensor, job: BlendJob, active: torch.Tensor, seen: dict,
                       keep_cached: bool, plan):
@@ -258,10 +292,11 @@ class Blender:
         return s.masked_fill(future, float("-inf")).softmax(-1)
 
     # ---- chunks --------------------------------------------------------------------------
-    def _gather(self, job: BlendJob, report: BlendReport) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """KV for [0, end): [0, start) as the engine holds it, then the chunks, keys rotated to
-        their prompt positions; per span token its cached chunk's index (numbered in order), or
-        -1 when it must be recomputed; and where each numbered chunk begins in the prompt."""
+    def _gather(self, job: BlendJob, report: BlendReport):
+        """The span's KV [L, 2, end - start, KV, D] from its chunks, keys still at their positions
+        inside their chunks; (old_pos, new_pos) int64 [end - start], where each key is and where it
+        goes in the prompt; per span token its cached chunk's index (numbered in order), or -1 when
+        it must be recomputed; and where each numbered chunk begins in the prompt."""
         m = self.m
         pieces, old_pos, new_pos, begins = [], [], [], []
         chunk_of = torch.full((job.end - job.start,), -1, dtype=torch.long)
@@ -285,20 +320,29 @@ class Blender:
             old_pos.append(torch.arange(lo - begin, hi - begin))
             new_pos.append(torch.arange(lo, hi))
         span = torch.cat(pieces, dim=2)
-        inv_freq, style = self.m.rope
-        dev = span.device
-        rerotate_keys(span[:, 0], torch.cat(old_pos).to(dev), torch.cat(new_pos).to(dev), inv_freq.to(dev), style,
-                      out=span[:, 0])
-        if job.start == 0:
-            return span, chunk_of, begins
-        return torch.cat([self._engine_prefix(job), span], dim=2), chunk_of, begins
+        return span, (torch.cat(old_pos).to(span.device), torch.cat(new_pos).to(span.device)), chunk_of, begins
 
-    def _engine_prefix(self, job: BlendJob) -> torch.Tensor:
-        """[L, 2, start, KV, D]: what the engine's cache holds for [0, start), which the new
-        tokens attend to (its own prefix cache or kvplug's prefix tiers put it there)."""
-        m = self.m
+    def _rotated(self, span: torch.Tensor, moves) -> torch.Tensor:
+        """span with its keys re-rotated (in place) from old_pos to new_pos."""
+        inv_freq, style = self.m.rope
+        rerotate_keys(span[:, 0], moves[0], moves[1], inv_freq.to(span.device), style, out=span[:, 0])
+        return span
+
+    def _with_prefix(self, job: BlendJob, span: torch.Tensor) -> torch.Tensor:
+        """KV for [0, end): what the engine holds for [0, start), then the span."""
+        if job.start == 0:
+            return span
         slots = job.prefix_slots if job.prefix_slots is not None else torch.arange(job.start)
-        out = torch.empty((m.num_layers, 2, job.start, m.num_kv_heads, m.head_dim), dtype=m.dtype, device=m.device)
+        return torch.cat([self._read_layers(slots).to(span.device), span], dim=2)
+
+    def _read_layers(self, slots: torch.Tensor) -> torch.Tensor:
+        """[L, 2, T, KV, D] at `slots` out of the engine's cache: one read where the adapter can."""
+        m = self.m
+        read_layers = getattr(m, "read_kv_layers", None)
+        if read_layers is not None:
+            return read_layers(slots)
+        out = torch.empty((m.num_layers, 2, slots.numel(), m.num_kv_heads, m.head_dim), dtype=m.dtype,
+                          device=m.device)
         for i in range(m.num_layers):
             out[i, 0], out[i, 1] = m.read_kv(i, slots)
         return out
@@ -309,9 +353,7 @@ class Blender:
         """The KV at `slots` (a chunk computed by the engine at positions begin..), keys rotated
         to 0..n-1, as contiguous uint8 bytes of [L, 2, n, KV, D] in the model dtype."""
         m, n = self.m, slots.numel()
-        out = torch.empty((m.num_layers, 2, n, m.num_kv_heads, m.head_dim), dtype=m.dtype, device=m.device)
-        for i in range(m.num_layers):
-            out[i, 0], out[i, 1] = m.read_kv(i, slots)
+        out = self._read_layers(slots)
         inv_freq, style = m.rope
         pos = torch.arange(begin, begin + n, device=out.device)
         rerotate_keys(out[:, 0], pos, pos - begin, inv_freq.to(out.device), style, out=out[:, 0])

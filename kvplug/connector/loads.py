@@ -16,10 +16,6 @@ from __future__ import annotations
 import concurrent.futures as futures
 from dataclasses import dataclass, field
 
-import torch
-
-from kvplug.tiers.cpu import BlockRows
-
 SLOW_TIERS = ("disk", "remote")
 
 
@@ -50,7 +46,7 @@ class LoadJob:
         rows = worker.rows
         cpu = [b for b in self.blocks if b.tier == "cpu"]
         good = [b for b in cpu if rows.holds(b.key, b.rows)]
-        rows.load_blocks([b.rows[0] for b in good], worker.caches, [b.block for b in good])
+        worker.blocks.load([b.rows[0] for b in good], [b.block for b in good])
         for b in cpu:
             if b not in good:
                 worker._fail(self.req_id, b.key, b.block)
@@ -84,8 +80,7 @@ class LoadJob:
             good.append(b)
             payloads.append(payload)
         if good:
-            batch = BlockRows(torch.stack(payloads), worker.rows.blocks.templates)
-            batch.load(list(range(len(good))), worker.caches, [b.block for b in good])
+            worker.blocks.load_payloads(payloads, [b.block for b in good])
             for b, payload in zip(good, payloads):
                 if b.rows:
                     worker.rows.store(b.key, b.rows, payload, worker.layout)

@@ -5,11 +5,17 @@ except that its attention module is swapped for the blender's for the length of 
 forward context or attention metadata is needed and nothing in vLLM is patched. The vLLM
 internals it relies on are in vllm_compat.
 
-    VLLMModelAdapter(model, kv_caches, block_size)    or ValueError naming what is not supported
+    VLLMModelAdapter(model, kv_caches, block_size, kv_io="opaque")   or ValueError naming what is
+        not supported. kv_io is the worker's KV path (kvplug/tiers/block_io.py):
+        "opaque": write_kv through the backend's do_kv_cache_update, read_kv through the probed
+            PagedKVReader (the CPU backend: its block interior may be ISA-packed)
+        "canonical": vLLM's CUDA layouts through PagedKV (kvplug/blend/paged_cache.py), with the
+            optional write_kv_layers / write_rerotated / read_kv_layers (one launch each)
     paged_plan(q_pos, block_table) / paged_attention(i, q, plan)   attention through the engine's
         own kernel over its paged cache (CPU backend); paged_plan is None on other backends, where
         the blender uses torch SDPA over its own copy of the KV
-    read_kv(i, slots) -> (k, v)     per-token K/V of layer i back out of the paged cache
+    write_kv(i, k, v, slots) / read_kv(i, slots) -> (k, v)   per-token K/V of layer i in and out
+    backend_write(i, k, v, slots)   the backend's own write op, whatever kv_io (for the self-test)
     cache(i)                        layer i's paged cache tensor
 """
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvplug.blend.paged_cache import PagedCacheKV
 from kvplug.connector import vllm_compat as compat
 
 # Families whose decoder layers are (positions, hidden, residual) -> (hidden, residual) and
@@ -37,7 +44,7 @@ class _AttentionHook(nn.Module):
 
 
 class VLLMModelAdapter:
-    def __init__(self, model: nn.Module, kv_caches: dict[str, torch.Tensor], block_size: int):
+    def __init__(self, model: nn.Module, kv_caches: dict[str, torch.Tensor], block_size: int, kv_io: str = "opaque"):
         arch = type(model).__name__
         if arch not in SUPPORTED:
             raise ValueError(f"blend supports {', '.join(SUPPORTED)}; this model is {arch} (set blend=false)")
@@ -71,9 +78,24 @@ class VLLMModelAdapter:
             raise ValueError(f"blend needs the cache's kernel block size ({kernel_block}) to equal vLLM's block "
                              f"size ({block_size})")
         self._rope = compat.rope_frequencies(first.rotary_emb)
-        self._reader = compat.PagedKVReader(self.attn[0], self._caches[0], self.num_kv_heads, self.head_dim,
-                                            block_size)
-        self.paged_plan = self._cpu_plan if compat.is_cpu_backend(self.attn[0]) else None
+        cpu = compat.is_cpu_backend(self.attn[0])
+        self._kv_path(kv_io, cpu)
+        self.paged_plan = self._cpu_plan if cpu else None
+
+    def _kv_path(self, kv_io: str, cpu: bool) -> None:
+        """canonical: PagedKV over the caches, the all-layer methods bound; opaque: the backend's
+        write op and a reader learned by probing it."""
+        self.kv_io, self._paged, self._reader = kv_io, None, None
+        if kv_io == "canonical":
+            if cpu:
+                raise ValueError("kv_io='canonical' on vLLM's CPU backend: its blocks may be ISA-packed (use 'opaque')")
+            self._paged = PagedCacheKV(self._caches, self._rope)
+            self._paged.bind(self)
+        elif kv_io == "opaque":
+            self._reader = compat.PagedKVReader(self.attn[0], self._caches[0], self.num_kv_heads, self.head_dim,
+                                                self.block_size)
+        else:
+            raise ValueError(f"kv_io={kv_io!r}: allowed values are opaque, canonical")
 
     @property
     def rope(self) -> tuple[torch.Tensor, str]:
@@ -95,9 +117,17 @@ class VLLMModelAdapter:
             self_attn._modules["attn"] = original
 
     def write_kv(self, i, k, v, slots):
+        if self._paged is not None:
+            self._paged.write_kv(i, k, v, slots)
+        else:
+            self.backend_write(i, k, v, slots)
+
+    def backend_write(self, i, k, v, slots):
         compat.kv_write(self.attn[i], k, v, self._caches[i], slots)
 
     def read_kv(self, i, slots):
+        if self._paged is not None:
+            return self._paged.read_kv(i, slots)
         return self._reader.read(self._caches[i], slots)
 
     def paged_attention(self, i, q, plan):

@@ -197,10 +197,12 @@ class PagedKVReader:
 
 # ---- self-test ------------------------------------------------------------------------------
 def self_test(adapter, tokens: int = 5) -> str | None:
-    """None if, on layer 0 of the loaded model, (1) K/V written through the backend read back
-    exactly, and (2) a few tokens through the decoder layer with the engine's paged attention
-    give the output of the same layer with a plain softmax attention over the same K/V;
-    else a one-line reason. Uses the last block of the cache (restored afterwards)."""
+    """None if, on layer 0 of the loaded model, (1) K/V written through the adapter read back
+    exactly, (2) on the canonical KV path, K/V written through the backend's own op read back
+    exactly through kvplug's layout (so kvplug's writes land where the backend's attention reads),
+    and (3) a few tokens through the decoder layer with the engine's paged attention give the
+    output of the same layer with a plain softmax attention over the same K/V; else a one-line
+    reason. Uses the last block of the cache (restored afterwards)."""
     try:
         return _self_test(adapter, tokens)
     except Exception as e:  # noqa: BLE001 - any failure means: do not blend on this vLLM
@@ -221,6 +223,11 @@ def _self_test(m, n: int) -> str | None:
         rk, rv = m.read_kv(0, slots)
         if not (torch.equal(rk, k) and torch.equal(rv, v)):
             return "K/V read back from the paged cache differ from what was written"
+        if getattr(m, "kv_io", "opaque") == "canonical":
+            m.backend_write(0, v, k, slots)  # swapped: a K/V mix-up cannot pass
+            rk, rv = m.read_kv(0, slots)
+            if not (torch.equal(rk, v) and torch.equal(rv, k)):
+                return "K/V written by the backend's do_kv_cache_update are not where kvplug's cache layout reads them"
         if m.paged_plan is None:
             return None
         return _compare_layer(m, n, block, slots)

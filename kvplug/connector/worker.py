@@ -1,7 +1,9 @@
 """Worker half of KVPlugConnector: carries out the scheduler's plans on real tensors.
 
-    register(kv_caches)      view each layer's cache block-major; allocate the CPU tier's rows;
-                             build the blender (and run vLLM-internals' self-test) when blending is on
+    register(kv_caches)      choose the block path from the caches (tiers/block_io.py: canonical
+                             tokens through PagedBlockIO on CUDA, opaque engine blocks elsewhere), one
+                             log line; allocate the CPU tier's rows; build the blender (and run
+                             vLLM-internals' self-test) when blending is on
     load(meta)               disk ops, then loads and blends: synchronous ones before the forward
                              pass, asynchronous ones (disk/remote reads) started in the background
     finished_loads()         ids of asynchronous requests whose KV is now in place (get_finished)
@@ -13,7 +15,11 @@
 
 Units live in CPU rows (kvplug/tiers/cpu.py: a prefix block in one row, a chunk across as many as
 its bytes need), disk files and remote values, all through the same stores. A chunk's payload is
-its KV [layers, 2, tokens, kv_heads, head_dim] in the model dtype, keys rotated to 0..n-1.
+its KV [layers, 2, tokens, kv_heads, head_dim] in the model dtype, keys rotated to 0..n-1. A block's
+payload is the engine's bytes (opaque path) or its tokens in that same canonical layout (canonical
+path); the two have different layout tags, so one path's unit is a miss for the other.
+On CUDA a save returns before its rows are filled: puts of those rows to disk or remote wait in
+BlockPath until they are (at the latest when the next step starts).
 """
 from __future__ import annotations
 
@@ -29,17 +35,27 @@ from kvplug.connector.engine_facts import EngineFacts
 from kvplug.connector.loads import AsyncLoader, LoadJob
 from kvplug.connector.metadata import KVPlugMetadata, KVPlugWorkerMeta
 from kvplug.connector.stats import KVPlugStats
-from kvplug.tiers.cpu import BlockRows, UnitRows
+from kvplug.tiers.block_io import BlockPath, choose_block_io
+from kvplug.tiers.cpu import UnitRows
 from kvplug.tiers.disk import DiskStore
 from kvplug.tiers.unit_kinds import CHUNK_PREFIX
 
 logger = logging.getLogger("kvplug")
 
+_PATHS = {"canonical": "blocks as canonical tokens through PagedBlockIO (every layer in one gather/scatter "
+                       "launch, pinned rows, side streams), blend writes and reads through PagedKV",
+          "opaque": "whole engine blocks as bytes (BlockRows), blend writes through the backend's "
+                    "do_kv_cache_update, reads through the probed PagedKVReader"}
+
 
 class WorkerHalf:
-    def __init__(self, cfg: KVPlugConfig, facts: EngineFacts, tp_rank: int, layer_tag: str):
+    def __init__(self, cfg: KVPlugConfig, facts: EngineFacts, tp_rank: int, layer_tag: str, io: str = "auto"):
+        """io: "auto" (chosen from the caches at register), "opaque" or "canonical" (tests force it)."""
         self.cfg, self.facts, self.tp_rank, self._layer_tag = cfg, facts, tp_rank, layer_tag
+        self._io_request = io
         self.caches: list[torch.Tensor] = []
+        self.io_kind = ""  # "canonical" | "opaque" once registered
+        self.blocks: BlockPath | None = None
         self.rows: UnitRows | None = None
         self.disk: DiskStore | None = None
         self.remote = None  # RemoteStore when remote_url is configured
@@ -55,14 +71,15 @@ class WorkerHalf:
         missing = [n for n in self.facts.layer_names if n not in kv_caches]
         if missing:
             raise ValueError(f"KVPlugConnector: no KV cache registered for layers {missing[:3]}...")
-        self.caches = [vllm_compat.group_kernel_blocks(kv_caches[n], self.facts.num_blocks)
-                       for n in self.facts.layer_names]
-        templates = [(tuple(c.shape[1:]), c.dtype) for c in self.caches]
-        device = self.caches[0].device
+        raw = [kv_caches[n] for n in self.facts.layer_names]
+        self.caches = [vllm_compat.group_kernel_blocks(c, self.facts.num_blocks) for c in raw]
+        io, self.io_kind, why = choose_block_io(raw, self.caches, self.facts.block_size, self._io_request)
+        # Opaque bytes differ by attention implementation and ISA (layer tag); canonical tokens do not.
+        self.layout = io.layout_tag if self.io_kind == "canonical" else f"{self._layer_tag}|{io.layout_tag}"
         n_rows = self.cfg.tiers.cpu_bytes // self.facts.unit_bytes
-        block_rows = BlockRows.allocate(templates, n_rows, pin=device.type == "cuda")
-        self.layout = f"{self._layer_tag}|{block_rows.layout_tag()}"
-        self.rows = UnitRows(block_rows, self.layout)
+        self.blocks = BlockPath(io, n_rows, self.layout)
+        self.rows = self.blocks.rows
+        logger.info("kvplug: KV path %s: %s; %s", self.io_kind, _PATHS[self.io_kind], why)
         t = self.cfg.tiers
         if t.disk_path:
             self.disk = DiskStore(Path(t.disk_path), self.layout, rank=self.tp_rank, fsync=t.disk_fsync)
@@ -75,7 +92,7 @@ class WorkerHalf:
         if self.cfg.blend.enabled:
             self._make_blender(kv_caches)
         logger.info("kvplug: %d layers, %d B per block, CPU tier %d rows (%.2f GB), disk tier %s, remote %s",
-                    len(self.caches), block_rows.row_bytes, n_rows, n_rows * block_rows.row_bytes / 1e9,
+                    len(self.caches), io.row_bytes, n_rows, n_rows * io.row_bytes / 1e9,
                     t.disk_path or "off", redact(t.remote_url) if t.remote_url else "off")
 
     # ---- blending -----------------------------------------------------------------------
@@ -88,7 +105,7 @@ class WorkerHalf:
         if model is None:
             raise ValueError("blend=true but kvplug did not see the model load: is the kvplug plugin installed "
                              "(pip install kvplug) and VLLM_PLUGINS not excluding it?")
-        adapter = VLLMModelAdapter(model, kv_caches, self.facts.block_size)
+        adapter = VLLMModelAdapter(model, kv_caches, self.facts.block_size, kv_io=self.io_kind)
         why = vllm_compat.self_test(adapter)
         if why is not None:
             self._blend_off = (f"vLLM {vllm_compat.vllm_version()} does not behave as kvplug's vllm_compat expects "
@@ -107,6 +124,7 @@ class WorkerHalf:
         if meta.is_empty():
             return
         start = time.perf_counter()
+        self.blocks.settle()  # last step's deferred puts reach the stores before this step reads them
         self._disk_ops(meta.disk_ops)
         jobs = LoadJob.split(meta, self)
         for job in jobs:
@@ -132,6 +150,7 @@ class WorkerHalf:
 
     def finished_loads(self) -> set[str]:
         """Complete the asynchronous loads whose reads have landed: into the engine's cache, blend."""
+        self.blocks.settle_done()
         done = {req for req, job in self._jobs.items() if job.fetch.done()}
         for req in done:
             job = self._jobs.pop(req)
@@ -190,24 +209,29 @@ class WorkerHalf:
             self._redo += [(s.req_id, s.key) for s in meta.saves] + [(s.req_id, s.key) for s in meta.chunk_saves]
             return
         start = time.perf_counter()
+        self.blocks.settle()
         nbytes = self._save_blocks(meta.saves) + self._save_chunks(meta.chunk_saves)
         self._count(saved_blocks=len(meta.saves), saved_chunks=len(meta.chunk_saves), save_bytes=nbytes,
                     save_seconds=time.perf_counter() - start)
 
     def _save_blocks(self, saves) -> int:
+        """Blocks into their CPU rows and fresh staging rows; the puts to disk and remote run once
+        those rows are filled (at once on CPU)."""
         to_rows = [s for s in saves if s.rows]
-        self.rows.store_blocks([s.key for s in to_rows], [s.rows[0] for s in to_rows], self.caches,
-                               [s.block for s in to_rows])
+        fence = self.blocks.save([s.key for s in to_rows], [s.block for s in to_rows], [s.rows[0] for s in to_rows])
         direct = [s for s in saves if not s.rows and (s.to_disk or s.to_remote)]
-        staging = BlockRows.allocate(self.rows.blocks.templates, len(direct))
-        staging.store(list(range(len(direct))), self.caches, [s.block for s in direct])
-        for i, s in enumerate(direct):
-            self._put(s.key, staging.row(i), self.layout, s.to_disk, s.to_remote, s.ttl_s)
+        staged, staging = self.blocks.save_staged([s.block for s in direct])
+
+        def put_staged():
+            for i, s in enumerate(direct):
+                self._put(s.key, staging.row(i), self.layout, s.to_disk, s.to_remote, s.ttl_s)
+        if direct:
+            self.blocks.later(staged, None, put_staged)
         for s in to_rows:
             if s.to_disk or s.to_remote:
                 # The row can be reused by a later step before the write ends: write a copy.
-                self._put(s.key, self.rows.blocks.row(s.rows[0]).clone(), self.layout, s.to_disk, s.to_remote,
-                          s.ttl_s)
+                self.blocks.later(fence, s.rows, lambda s=s: self._put(
+                    s.key, self.rows.copy_row(s.rows[0]), self.layout, s.to_disk, s.to_remote, s.ttl_s))
         return len(saves) * self.rows.row_bytes
 
     def _save_chunks(self, saves) -> int:
@@ -268,6 +292,8 @@ class WorkerHalf:
     def close(self) -> None:
         if self._loader is not None:
             self._loader.close()
+        if self.blocks is not None:
+            self.blocks.drain()  # deferred puts reach the stores before they flush
         for store in (self.disk, self.remote):
             if store is not None:
                 store.flush()

@@ -19,6 +19,7 @@ Methods:
     split_kv_cache(tensor, layout)   one layer's vLLM cache tensor -> (k_view, v_view)
     vllm_kv_views(cache, layout=None, head_size=None)   vLLM 0.32 [B, H, N, 2D] -> (k, v) [B, N, H, D]
     default_vllm_layout(backend, capability_major)      the layout vLLM resolves with no override
+    detect_vllm_layout(caches)       which KVCacheLayout registered [B, H, N, 2D] caches follow
     vllm_layer_strides(layout, L, B, H, N, C, block_pad)  element strides of [L, B, H, N, C]
     make_vllm_caches(L, num_blocks, block_size, H, D, dtype, device, layout, ...)  as vLLM allocates
     clone_caches(caches)             a copy with the same strides (over a copy of the shared buffer)
@@ -29,6 +30,7 @@ Methods:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +115,28 @@ def make_vllm_caches(num_layers: int, num_blocks: int, block_size: int, num_head
         raw = torch.empty(total, dtype=dtype, device=device)
     return [raw.as_strided((num_blocks, num_heads, block_size, C), strides[1:], l * strides[0])
             for l in range(num_layers)]
+
+
+def detect_vllm_layout(caches) -> str:
+    """The KVCacheLayout (a VLLM_LAYOUTS name) that per-layer caches [B, H, N, 2D] follow, read
+    from their strides; the layer dim from how far apart layers 0 and 1 start in their shared
+    buffer (separate buffers, or one layer: layers outermost). Size-1 dims fit any place; the
+    default layout is tried first. ValueError naming the shape and strides when none fits.
+    Strides only: a CPU backend's [B, H, N, 2D] reads as LBHNC but may pack its blocks."""
+    first = caches[0] if len(caches) else None
+    if first is None or first.dim() != 4 or first.shape[3] % 2 or first.shape[3] == 0:
+        raise ValueError(f"kv cache of shape {None if first is None else tuple(first.shape)}: expected vLLM's "
+                         "[B, H, N, 2*head_size] per layer")
+    sizes = (len(caches), *first.shape)
+    strides = [math.inf, *first.stride()]
+    if len(caches) > 1 and caches[1].untyped_storage().data_ptr() == first.untyped_storage().data_ptr():
+        strides[_L] = caches[1].storage_offset() - first.storage_offset()
+    for name in (DEFAULT_VLLM_LAYOUT, *(n for n in VLLM_LAYOUTS if n != DEFAULT_VLLM_LAYOUT)):
+        sized = [strides[d] for d in VLLM_LAYOUTS[name] if sizes[d] > 1]
+        if strides[_C] == 1 and all(a > b for a, b in zip(sized, sized[1:])):
+            return name
+    raise ValueError(f"kv cache of shape {tuple(first.shape)} strides {first.stride()} (layer stride "
+                     f"{strides[_L]}): no vLLM KVCacheLayout has this memory order")
 
 
 def clone_caches(caches: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -11,7 +11,8 @@ time: the block interior is never interpreted (it may be ISA-packed on CPU backe
     load(rows, caches, blocks)               rows -> caches[l][blocks], every layer
     row(i)                                   the bytes of row i (a view)
     layout_tag()                             shapes and dtypes, for file headers
-UnitRows(block_rows, block_layout): which unit each row holds (blocks and chunks); see the class.
+UnitRows(block_rows, block_layout, before_host=None): which unit each row holds (blocks and
+    chunks), and the only host access to a row's bytes; see the class.
 """
 from __future__ import annotations
 
@@ -84,13 +85,19 @@ class UnitRows:
 
         holds(key, rows)                       every row still holds the unit
         read(key, rows) -> Unit | None         a copy of the unit's payload, with its layout
+        copy_row(r) -> uint8 [row_bytes]       a copy of row r's bytes
         store(key, rows, payload, layout)      payload bytes into the rows
-        store_blocks(keys, rows, caches, blocks) / load_blocks(rows, caches, blocks)   whole engine
-                                               blocks to and from rows (one row each)
+        store_blocks(keys, rows, io, blocks) / load_blocks(rows, io, blocks) -> IOFence   whole
+                                               engine blocks to and from rows (one row each)
+                                               through a block IO (kvplug/tiers/block_io.py)
+
+    before_host(rows, write) runs before the host reads (write False) or writes a row's bytes:
+    a block IO may still be filling or reading them on a side stream.
     """
 
-    def __init__(self, blocks: BlockRows, block_layout: str):
+    def __init__(self, blocks: BlockRows, block_layout: str, before_host=None):
         self.blocks, self.block_layout = blocks, block_layout
+        self._before_host = before_host or (lambda rows, write: None)
         self.row_bytes = blocks.row_bytes
         self._keys: list[bytes | None] = [None] * len(blocks)
         self._units: dict[bytes, tuple[tuple[int, ...], str, int]] = {}  # key -> (rows, layout, nbytes)
@@ -108,6 +115,7 @@ class UnitRows:
         if not rows or not self.holds(key, rows):
             return None
         _, layout, nbytes = self._units[key]
+        self._before_host(rows, False)
         idx = torch.tensor(list(rows), dtype=torch.long)
         return Unit(key, self.blocks.buffer.index_select(0, idx).view(-1)[:nbytes].clone(), layout)
 
@@ -115,20 +123,27 @@ class UnitRows:
         rows = tuple(rows)
         if payload.numel() > len(rows) * self.row_bytes:
             raise ValueError(f"a {payload.numel()}-byte unit does not fit {len(rows)} row(s) of {self.row_bytes} bytes")
+        self._before_host(rows, True)
         self._claim(key, rows, layout, payload.numel())
         flat = payload.reshape(-1)
         for i, r in enumerate(rows):
             part = flat[i * self.row_bytes:(i + 1) * self.row_bytes]
             self.blocks.buffer[r, :part.numel()].copy_(part)
 
-    def store_blocks(self, keys: Sequence[bytes], rows: Sequence[int], caches: Sequence[torch.Tensor],
-                     blocks: Sequence[int]) -> None:
-        self.blocks.store(list(rows), caches, list(blocks))
+    def copy_row(self, r: int) -> torch.Tensor:
+        self._before_host((r,), False)
+        return self.blocks.row(r).clone()
+
+    def store_blocks(self, keys: Sequence[bytes], rows: Sequence[int], io, blocks: Sequence[int]):
+        """The blocks saved into the rows by `io` (its fence returned); the rows hold the keys
+        from now on: a host read of them waits for the fence (before_host)."""
+        fence = io.save(list(blocks), self.blocks.buffer, list(rows))
         for key, r in zip(keys, rows, strict=True):
             self._claim(key, (r,), self.block_layout, self.row_bytes)
+        return fence
 
-    def load_blocks(self, rows: Sequence[int], caches: Sequence[torch.Tensor], blocks: Sequence[int]) -> None:
-        self.blocks.load(list(rows), caches, list(blocks))
+    def load_blocks(self, rows: Sequence[int], io, blocks: Sequence[int]):
+        return io.load(self.blocks.buffer, list(rows), list(blocks))
 
     def forget(self, rows: Sequence[int]) -> None:
         for r in rows:

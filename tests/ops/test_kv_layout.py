@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvplug.ops.kv_layout import (DEFAULT_VLLM_LAYOUT, FLASHINFER_NAMES, VLLM_LAYOUTS, default_vllm_layout,
-                                  make_vllm_caches, paged_spec, split_kv_cache, vllm_kv_views,
+                                  detect_vllm_layout, make_vllm_caches, paged_spec, split_kv_cache, vllm_kv_views,
                                   vllm_layer_strides)
 
 SHAPE = dict(L=3, B=5, H=2, N=4, D=8)
@@ -43,6 +43,26 @@ def test_views_address_k_then_v_of_each_token(layout):
         b, n, h = 3, 2, 1
         assert torch.equal(k[b, n, h], cache[b, h, n, :s["D"]]) and torch.equal(v[b, n, h], cache[b, h, n, s["D"]:])
     paged_spec([split_kv_cache(c, layout)[0] for c in caches], [split_kv_cache(c, layout)[1] for c in caches])
+
+
+@pytest.mark.parametrize("layout", list(VLLM_LAYOUTS))
+def test_the_layout_is_read_back_from_the_strides(layout):
+    s = SHAPE
+    caches = make_vllm_caches(s["L"], s["B"], s["N"], s["H"], s["D"], torch.bfloat16, "cpu", layout)
+    assert detect_vllm_layout(caches) == layout
+    # One layer has no layer stride: the layer-outer layout with the same order inside a layer.
+    assert detect_vllm_layout(caches[:1]) == "L" + layout.replace("L", "")
+
+
+def test_layout_detection_of_padded_separate_and_foreign_caches():
+    padded = make_vllm_caches(2, 4, 16, 3, 8, torch.float16, "cpu", "LBNHC", block_pad=40)
+    assert detect_vllm_layout(padded) == "LBNHC"
+    # one contiguous [B, H, N, 2D] tensor per layer (as the CPU backend allocates): LBHNC by strides
+    assert detect_vllm_layout([torch.empty(4, 2, 16, 16) for _ in range(2)]) == "LBHNC"
+    with pytest.raises(ValueError, match=r"shape \(2, 4, 16, 2, 8\)"):  # vLLM <= 0.10's [2, nb, bs, H, D]
+        detect_vllm_layout([torch.empty(2, 4, 16, 2, 8)])
+    with pytest.raises(ValueError, match="no vLLM KVCacheLayout"):  # head_dim not innermost
+        detect_vllm_layout([torch.empty(4, 16, 2, 16).permute(0, 2, 3, 1)[..., :16]])
 
 
 def test_padded_pages_widen_the_block_stride_only():

@@ -1,0 +1,116 @@
+"""VLLMModelAdapter's two KV paths over a fake vLLM Llama (the attributes the adapter reads, checked
+against vLLM 0.32's classes) whose attention backend writes as FlashAttentionImpl does on vLLM
+0.32's [B, H, N, 2D] caches (K then V per token and head), by plain indexing. The start-up
+self-test must pass on both paths, and on the canonical path must catch a backend that puts K/V
+elsewhere than kvplug's layout reads them (blending then turns off, never writes wrong KV).
+"""
+import pytest
+import torch
+from torch import nn
+
+from kvplug.blend.paged_cache import OPTIONAL
+from kvplug.connector import vllm_compat
+from kvplug.connector.model_adapter import VLLMModelAdapter
+from kvplug.ops.kv_layout import make_vllm_caches
+from kvplug.ops.rope import rope_inv_freq
+
+L, KV, H, D, BS, NB = 2, 2, 4, 16, 16, 6
+
+
+class FlashLikeImpl:
+    sliding_window, logits_soft_cap, alibi_slopes, kv_cache_dtype = None, 0, None, "auto"
+
+    def __init__(self, swap=False):
+        self.swap = swap  # a backend whose K/V sit where kvplug does not look
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+        b, n = slot_mapping // BS, slot_mapping % BS
+        k, v = (value, key) if self.swap else (key, value)
+        kv_cache[b, :, n, :D], kv_cache[b, :, n, D:] = k, v
+
+
+class CPUAttentionBackendImpl(FlashLikeImpl):
+    pass
+
+
+class RotaryEmbedding:
+    rotary_dim, base, is_neox_style = D, 10000.0, True
+
+    def _compute_inv_freq(self, base):
+        return rope_inv_freq(D, base)
+
+
+class Attn(nn.Module):
+    def __init__(self, i, impl):
+        super().__init__()
+        self.impl, self.layer_name = impl, f"layer.{i}"
+
+
+class SelfAttn(nn.Module):
+    def __init__(self, i, impl):
+        super().__init__()
+        self.attn, self.rotary_emb = Attn(i, impl), RotaryEmbedding()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scaling = H, KV, D, D ** -0.5
+
+
+class Layer(nn.Module):
+    def __init__(self, i, impl):
+        super().__init__()
+        self.self_attn = SelfAttn(i, impl)
+
+
+class Inner(nn.Module):
+    def __init__(self, impl):
+        super().__init__()
+        self.layers = nn.ModuleList([Layer(i, impl) for i in range(L)])
+        self.embed_tokens = nn.Embedding(10, H * D)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, impl):
+        super().__init__()
+        self.model = Inner(impl)
+
+
+def adapter(kv_io, impl=None, layout="LBNHC"):
+    g = torch.Generator().manual_seed(0)
+    caches = make_vllm_caches(L, NB, BS, KV, D, torch.float32, "cpu", layout, generator=g)
+    return VLLMModelAdapter(LlamaForCausalLM(impl or FlashLikeImpl()), {f"layer.{i}": c for i, c in enumerate(caches)},
+                            BS, kv_io=kv_io)
+
+
+@pytest.mark.parametrize("layout", ["LBNHC", "BLHNC"])
+def test_the_canonical_path_passes_the_self_test_with_all_layer_methods(layout):
+    m = adapter("canonical", layout=layout)
+    assert m.kv_io == "canonical" and m._reader is None and all(callable(getattr(m, n)) for n in OPTIONAL)
+    assert vllm_compat.self_test(m) is None
+    k, v = torch.randn(5, KV, D), torch.randn(5, KV, D)
+    slots = torch.tensor([3, 40, 17, 90, 64])
+    m.backend_write(1, k, v, slots)
+    kv = m.read_kv_layers(slots, first_layer=1)
+    assert torch.equal(kv[0, 0], k) and torch.equal(kv[0, 1], v)
+
+
+def test_the_canonical_self_test_catches_a_backend_that_writes_elsewhere():
+    why = vllm_compat.self_test(adapter("canonical", FlashLikeImpl(swap=True)))
+    assert why is not None and "do_kv_cache_update" in why
+
+
+def test_the_opaque_path_probes_the_backend_and_has_no_all_layer_methods():
+    m = adapter("opaque")
+    assert m._reader is not None and all(getattr(m, n, None) is None for n in OPTIONAL)
+    assert vllm_compat.self_test(m) is None
+    # The probe learns whatever the backend does: swapped K/V read back as written.
+    assert vllm_compat.self_test(adapter("opaque", FlashLikeImpl(swap=True))) is None
+
+
+def test_canonical_is_refused_on_the_cpu_backend_and_unknown_paths_are_rejected():
+    impl = CPUAttentionBackendImpl()
+    model = LlamaForCausalLM(impl)
+    for layer in model.model.layers:
+        layer.self_attn.attn.isa = "vec"
+    caches = {f"layer.{i}": c for i, c in enumerate(make_vllm_caches(L, NB, BS, KV, D, torch.float32, "cpu"))}
+    with pytest.raises(ValueError, match="ISA-packed"):
+        VLLMModelAdapter(model, caches, BS, kv_io="canonical")
+    with pytest.raises(ValueError, match="allowed values are opaque, canonical"):
+        adapter("fast")
