@@ -64,7 +64,8 @@ def test_the_cluster_path_finds_the_exact_paths_top_token_on_a_planted_case():
     toy, tokens, chunks, end, marker, _ = planted()
     blender = Blender(toy, DictStore(), cluster_tokens=4, cluster_min_tokens=1, cluster_top=2)
     warm(blender, tokens, chunks)
-    kv, _, _ = blender._gather(job(tokens, chunks, end, 0.1), BlendReport())
+    span, moves, _, _ = blender._gather(job(tokens, chunks, end, 0.1), BlendReport())
+    kv = blender._rotated(span, moves)  # the span starts at 0: no engine prefix
     tail = tokens[end:end + 4]
     exact = question_pass(toy, tail, kv, end, 0)
     clusters = {key: kc.cluster_chunk(blender.store.get(key), 4) for _, _, key in chunks}
