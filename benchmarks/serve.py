@@ -95,9 +95,9 @@ from workloads import rag  # noqa: E402
 from workloads.text import question  # noqa: E402
 
 BLOCK = 128  # vLLM's CPU block size (tokens)
-POLICIES = ("lru", "lfu", "fifo", "arc", "s3fifo", "cost_aware")  # kvplug.config.EVICTION_POLICIES
+POLICIES = ("lru", "lfu", "fifo", "arc", "s3fifo", "cost_aware")  # kvplug.config.EVICTION_POLICIES (test checks)
 MAIN_FULL = ("vllm", "kvplug_cpu", "kvplug_cpu_disk", "kvplug_cpu_remote", "kvplug_blend", "kvplug_blend_adaptive",
-             "kvplug_oracle")
+             "kvplug_blend_query", "kvplug_oracle")
 MAIN_QUICK = tuple(n for n in MAIN_FULL if n != "kvplug_cpu_remote")  # a Redis server and one more start
 POLICIES_QUICK = ("lru", "s3fifo", "cost_aware")  # the best, the baseline and the worst of the long run
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -193,6 +193,8 @@ register(ServeConfig("kvplug_blend", "main", _blend("fixed"),
                      "kvplug_cpu + chunk blending, fixed recompute ratio 0.15"))
 register(ServeConfig("kvplug_blend_adaptive", "main", _blend("adaptive"),
                      "kvplug_cpu + chunk blending, adaptive recompute budget (ratio 0.15)"))
+register(ServeConfig("kvplug_blend_query", "main", _blend("query"),
+                     "kvplug_cpu + chunk blending, the default policy (query: what the question reads, ratio 0.15)"))
 register(ServeConfig("kvplug_oracle", "main", _cpu_all,
                      "kvplug_cpu with every context of the trace stored beforehand (untimed warm-up pass): "
                      "a perfect cache on this trace", prewarm=True))

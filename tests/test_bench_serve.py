@@ -111,10 +111,10 @@ def test_selected_requires_vllm_and_known_names():
 def test_quick_and_full_defaults():
     quick = serve.parse_args(["--quick"])
     names = [c.name for c in serve.selected(quick)]
-    # 11 servers: the main group without the remote tier (with the oracle), three eviction
+    # 12 servers: the main group without the remote tier (with the oracle), three eviction
     # policies, and the neighbours case before and after
     assert names == ["vllm", "kvplug_cpu", "kvplug_cpu_disk", "kvplug_blend", "kvplug_blend_adaptive",
-                     "kvplug_oracle", "evict_lru", "evict_s3fifo", "evict_cost_aware"]
+                     "kvplug_blend_query", "kvplug_oracle", "evict_lru", "evict_s3fifo", "evict_cost_aware"]
     assert [c.name for c in serve_neighbours.selected(quick)] == ["nb_before", "nb_after"]
     assert quick.nb_sizes == serve_neighbours.QUICK
     assert (quick.requests, quick.evict_requests, quick.evict_cpu_frac) == (16, 16, 0.5)
@@ -122,7 +122,7 @@ def test_quick_and_full_defaults():
     full = serve.parse_args([])
     names = [c.name for c in serve.selected(full)]
     assert names == ["vllm", "kvplug_cpu", "kvplug_cpu_disk", "kvplug_cpu_remote", "kvplug_blend",
-                     "kvplug_blend_adaptive", "kvplug_oracle"] + [f"evict_{p}" for p in serve.POLICIES]
+                     "kvplug_blend_adaptive", "kvplug_blend_query", "kvplug_oracle"] + [f"evict_{p}" for p in serve.POLICIES]
     assert [c.name for c in serve_neighbours.selected(full)] == ["nb_before", "nb_sync", "nb_after"]
     assert full.nb_sizes == serve_neighbours.FULL and full.before_rev == serve_neighbours.BEFORE_REV
     assert (full.requests, full.evict_requests, full.evict_cpu_frac) == (64, 64, 0.35)

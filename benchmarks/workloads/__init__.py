@@ -25,6 +25,17 @@ from pathlib import Path
 from typing import Iterable
 
 SEPARATOR = " # # "  # kvplug's default chunk_separator: blending splits prompts here
+
+
+def file_sha256(path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (downloaded data is checked against it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 KINDS = ("rag", "chat", "longdoc")
 
 

