@@ -103,10 +103,13 @@ def engine_specs(args, families: dict, configs: list[str]) -> tuple[dict, dict]:
                "warmup": True, "requests": warm}]
     # Full prefills in the blend engine too, before and after the configurations (a fresh cache_salt
     # each: nothing cached anywhere): the TTFT baseline under the same conditions as the blends.
-    same = {"reset_each": True, "salt_each": True, "kv_params": {"blend": False}, "warmup": False, "requests": everything}
+    # Measured requests save nothing ("save": false): their blocks would churn the CPU tier and
+    # could evict the pool's chunks, so every configuration sees the same cached chunks.
+    same = {"reset_each": True, "salt_each": True, "kv_params": {"blend": False, "save": False}, "warmup": False,
+            "requests": everything}
     phases += [{"name": "full_prefill_kvplug", **same}]
-    phases += [{"name": c, "reset_each": True, "kv_params": kv_params(c), "warmup": False, "requests": everything}
-               for c in configs]
+    phases += [{"name": c, "reset_each": True, "kv_params": {**kv_params(c), "save": False}, "warmup": False,
+                "requests": everything} for c in configs]
     phases += [{"name": "full_prefill_kvplug_after", **same}]
     blend = {**base, "extra": {"cpu_bytes": CPU_BYTES, "blend": True}, "phases": phases}
     return vllm, blend
@@ -261,6 +264,8 @@ def parse_args(argv):
     p.add_argument("--reserved-cpus", type=int, default=1,
                    help="VLLM_CPU_NUM_OF_RESERVED_CPU for both engines (same compute cores)")
     p.add_argument("--engine-timeout", type=float, default=4 * 3600)
+    p.add_argument("--reuse", default="", help="comma list of engines (vllm, blend) whose finished results of an "
+                   "identical spec in .data/bench/blend are reused instead of run again")
     a = p.parse_args(argv)
     a.per_family = a.per_family or (8 if a.quick else 64)
     a.json = a.json or RESULTS / ("blend_quick.json" if a.quick else "blend.json")
@@ -283,7 +288,14 @@ def main(argv=None) -> int:
     env = serving.same_cpu_threads_env({**env, "VLLM_CPU_KVCACHE_SPACE": "2"}, args.reserved_cpus)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
     vllm_spec, blend_spec = engine_specs(args, families, configs)
-    engines = {n: spawn_engine(n, s, work, env, args.engine_timeout) for n, s in (("vllm", vllm_spec), ("blend", blend_spec))}
+    engines = {}
+    for name, spec in (("vllm", vllm_spec), ("blend", blend_spec)):
+        done = work / f"{name}.out.json"
+        if name in args.reuse.split(",") and done.exists() and (work / f"{name}.spec.json").read_text() == json.dumps(spec):
+            print(f"== engine {name}: reusing {done} (same spec)", flush=True)
+            engines[name] = json.loads(done.read_text())
+        else:
+            engines[name] = spawn_engine(name, spec, work, env, args.engine_timeout)
     phases = {ph["name"]: ph for e in engines.values() for ph in e["phases"]}
     if "full_prefill" not in phases:
         raise SystemExit(f"the reference did not run: {engines['vllm'].get('error')}")

@@ -7,6 +7,7 @@ start-up with a ValueError that names the key and what is allowed.
     KVPlugConfig.from_dict(extra)      validate and build (the only constructor users reach)
     KVPlugConfig.to_dict()             the resolved values, for logs and `kvplug stats`
     request_blend(blend_config, kv_transfer_params)   one request's blend settings (or opt-out)
+    request_saves(kv_transfer_params)                 whether a request's KV may be saved
 """
 from __future__ import annotations
 
@@ -253,6 +254,14 @@ def request_blend(b: BlendConfig, params: Any) -> tuple[BlendConfig | None, list
     b = dataclasses.replace(b, **over)
     _check_recompute(b, prefix="kv_transfer_params.")
     return b, params.get("chunk_ends")
+
+
+def request_saves(params: Any) -> bool:
+    """Whether a request's KV may be saved to kvplug's tiers: its kv_transfer_params "save"
+    (default true; false keeps a one-off or private prompt out of every tier, it still loads).
+    A bad value raises ValueError naming kv_transfer_params.save."""
+    params = params if isinstance(params, dict) else {}
+    return _coerce(BlendConfig, "enabled", params.get("save", True), name="kv_transfer_params.save")
 
 
 def _check_recompute(b: BlendConfig, prefix: str = "") -> None:

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvplug.config import KVPlugConfig, request_blend
+from kvplug.config import KVPlugConfig, request_blend, request_saves
 from kvplug.connector.engine_facts import EngineFacts
 from kvplug.connector.metadata import BlendPlan, BlockLoad, BlockSave, ChunkRef, ChunkSave, KVPlugMetadata
 from kvplug.connector.stats import KVPlugStats
@@ -63,6 +63,7 @@ class _Request:
     block_ids: list[int] = field(default_factory=list)
     saved_upto: int = 0  # blocks [0, saved_upto) are cached or planned
     blend: _Blend | None = None
+    save: bool = True  # kv_transfer_params "save": false keeps the request's KV out of the tiers
 
 
 @dataclass
@@ -154,8 +155,16 @@ class SchedulerHalf:
                 f"{request.cache_salt or ''}\0blend:{blend.ratio}:{blend.policy}"
             keys = prefix_block_keys(self.facts.namespace, tokens, self.bs, salt)
             st = self._reqs[request.request_id] = _Request(request.request_id, keys, len(tokens),
-                                                              request.cache_salt or "", blend=blend)
+                                                              request.cache_salt or "", blend=blend,
+                                                              save=self._saves(request))
         return st
+
+    def _saves(self, request) -> bool:
+        try:
+            return request_saves(request.kv_transfer_params)
+        except ValueError as e:
+            logger.warning("kvplug: request %s: %s; its KV is saved as usual", request.request_id, e)
+            return True
 
     def _blend_params(self, request) -> _Blend | None:
         if not self._blend_on or not self._load_enabled:
@@ -294,7 +303,7 @@ class SchedulerHalf:
         return meta
 
     def _plan_saves(self, st: _Request, computed: int) -> None:
-        if not self._save_enabled:
+        if not self._save_enabled or not st.save:
             return
         if st.blend is not None and self._blend_on:
             self._plan_chunk_saves(st, computed)

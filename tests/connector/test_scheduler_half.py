@@ -187,3 +187,18 @@ def test_opted_out_or_bad_params_are_not_blended(params):
     s = half(blend=True)
     run_prefill(s, Request("w", blend_prompt(doc(1), doc(2))), list(range(1, 10)))
     assert s.num_matched(Request("b", blend_prompt(doc(2), doc(1)), kv_transfer_params=params), 0)[0] == 0
+
+
+def test_a_request_that_says_save_false_loads_but_saves_nothing():
+    s = half(blend=True)
+    run_prefill(s, Request("w", blend_prompt(doc(1), doc(2))), list(range(1, 10)))
+    b = Request("b", blend_prompt(doc(2), doc(1), doc(3)), kv_transfer_params={"save": False})
+    n, _ = s.num_matched(b, 0)
+    assert n > 0  # it still blends what is cached
+    s.after_alloc(b, list(range(20, 30)), n)
+    first = s.build_meta(step_new(b, list(range(20, 30)), 0, len(b.prompt_token_ids)))
+    later = s.build_meta(step_cached(b, len(b.prompt_token_ids), 1))
+    assert first.blends and not (first.saves or first.chunk_saves or later.saves or later.chunk_saves)
+    c = Request("c", blend_prompt(doc(3)), kv_transfer_params={"save": "no"})  # bad value: saves as usual
+    run_prefill(s, c, list(range(40, 50)))
+    assert s.manager.lookup_each([s._reqs["c"].blend.chunks[1][2]]) == ["cpu"]
