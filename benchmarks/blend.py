@@ -266,6 +266,8 @@ def parse_args(argv):
     p.add_argument("--engine-timeout", type=float, default=4 * 3600)
     p.add_argument("--reuse", default="", help="comma list of engines (vllm, blend) whose finished results of an "
                    "identical spec in .data/bench/blend are reused instead of run again")
+    p.add_argument("--resume", action="store_true", help="an engine whose run of an identical spec stopped part way "
+                   "keeps its finished phases; a new engine runs the warm-up phases and the rest")
     a = p.parse_args(argv)
     a.per_family = a.per_family or (8 if a.quick else 64)
     a.json = a.json or RESULTS / ("blend_quick.json" if a.quick else "blend.json")
@@ -291,9 +293,13 @@ def main(argv=None) -> int:
     engines = {}
     for name, spec in (("vllm", vllm_spec), ("blend", blend_spec)):
         done = work / f"{name}.out.json"
-        if name in args.reuse.split(",") and done.exists() and (work / f"{name}.spec.json").read_text() == json.dumps(spec):
+        same_spec = done.exists() and (work / f"{name}.spec.json").read_text() == json.dumps(spec)
+        prior = json.loads(done.read_text()) if same_spec else None
+        if prior and name in args.reuse.split(",") and prior.get("complete"):
             print(f"== engine {name}: reusing {done} (same spec)", flush=True)
-            engines[name] = json.loads(done.read_text())
+            engines[name] = prior
+        elif prior and args.resume and prior["phases"]:
+            engines[name] = resume_engine(name, spec, prior, work, env, args.engine_timeout)
         else:
             engines[name] = spawn_engine(name, spec, work, env, args.engine_timeout)
     phases = {ph["name"]: ph for e in engines.values() for ph in e["phases"]}
@@ -310,6 +316,7 @@ def main(argv=None) -> int:
                      "accuracy_ci": "Wilson 95%", "vs_concat_ci": "paired bootstrap 95% over questions"},
         "families": {fam: family_report(fam, qs, phases) for fam, qs in families.items()},
         "engine_start_s": {n: e.get("engine_start_s") for n, e in engines.items()},
+        "engine_runs": {n: e["engine_runs"] for n, e in engines.items() if e.get("engine_runs")},
         "errors": {n: e["error"] for n, e in engines.items() if e.get("error")},
         "requests": {n: ph["requests"] for n, ph in phases.items()},
     }
@@ -320,6 +327,22 @@ def main(argv=None) -> int:
     png = pareto_plot(report, args.json.with_suffix(".png"))
     print(f"wrote {args.json} and {png} (wall {report['wall_s']:.0f} s)")
     return 1 if report["errors"] else 0
+
+
+def resume_engine(name: str, spec: dict, prior: dict, work: Path, env: dict, timeout_s: float) -> dict:
+    """Finish a run that stopped part way: a new engine repeats the warm-up phases (they fill the tiers
+    the measured phases read) and runs the phases the first one did not finish. The merged result
+    replaces <name>.out.json and names the phase each engine started with."""
+    finished = {ph["name"] for ph in prior["phases"] if not ph["warmup"]}
+    rest = {**spec, "phases": [ph for ph in spec["phases"] if ph["warmup"] or ph["name"] not in finished]}
+    print(f"== engine {name}: resuming after {len(finished)} finished phases", flush=True)
+    more = spawn_engine(f"{name}.resume", rest, work, env, timeout_s)
+    merged = {**more, "phases": prior["phases"] + [ph for ph in more["phases"] if not ph["warmup"]],
+              "engine_runs": [{"engine_start_s": prior.get("engine_start_s"), "first_phase": prior["phases"][0]["name"]},
+                              {"engine_start_s": more.get("engine_start_s"),
+                               "first_phase": next((ph["name"] for ph in more["phases"] if not ph["warmup"]), None)}]}
+    (work / f"{name}.out.json").write_text(json.dumps(merged))
+    return merged
 
 
 def _git(*cmd: str) -> str:
