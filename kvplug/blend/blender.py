@@ -46,6 +46,7 @@ from kvplug.blend.selection import (POLICIES, adaptive_budget, chunk_heads, comb
                                    per_chunk_budget, pick_tokens)
 from kvplug.ops.rope import rerotate_keys
 
+QUESTION_TOKENS = 256  # the relevance passes run at most the question's last 256 tokens
 _QUERY_BLOCK = 256  # queries per attention call: bounds the [H, q, k] score matrix
 _MASS_STRIDE = 4  # the adaptive estimator samples every 4th token of a chunk
 
@@ -63,7 +64,8 @@ class BlendJob:
     # engine's attention kernel reads its own cache, which then holds [0, start) and each layer's
     # blended KV before that layer's attention runs.
     block_table: torch.Tensor | None = None
-    tail: list[int] = field(default_factory=list)  # the question after the span (relevance)
+    tail: list[int] = field(default_factory=list)  # the question (relevance)
+    tail_at: int | None = None  # position of tail[0] (>= end; None: end, right after the span)
     chunk_kv: Mapping[bytes, torch.Tensor] | None = None  # cached chunks' KV; None: from the blender's store
     prefix_slots: torch.Tensor | None = None  # int64 [start]: where the engine holds [0, start); None: slots 0..
     chunk_clusters: Mapping | None = None  # cached chunks' key clusters (kvplug/blend/clusters.py), by key
@@ -205,8 +207,11 @@ class Blender:
         def __init__(self, blender: "Blender", job: BlendJob):
             m = blender.m
             self.b, self.job = blender, job
-            self.pos = torch.arange(job.end, job.end + len(job.tail), device=m.device)
-            self.hidden = m.embed(torch.tensor(job.tail, dtype=torch.long, device=m.device))
+            tail, at = _question(job)
+            self.pos = torch.arange(at, at + len(tail), device=m.device)  # RoPE: its prompt positions
+            # the mask: its keys follow the span's end keys, whatever lies between in the prompt
+            self.rows = torch.arange(job.end, job.end + len(tail), device=m.device)
+            self.hidden = m.embed(torch.tensor(tail, dtype=torch.long, device=m.device))
             self.residual = None
             self.q = self.k = None
 
@@ -216,18 +221,19 @@ class Blender:
             def attend(q, k, v):
                 k, v = k.view(-1, m.num_kv_heads, m.head_dim), v.view(-1, m.num_kv_heads, m.head_dim)
                 self.q, self.k = q.view(-1, m.num_heads, m.head_dim), torch.cat([kv_layer[0], k])
-                return self.b._attention(self.q, self.k, torch.cat([kv_layer[1], v]), self.pos)
+                return self.b._attention(self.q, self.k, torch.cat([kv_layer[1], v]), self.rows)
             self.hidden, self.residual = m.forward_layer(i, self.pos, self.hidden, self.residual, attend)
 
         def token_relevance(self) -> torch.Tensor:
             """fp32 [span]: the question's mean attention on each span token at the check layer."""
-            p = self.b._attention_weights(self.q, self.k, self.pos).mean(dim=(0, 1))  # [keys]
+            p = self.b._attention_weights(self.q, self.k, self.rows).mean(dim=(0, 1))  # [keys]
             return p[self.job.start:self.job.end].cpu()
 
     def _prophet(self, job: BlendJob, kv: torch.Tensor) -> torch.Tensor:
         """fp32 [span]: the question's attention on each span token (kvplug/blend/relevance.py),
         through the chunks' key clusters on long spans that have them."""
-        return question_pass(self.m, job.tail, kv, job.end, job.start, self._span_clusters(job), self.cluster_top)
+        tail, at = _question(job)
+        return question_pass(self.m, tail, kv, job.end, job.start, self._span_clusters(job), self.cluster_top, at=at)
 
     def _span_clusters(self, job: BlendJob):
         if not (self.cluster_min_tokens and job.end - job.start >= self.cluster_min_tokens and job.chunk_clusters):
@@ -432,9 +438,19 @@ class Blender:
         return out.reshape(q.shape[0], -1)
 
 
+def _question(job: BlendJob) -> tuple[list[int], int]:
+    """The question tokens the relevance passes run and the position of the first: at most the
+    last QUESTION_TOKENS of the tail, so a long question cannot cost a prefill of its own."""
+    at = job.end if job.tail_at is None else job.tail_at
+    cut = max(0, len(job.tail) - QUESTION_TOKENS)
+    return list(job.tail[cut:]), at + cut
+
+
 def _check_job(job: BlendJob) -> None:
     if not 0 <= job.start < job.end <= len(job.tokens):
         raise ValueError(f"blend span [{job.start}, {job.end}) outside a prompt of {len(job.tokens)} tokens")
+    if job.tail_at is not None and job.tail_at < job.end:
+        raise ValueError(f"tail_at={job.tail_at}: the question cannot start inside the span [{job.start}, {job.end})")
     if job.slots.numel() != job.end - job.start:
         raise ValueError(f"{job.slots.numel()} slots for a span of {job.end - job.start} tokens")
     if job.policy not in POLICIES:

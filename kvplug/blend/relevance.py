@@ -6,7 +6,7 @@ on the span tokens, averaged over layers, heads and question tokens, say which t
 will read (ProphetKV's first stage). It costs the question's length times the span's, a small
 fraction of recomputing even a few span tokens.
 
-    question_pass(model, tail, kv, end, start, clusters=None, top=8) -> fp32 [end - start]
+    question_pass(model, tail, kv, end, start, clusters=None, top=8, at=None) -> fp32 [end - start]
         relevance of each span token; with clusters (kvplug/blend/clusters.py) the question attends
         to the cached chunks' key clusters and expands only its `top` clusters to tokens
     question_attention(q, k_span, v_span, k_own, v_own, scale) -> (out, weights)
@@ -42,12 +42,14 @@ def question_attention(q: torch.Tensor, k_span: torch.Tensor, v_span: torch.Tens
 
 @torch.inference_mode()
 def question_pass(m, tail: list[int], kv: torch.Tensor, end: int, start: int, clusters=None,
-                  top: int = 8) -> torch.Tensor:
-    """The question at positions end.. through every layer of adapter `m` over kv [L, 2, end, KV, D]
-    (keys at their prompt positions); returns its mean attention on positions [start, end)."""
+                  top: int = 8, at: int | None = None) -> torch.Tensor:
+    """The question at positions at.. (default end..) through every layer of adapter `m` over kv
+    [L, 2, end, KV, D] (keys at their prompt positions); returns its mean attention on positions
+    [start, end)."""
     from kvplug.blend.clusters import clustered_attention
 
-    pos = torch.arange(end, end + len(tail), device=m.device)
+    at = end if at is None else at
+    pos = torch.arange(at, at + len(tail), device=m.device)
     hidden = m.embed(torch.tensor(tail, dtype=torch.long, device=m.device))
     residual = None
     total = torch.zeros(end, dtype=torch.float32, device=m.device)

@@ -43,7 +43,8 @@ class BlendPlan:
     ratio: float
     policy: str
     block_ids: list[int] = field(default_factory=list)  # the request's blocks, from position 0
-    tail: list[int] = field(default_factory=list)  # the prompt after the span (the question)
+    tail: list[int] = field(default_factory=list)  # the question (the prompt after the last chunk)
+    tail_at: int | None = None  # position of tail[0]; None: end (the question follows the span)
 
 
 @dataclass

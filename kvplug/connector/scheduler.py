@@ -274,8 +274,12 @@ class SchedulerHalf:
             else:
                 refs.append(ChunkRef(b, e, key))
         tokens = request.prompt_token_ids
+        # The relevance pass runs the question, not the chunks vLLM computes after a missed one:
+        # those would cost a forward pass of their own in the step.
+        q0 = chunks[-1][1] if chunks and chunks[-1][1] < len(tokens) else claim.end
+        q0 = max(q0, claim.end)
         self._meta.blends.append(BlendPlan(st.req_id, list(tokens[:claim.end]), claim.start, claim.end, refs,
-                                           st.blend.ratio, st.blend.policy, block_ids, list(tokens[claim.end:])))
+                                           st.blend.ratio, st.blend.policy, block_ids, list(tokens[q0:]), q0))
         self._count(blend_chunk_hits=len(loaded), blend_chunks_after_miss=claim.after_miss[0],
                     blend_tokens_after_miss=claim.after_miss[1])
 

@@ -181,7 +181,7 @@ class WorkerHalf:
             if job.chunk_failures:
                 raise RuntimeError(f"{job.chunk_failures} chunk(s) could not be loaded")
             r = self.blender.run(BlendJob(plan.tokens, plan.start, plan.end, [(c.begin, c.end, c.key) for c in plan.chunks],
-                                          slots, plan.ratio, plan.policy, block_table=blocks, tail=plan.tail,
+                                          slots, plan.ratio, plan.policy, block_table=blocks, tail=plan.tail, tail_at=plan.tail_at,
                                           chunk_kv=job.chunk_kv, prefix_slots=prefix_slots,
                                           chunk_clusters=job.chunk_clusters))
         except Exception as e:  # noqa: BLE001 - a failed blend is recomputed by vLLM, never a dead engine

@@ -299,8 +299,10 @@ def planted():
     return toy, tokens, chunks, end, marker, deviant
 
 
+@pytest.mark.parametrize("gap", [0, 30])
 @pytest.mark.parametrize("policy", ["query", "mixed"])
-def test_a_token_the_question_reads_outranks_a_deviating_token_it_ignores(policy):
+def test_a_token_the_question_reads_outranks_a_deviating_token_it_ignores(policy, gap):
+    """gap: the question comes that many tokens after the span (chunks vLLM computes after a miss)."""
     toy, tokens, chunks, end, marker, deviant = planted()
     store = DictStore()
     blender = Blender(toy, store, check_layer=0)
@@ -309,7 +311,56 @@ def test_a_token_the_question_reads_outranks_a_deviating_token_it_ignores(policy
     store.d[chunks[2][2]][:, :, deviant - b] += 5.0  # the cached KV of one token is far off
     one = 1 / end  # a budget of exactly one token
     assert blender.run(job(tokens, chunks, end, one, policy="fixed")).picked == [deviant]
-    assert blender.run(job(tokens, chunks, end, one, policy=policy)).picked == [marker]
+    j = job(tokens, chunks, end, one, policy=policy)
+    j.tail_at = end + gap
+    assert blender.run(j).picked == [marker]
+
+
+def question_pass_oracle(toy, tail, kv, end, start, at):
+    """The question at positions at.. through the toy, one query and head at a time: softmax over
+    the span's keys and its own keys up to itself; the weights on the span, averaged."""
+    T = len(tail)
+    pos = torch.arange(at, at + T)
+    hidden, residual, total = toy.embed(torch.tensor(tail)), None, torch.zeros(end)
+    for i in range(L):
+        def attend(q, k, v, i=i):
+            q, k, v = q.view(T, H, D), k.view(T, KV, D), v.view(T, KV, D)
+            keys, vals = torch.cat([kv[i, 0], k]), torch.cat([kv[i, 1], v])
+            out = torch.zeros(T, H, D)
+            for t in range(T):
+                for h in range(H):
+                    g = h // (H // KV)
+                    p = (keys[: end + t + 1, g] @ q[t, h] * toy.scale).softmax(0)
+                    total.add_(p[:end])
+                    out[t, h] = p @ vals[: end + t + 1, g]
+            return out.reshape(T, H * D)
+        hidden, residual = toy.forward_layer(i, pos, hidden, residual, attend)
+    return (total / (L * H * T))[start:end]
+
+
+def test_the_question_pass_runs_the_question_at_its_own_positions():
+    from kvplug.blend.relevance import question_pass
+
+    toy, g = Toy(seed=4), torch.Generator().manual_seed(6)
+    end, start, tail = 23, 5, [3, 17, 8, 41, 2]
+    kv = torch.randn(L, 2, end, KV, D, generator=g)
+    for at in (end, end + 40):
+        torch.testing.assert_close(question_pass(toy, tail, kv, end, start, at=at),
+                                   question_pass_oracle(toy, tail, kv, end, start, at), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(question_pass(toy, tail, kv, end, start, at=end + 40),
+                              question_pass(toy, tail, kv, end, start))  # the positions matter
+
+
+def test_a_long_question_is_cut_to_its_last_tokens_at_their_positions():
+    from kvplug.blend.blender import QUESTION_TOKENS, _question
+
+    tokens, chunks, end = prompt()
+    j = job(tokens, chunks, end, 0.5)
+    j.tail, j.tail_at = list(range(QUESTION_TOKENS + 40)), end + 7
+    tail, at = _question(j)
+    assert tail == j.tail[40:] and at == end + 7 + 40
+    j.tail, j.tail_at = [4, 5], None
+    assert _question(j) == ([4, 5], end)
 
 
 def test_question_attention_equals_a_plain_softmax_over_the_repeated_heads():

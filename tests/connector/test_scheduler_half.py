@@ -89,7 +89,8 @@ def test_cached_chunks_are_claimed_up_to_the_first_miss_and_blended_ones_never_s
     meta = s.build_meta(step_new(b, blocks, n, len(b.prompt_token_ids) - n))
     (plan,) = meta.blends
     assert (plan.start, plan.end) == (0, 62) and [c.tier for c in plan.chunks] == ["cpu", "cpu"]
-    assert plan.tail == b.prompt_token_ids[62:] and plan.block_ids == blocks
+    # the relevance pass runs the question (after d3), not d2 and d3 that vLLM computes
+    assert plan.tail_at == 146 and plan.tail == b.prompt_token_ids[146:] and plan.block_ids == blocks
     assert [(c.begin, c.end) for c in meta.chunk_saves] == [(62, 104)]  # d2 only: d3 is cached already
     stats = s.take_stats().data
     assert stats["blend_chunk_hits"] == 2 and stats["blend_chunk_misses"] == 1
