@@ -28,7 +28,7 @@ FIELDS = {
     "save_bytes": "bytes copied out of vLLM's KV cache into kvplug's tiers",
     "disk_write_bytes": "bytes written to disk files",
     "disk_read_bytes": "bytes read from disk files",
-    "load_seconds": "seconds spent loading KV before forward passes",
+    "load_seconds": "seconds spent loading KV before forward passes (the blends they feed count in blend_seconds)",
     "save_seconds": "seconds spent saving KV after forward passes",
     "load_errors": "blocks that could not be loaded (recomputed instead)",
     "disk_corrupt": "disk files found corrupt, truncated or foreign and removed (by the start-up scan or on a read)",

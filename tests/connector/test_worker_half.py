@@ -121,6 +121,27 @@ def test_a_chunk_is_saved_across_rows_and_to_disk_and_read_back_for_a_blend(tmp_
         torch.testing.assert_close(toy.written_kv(), w.blender.chunk_kv(stored))  # ratio 0, at position 0
 
 
+def test_load_seconds_leave_the_blend_to_blend_seconds(monkeypatch):
+    """A step with a block load and a blend: the blend's time (a blender held up 0.3 s) counts in
+    blend_seconds only, so the two counters add up instead of counting it twice."""
+    w = worker()
+    with_blender(w)
+    n = 8
+    w.save(KVPlugMetadata(saves=[BlockSave("r", b"k" * 32, 3, (5,), False, False, 0.0)]))
+    run = w.blender.run
+
+    def slow_run(job):
+        time.sleep(0.3)
+        return run(job)
+    monkeypatch.setattr(w.blender, "run", slow_run)
+    plan = BlendPlan("b", list(range(n)), 0, n, [ChunkRef(0, n, None)], 1.0, "fixed", [0, 1, 2, 3], [5, 6])
+    w.take_stats()
+    w.load(KVPlugMetadata(loads=[BlockLoad("r", b"k" * 32, 7, "cpu", (5,))], blends=[plan]))
+    stats = w.take_stats().data
+    assert stats["blend_requests"] == 1 and stats["blend_seconds"] >= 0.3
+    assert 0 < stats["load_seconds"] < 0.3
+
+
 def test_a_blend_whose_chunk_cannot_be_loaded_fails_its_blocks_not_the_engine(tmp_path):
     w = worker(tmp_path)
     with_blender(w)
