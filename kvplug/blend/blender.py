@@ -372,10 +372,9 @@ class Blender:
     def chunk_bytes(self, n: int) -> int:
         """Bytes of a stored chunk of n tokens: its KV, then its clusters when they are kept."""
         m = self.m
-        kv = n * 2 * m.num_layers * m.num_kv_heads * m.head_dim * m.dtype.itemsize
         side = kc.sidecar_bytes(m.num_layers, m.num_kv_heads, m.head_dim, n, self.cluster_tokens,
                                 m.dtype.itemsize) if self.cluster_tokens else 0
-        return kv + side
+        return self._kv_bytes(n) + side
 
     def chunk_kv(self, payload: torch.Tensor, n: int | None = None) -> torch.Tensor:
         """Stored chunk bytes (of n tokens; found from the size when None) viewed as [L, 2, n, KV, D];
@@ -384,7 +383,7 @@ class Blender:
         n = self._tokens_of(payload.numel()) if n is None else n
         if n <= 0 or self.chunk_bytes(n) != payload.numel():
             raise ValueError(f"{payload.numel()} bytes are not a stored chunk of {n} tokens")
-        kv = payload[: n * 2 * m.num_layers * m.num_kv_heads * m.head_dim * m.dtype.itemsize]
+        kv = payload[: self._kv_bytes(n)]
         return kv.view(m.dtype).view(m.num_layers, 2, n, m.num_kv_heads, m.head_dim)
 
     def chunk_clusters(self, payload: torch.Tensor, n: int):
@@ -392,12 +391,15 @@ class Blender:
         if not self.cluster_tokens:
             return None
         m = self.m
-        kv = n * 2 * m.num_layers * m.num_kv_heads * m.head_dim * m.dtype.itemsize
-        return kc.unpack(payload[kv:], m.num_layers, m.num_kv_heads, m.head_dim, n, self.cluster_tokens, m.dtype)
+        return kc.unpack(payload[self._kv_bytes(n):], m.num_layers, m.num_kv_heads, m.head_dim, n, self.cluster_tokens, m.dtype)
+
+    def _kv_bytes(self, n: int) -> int:
+        """Bytes of n tokens' K and V of every layer, in the model dtype."""
+        m = self.m
+        return n * 2 * m.num_layers * m.num_kv_heads * m.head_dim * m.dtype.itemsize
 
     def _tokens_of(self, nbytes: int) -> int:
-        m = self.m
-        n = nbytes // (2 * m.num_layers * m.num_kv_heads * m.head_dim * m.dtype.itemsize)
+        n = nbytes // self._kv_bytes(1)
         while n > 0 and self.chunk_bytes(n) > nbytes:  # the sidecar makes a token cost more
             n -= 1
         return n

@@ -165,24 +165,19 @@ class WorkerHalf:
         for key, block in failed:
             self._fail(job.req_id, key, block)
         if job.blend is not None:
+            start = time.perf_counter()
             self._blend(job)
+            self._blend_s += time.perf_counter() - start
 
     def _blend(self, job: LoadJob) -> None:
+        from kvplug.blend.blender import BlendJob
+
         plan, bs = job.blend, self.facts.block_size
         blocks = torch.tensor(plan.block_ids, dtype=torch.long)
         pos = torch.arange(plan.end)
         all_slots = blocks[pos // bs] * bs + pos % bs
         slots, prefix_slots = all_slots[plan.start:], all_slots[:plan.start]
         start = time.perf_counter()
-        try:
-            self._run_blend(job, plan, slots, prefix_slots, blocks, start)
-        finally:
-            self._blend_s += time.perf_counter() - start
-
-    def _run_blend(self, job: LoadJob, plan, slots, prefix_slots, blocks, start: float) -> None:
-        from kvplug.blend.blender import BlendJob
-
-        bs = self.facts.block_size
         try:
             if self.blender is None:
                 raise RuntimeError(f"blending is off on this worker: {self._blend_off or 'not enabled'}")
