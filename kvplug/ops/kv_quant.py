@@ -180,19 +180,92 @@ def dequantize_kv_ref(q: QuantKV, bits: int, group: int, dtype: torch.dtype) -> 
 
 
 # ---------------------------------------------------------------- the torch backend
+# quantize_kv_ref's math on one layer's K or V at a time, over group views instead of per-element
+# gathers, in place where it can: the CPU tiers run this on every stored unit. The same fp32
+# operations as the spec, so the same codes and values, with three shortcuts that change no
+# result: a zero scale becomes +inf (sends (x - zero) / scale to 0, the spec's "0 where scale == 0");
+# the clamp is dropped (zero <= x and scale >= (max - zero) / Q keep (x - zero) / scale + 0.5 in
+# [0, Q + 1)); floor is the integer conversion's truncation (the operand is >= 0).
+def _groups(n: int, group: int) -> list[tuple[int, int]]:
+    """(start, length) runs of whole groups, then the partial last group."""
+    full = n // group * group
+    return [(a, b) for a, b in ((0, full), (full, n - full)) if b > 0]
+
+
+def _encode_into(x: torch.Tensor, dim: int, bits: int, meta: torch.Tensor) -> torch.Tensor:
+    """x fp32 split as [..., n, G, ...] with the G axis at `dim`: meta [..., n, ..., 2] gets the
+    groups' (scale, zero); returns the codes, uint8, in x's shape."""
+    scale, zero = _scale_zero(x.amin(dim), x.amax(dim), bits)
+    meta.copy_(torch.stack([scale, zero], -1))
+    s = scale.float()
+    s[s == 0] = float("inf")
+    return x.sub_(zero.float().unsqueeze(dim)).div_(s.unsqueeze(dim)).add_(0.5).to(torch.int16).to(torch.uint8)
+
+
+def _store_codes(q: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    """uint8 codes [..., D] -> packed bytes into out [..., C]."""
+    if bits == 8:
+        out.copy_(q)
+        return
+    if q.shape[-1] % 2:
+        q = torch.nn.functional.pad(q, (0, 1))
+    torch.bitwise_or(q[..., 0::2], q[..., 1::2] << 4, out=out)
+
+
+_TILE_ELEMS = 1 << 18  # fp32 temporaries of a tile stay in a core's L2: the passes are not DRAM-bound
+
+
+def _tiles(T: int, row: int, group: int, keys: bool) -> list[tuple[int, int]]:
+    """(start, length) token ranges of about _TILE_ELEMS elements; key tiles hold whole groups
+    except the last (the partial group, alone)."""
+    step = max(1, _TILE_ELEMS // max(row, 1))
+    if keys:
+        step = max(1, step // group) * group
+        full = T // group * group
+        return [(a, min(step, full - a)) for a in range(0, full, step)] + ([(full, T - full)] if T > full else [])
+    return [(a, min(step, T - a)) for a in range(0, T, step)]
+
+
 def _quantize_torch(kv: torch.Tensor, bits: int, group: int, out: QuantKV) -> None:
-    """quantize_kv_ref's math per layer (one layer's temporaries at a time: a long prompt's KV is
-    hundreds of MB in fp32), written into `out`."""
-    for layer in range(kv.shape[0]):
-        q = quantize_kv_ref(kv[layer:layer + 1], bits, group)
-        for dst, src in zip(out, q):
-            dst[layer:layer + 1].copy_(src)
+    L, _, T, KV, D = kv.shape
+    for layer in range(L):
+        for start, n in _tiles(T, KV * D, group, keys=True):
+            g, g0 = min(n, group), start // group
+            part = kv[layer, 0, start:start + n].to(torch.float32, copy=True).view(n // g, g, KV, D)
+            q = _encode_into(part, 1, bits, out.k_meta[layer, g0:g0 + n // g])
+            _store_codes(q.view(n, KV, D), bits, out.codes[layer, 0, start:start + n])
+        for start, n in _tiles(T, KV * D, group, keys=False):
+            x = kv[layer, 1, start:start + n].to(torch.float32, copy=True)  # encoded in place
+            q = torch.empty((n, KV, D), dtype=torch.uint8)
+            for d0, m in _groups(D, group):
+                g = min(m, group)
+                part = x[..., d0:d0 + m].reshape(n, KV, m // g, g)
+                meta = out.v_meta[layer, start:start + n, :, d0 // group:d0 // group + m // g]
+                q[..., d0:d0 + m] = _encode_into(part, 3, bits, meta).view(n, KV, m)
+            _store_codes(q, bits, out.codes[layer, 1, start:start + n])
+
+
+def _decode_into(codes: torch.Tensor, meta: torch.Tensor, dim: int, out: torch.Tensor) -> None:
+    """codes fp32 split at `dim` as in _encode_into; out gets code * scale + zero."""
+    m = meta.float().unsqueeze(dim)
+    out.copy_(codes.mul_(m[..., 0]).add_(m[..., 1]))
 
 
 def _dequantize_torch(q: QuantKV, bits: int, group: int, out: torch.Tensor) -> None:
-    for layer in range(out.shape[0]):
-        part = QuantKV(q.codes[layer:layer + 1], q.k_meta[layer:layer + 1], q.v_meta[layer:layer + 1])
-        out[layer:layer + 1].copy_(dequantize_kv_ref(part, bits, group, out.dtype))
+    L, _, T, KV, D = out.shape
+    for layer in range(L):
+        for start, n in _tiles(T, KV * D, group, keys=True):
+            g, g0 = min(n, group), start // group
+            k = _unpack(q.codes[layer, 0, start:start + n], bits, D).float()
+            _decode_into(k.view(n // g, g, KV, D), q.k_meta[layer, g0:g0 + n // g], 1,
+                         out[layer, 0, start:start + n].unflatten(0, (n // g, g)))
+        for start, n in _tiles(T, KV * D, group, keys=False):
+            v = _unpack(q.codes[layer, 1, start:start + n], bits, D).float()
+            for d0, m in _groups(D, group):
+                g = min(m, group)
+                _decode_into(v[..., d0:d0 + m].reshape(n, KV, m // g, g),
+                             q.v_meta[layer, start:start + n, :, d0 // group:d0 // group + m // g], 3,
+                             out[layer, 1, start:start + n, :, d0:d0 + m].unflatten(-1, (m // g, g)))
 
 
 # ---------------------------------------------------------------- dispatchers

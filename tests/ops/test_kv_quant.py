@@ -132,8 +132,10 @@ def test_quantize_matches_reference(backend, bits, dtype, L, T, KV, D, group):
     device = device_for(backend)
     kv = make_kv(L, T, KV, D, dtype, seed=T * 3 + D)
     want = quantize_kv_ref(kv, bits, group)
+    before = kv.clone()
     got = quantize_kv(kv.to(device), bits, group, backend=backend)
     assert_same_quant(got, want, bits, D)
+    assert torch.equal(kv, before)  # the input is read, never written (fp32: no conversion copy)
 
 
 @pytest.mark.parametrize("backend", backends("dequantize_kv"))
