@@ -11,8 +11,9 @@ Spec, in fp32, for the elements x of one group, with Q = 2**bits - 1:
     x'    = code * scale + zero (fp32 product, then sum), rounded to the model dtype
 Rounding zero down and scale up keeps [zero, zero + Q * scale] over the group's range, so the
 round trip is off by at most scale / 2 plus the model dtype's rounding of x': about range / 510
-for int8 and range / 30 for int4. Values past fp16's range (|x| > 65504) give an infinite scale or
-zero: callers check the meta (kvplug/tiers/codec.py then does not store the unit).
+for int8 and range / 30 for int4. A group whose minimum is below -65504, or whose range over Q is
+above 65504, has no finite fp16 zero or scale: callers check the meta (kvplug/tiers/codec.py then
+does not store the unit).
 
 Encoding (all contiguous):
     codes   uint8 [L, 2, T, KV, C], C = ceil(D * bits / 8): int8 one code per byte; int4 two per byte,

@@ -8,8 +8,10 @@ DiskStores (engines, ranks) may share a root: they coordinate only through those
 unit_path(root, key, rank) -> Path          where a unit's file lives (the scheduler tests .exists())
 scan_units(root, layout=None) -> iterator   UnitInfo of every good unit, by headers only (index rebuild)
 
-DiskStore(root, layout, rank=0, on_error=logger, fsync=False, ...) methods (registered as tier "disk",
-see kvplug/tiers/tier.py; `layout` is the default layout tag, a call may name another):
+DiskStore(root, layout, rank=0, on_error=logger, fsync=False, codec=None, ...) methods (registered as tier
+"disk", see kvplug/tiers/tier.py; `layout` is the default layout tag, a call may name another; `codec`, a
+kvplug.tiers.codec.UnitCodec, compresses units in the writer thread and restores them on read: callers
+see the same payloads either way):
     put(key, payload, layout=None)   enqueue an asynchronous write of a contiguous CPU uint8 tensor
     delete(key)          enqueue a delete, ordered after earlier puts of the same store
     get(key, layout=None)  the payload tensor, or None on a miss; corrupt files are removed, never raised
@@ -64,7 +66,7 @@ class DiskStats(Counters):
     """Counters of one DiskStore. Only add() and take() touch them, under the lock (two threads write).
 
     puts: put() calls; bytes_written: bytes of files written; write_errors: failed writes/deletes;
-    dropped: puts not written (write back-off or max_pending_bytes); gets/hits: get() calls and hits
+    dropped: puts not written (write back-off, max_pending_bytes, or a unit the codec cannot encode); gets/hits: get() calls and hits
     (in-flight hits included); bytes_read: file bytes read; corrupt: bad files found and removed;
     deletes: delete ops carried out.
     """
@@ -101,7 +103,7 @@ class DiskStore:
     """Worker-side disk tier of one rank; see the module docstring for the methods."""
 
     def __init__(self, root, layout: str, rank: int = 0, on_error: logging.Logger = logger, *,
-                 fsync: bool = False, backoff_s: float = 30.0, max_pending_bytes: int = 1 << 30):
+                 fsync: bool = False, backoff_s: float = 30.0, max_pending_bytes: int = 1 << 30, codec=None):
         if not isinstance(layout, str) or not layout:
             raise ValueError(f"layout must be a non-empty str, got {layout!r}")
         unit_path(Path("."), bytes(KEY_BYTES), rank)  # validates rank
@@ -111,6 +113,7 @@ class DiskStore:
         self.root = _prepare_root(Path(root))
         self.layout, self.rank, self.fsync = layout, rank, fsync
         self.backoff_s = backoff_s
+        self.codec = codec
         self.stats = DiskStats()
         self._log = on_error
         self._backoff_until = 0.0  # monotonic time before which writes are skipped
@@ -208,10 +211,12 @@ class DiskStore:
             try:
                 st = os.fstat(f.fileno())
                 header = read_header(f)
-                _check_unit(header, key, layout, st.st_size)
+                _check_unit(header, key, self.codec.stored_layout(layout) if self.codec else layout, st.st_size)
                 out = torch.empty(header.nbytes, dtype=torch.uint8)
                 _readinto_exact(f, out.numpy())
                 verify(header, out.numpy())
+                if self.codec is not None:
+                    out = self.codec.decode(out, layout)
             except CorruptUnit as e:
                 self.stats.add(corrupt=1)
                 logger.debug("kvplug disk tier: removing corrupt unit %s: %s", path, e.reason)
@@ -244,6 +249,12 @@ class DiskStore:
         self.stats.add(bytes_written=n)
 
     def _write_unit(self, key: bytes, tensor: torch.Tensor, layout: str) -> int:
+        if self.codec is not None:
+            encoded = self.codec.encode(tensor, layout)
+            if encoded is None:
+                self.stats.add(dropped=1)
+                return 0
+            tensor, layout = encoded, self.codec.stored_layout(layout)
         path = unit_path(self.root, key, self.rank)
         data = tensor.reshape(-1).numpy()  # zero-copy view of the caller's contiguous tensor
         head = encode_header(key, layout, data.nbytes, checksum(data))

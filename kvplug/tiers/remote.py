@@ -23,8 +23,9 @@ make_client(url, timeout_s, cluster=False)     redis.Redis or RedisCluster with 
 encode_value(key, layout, payload) -> bytearray    the stored value (disk-tier file bytes) of a unit
 decode_value(value, key, layout) -> Tensor         its payload, or CorruptUnit
 
-RemoteStore(url, layout, rank=0, namespace="kvplug", ttl_s=0, timeout_s=0.05, ...) (worker side; tier
-"remote" of kvplug/tiers/tier.py; `layout` is the default layout tag, a call may name another):
+RemoteStore(url, layout, rank=0, namespace="kvplug", ttl_s=0, timeout_s=0.05, codec=None, ...) (worker side;
+tier "remote" of kvplug/tiers/tier.py; `layout` is the default layout tag, a call may name another; `codec`,
+a kvplug.tiers.codec.UnitCodec, compresses values in the writer thread and restores them on read):
     put(key, payload, ttl_s=None, layout=None)  queue a SET of a contiguous CPU uint8 tensor; returns at once
     get(key, layout=None)  the payload tensor or None; bad values are deleted, errors are misses, never raised
     get_many(keys, layout=None)  list of tensors/None in one round trip (one pipeline of GETs)
@@ -185,7 +186,7 @@ class RemoteStats(Counters):
     """Counters of one RemoteStore; only add() and take() touch them, under the lock.
 
     puts: put() calls; bytes_written: value bytes SET; write_errors: failed SETs/DELs; dropped: puts not
-    sent (breaker open, queue full); gets/hits: units asked for and found; bytes_read: value bytes of
+    sent (breaker open, queue full, a unit the codec cannot encode); gets/hits: units asked for and found; bytes_read: value bytes of
     hits; corrupt: bad or foreign values found (deleted); timeouts: reads that failed on the network
     (each unit of a failed batch counts); skipped: units not asked for while the breaker was open;
     deletes: DELs carried out.
@@ -248,7 +249,7 @@ class RemoteStore:
     def __init__(self, url: str, layout: str, rank: int = 0, namespace: str = "kvplug",
                  ttl_s: float = 0, timeout_s: float = 0.05, *, cluster: bool = False,
                  write_timeout_s: float = 5.0, backoff_s: float = 5.0,
-                 max_pending_bytes: int = 256 << 20):
+                 max_pending_bytes: int = 256 << 20, codec=None):
         if not isinstance(layout, str) or not layout:
             raise ValueError(f"layout must be a non-empty str, got {layout!r}")
         if not isinstance(namespace, str) or not namespace:
@@ -261,6 +262,7 @@ class RemoteStore:
         _check_seconds("backoff_s", backoff_s, positive=False)
         self.layout, self.rank, self.namespace = layout, rank, namespace
         self.ttl_s = ttl_s
+        self.codec = codec
         self._ttl_ms = max(1, round(ttl_s * 1000)) if ttl_s > 0 else None
         self._reader = _Remote(url, timeout_s, cluster)
         self._writer = _Remote(url, write_timeout_s, cluster)
@@ -411,7 +413,10 @@ class RemoteStore:
         try:
             if isinstance(value, Exception):
                 raise CorruptUnit(f"the key holds another type ({value})")
-            out = decode_value(value, key, layout)
+            if self.codec is None:
+                out = decode_value(value, key, layout)
+            else:
+                out = self.codec.decode(decode_value(value, key, self.codec.stored_layout(layout)), layout)
         except CorruptUnit as e:
             self.stats.add(corrupt=1)
             logger.debug("kvplug remote tier: deleting bad value at %s: %s", self._rkey(key), e.reason)
@@ -438,6 +443,11 @@ class RemoteStore:
         try:
             client = self._writer.client()
             if kind == PUT:
+                if self.codec is not None:
+                    tensor, layout = self.codec.encode(tensor, layout), self.codec.stored_layout(layout)
+                    if tensor is None:
+                        self.stats.add(dropped=1)
+                        return
                 value = encode_value(key, layout, tensor)
                 # A memoryview: redis-py before 8 accepts bytes and memoryview but not bytearray.
                 client.set(self._rkey(key), memoryview(value), px=ttl_ms)

@@ -183,7 +183,7 @@ def test_constant_groups_round_trip_exactly(backend, bits):
 
 
 @pytest.mark.parametrize("backend", backends("quantize_kv"))
-def test_values_past_fp16_range_give_a_non_finite_meta(backend):
+def test_a_group_minimum_past_fp16_range_gives_a_non_finite_meta(backend):
     device = device_for(backend)
     kv = make_kv(1, 8, 1, 8, torch.float32, seed=3)
     kv[0, 1, 2, 0, 5] = -1e6
