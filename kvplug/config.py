@@ -24,6 +24,7 @@ from kvplug.tiers.policies import POLICIES as _EVICTION
 EVICTION_POLICIES = tuple(sorted(_EVICTION))
 RECOMPUTE_POLICIES = tuple(_RECOMPUTE)
 DISK_WRITE_MODES = ("through", "on_evict")
+KV_CODECS = ("none", "int8", "int4")  # kvplug/tiers/codec.py CODECS (config stays free of torch)
 # Keys of earlier kvplug versions that now fail start-up with a message saying what replaced them.
 REMOVED_KEYS = {
     "blend_cpu_bytes": "chunk KV now shares cpu_bytes with prefix blocks (one budget, one eviction policy); "
@@ -48,6 +49,9 @@ class TierConfig:
     and restarts see it at once. `on_evict`: written only when the CPU tier evicts it."""
     disk_fsync: bool = False
     """fsync each disk file before it becomes visible (survives power loss, costs throughput)."""
+    disk_codec: str = "none"
+    """KV compression of units in the disk tier: none, int8 or int4 (KIVI-style group quantization,
+    kvplug/tiers/codec.py); disk_bytes then holds about 1.9x (int8) or 3.2x (int4) the KV."""
     remote_url: str | None = None
     """Redis-protocol store shared across machines (redis://, rediss://, unix://, redis+cluster://;
     Valkey works too). None disables the remote tier. Every saved block is written to it."""
@@ -55,6 +59,8 @@ class TierConfig:
     """Prefix of every key kvplug writes in the remote store."""
     remote_ttl_s: float = 0.0
     """Expiry of remote entries in seconds (0 = none; the store's own eviction still applies)."""
+    remote_codec: str = "none"
+    """KV compression of units in the remote store: none, int8 or int4 (as disk_codec)."""
     remote_timeout_ms: float = 50.0
     """A remote lookup or read slower than this is a miss; after a failure the store is left
     alone for a few seconds (lookups miss at once) and then reconnected."""
@@ -226,6 +232,9 @@ def _validate_tiers(t: TierConfig) -> None:
         )
     if t.disk_write not in DISK_WRITE_MODES:
         raise ValueError(f"disk_write={t.disk_write!r}: allowed values are {', '.join(DISK_WRITE_MODES)}")
+    for key in ("disk_codec", "remote_codec"):
+        if getattr(t, key) not in KV_CODECS:
+            raise ValueError(f"{key}={getattr(t, key)!r}: allowed values are {', '.join(KV_CODECS)}")
     if t.disk_path is not None:
         if not t.disk_path:
             raise ValueError("disk_path='': give a directory, or leave the key out to disable the disk tier")

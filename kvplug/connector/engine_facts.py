@@ -4,6 +4,8 @@ Both halves compute these the same way, so the scheduler's slot numbers and the 
 host pool agree without talking to each other.
 
     EngineFacts.from_vllm(vllm_config, kv_cache_config, cfg)   validated facts, or ValueError
+    facts.chunk_bytes(tokens)              a stored chunk's payload bytes
+    facts.stored_bytes(nbytes, codec)      a unit's payload bytes as a tier stores it under a KV codec
 """
 from __future__ import annotations
 
@@ -44,6 +46,28 @@ class EngineFacts:
 
         return tokens * self.chunk_token_bytes + sidecar_bytes(self.num_layers, self.kv_heads, self.head_dim, tokens,
                                                                self.cluster_tokens, self.itemsize)
+
+    def stored_bytes(self, nbytes: int, codec: str) -> int:
+        """Payload bytes of a unit of `nbytes` as a tier stores it under `codec` (kvplug/tiers/codec.py,
+        exactly what its encoder writes): a prefix block (nbytes == unit_bytes) holds block_size tokens,
+        a chunk as many as its size says. A size that is neither, or a block whose engine bytes are not
+        just its K and V, is charged as it is (the worker cannot encode it and does not store it)."""
+        from kvplug.tiers.codec import make_codec
+
+        c = make_codec(codec)
+        if c is None or not (self.chunk_token_bytes and self.kv_heads and self.head_dim):
+            return nbytes
+        tokens = self.block_size if nbytes == self.unit_bytes else self._chunk_tokens(nbytes)
+        tail = nbytes - tokens * self.chunk_token_bytes
+        if tokens <= 0 or tail < 0 or (nbytes == self.unit_bytes and tail):
+            return nbytes
+        return c.encoded_nbytes(self.num_layers, tokens, self.kv_heads, self.head_dim, tail)
+
+    def _chunk_tokens(self, nbytes: int) -> int:
+        tokens = nbytes // self.chunk_token_bytes
+        while tokens > 0 and self.chunk_bytes(tokens) > nbytes:  # the cluster sidecar grows with the tokens
+            tokens -= 1
+        return tokens if tokens > 0 and self.chunk_bytes(tokens) == nbytes else 0
 
     @classmethod
     def from_vllm(cls, vllm_config, kv_cache_config, cfg: KVPlugConfig) -> "EngineFacts":

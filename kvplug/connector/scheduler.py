@@ -90,7 +90,7 @@ class SchedulerHalf:
         self.manager = TierManager(
             unit_bytes=facts.unit_bytes,
             cpu_bytes=tiers.cpu_bytes,
-            disk_unit_bytes=(facts.unit_bytes + DISK_HEADER_ALLOWANCE) * facts.tp_size,
+            disk_size=lambda n: (facts.stored_bytes(n, tiers.disk_codec) + DISK_HEADER_ALLOWANCE) * facts.tp_size,
             disk_bytes=tiers.disk_bytes if self._disk_root else 0,
             policy=tiers.eviction_policy,
             disk_write=tiers.disk_write,

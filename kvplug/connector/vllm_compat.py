@@ -15,6 +15,7 @@ blending off with one warning naming the vLLM version instead of failing every r
     is_cpu_backend(attn) / cpu_paged_metadata(attn, ...) / cpu_paged_attention(attn, ...)
     rope_frequencies(rotary_emb)        (inv_freq fp32, "neox"|"gptj"), or ValueError
     layer_tag(vllm_config)              attention implementation and ISA (block interiors differ)
+    attention_layer(name)               the Attention module registered under a layer name, or None
     PagedKVReader(attn, cache)          per-token K/V read back from a paged cache of any layout
     self_test(adapter)                  None when the internals behave as expected, else why not
 """
@@ -84,6 +85,15 @@ def layer_tag(vllm_config) -> str:
     layer = next(iter(ctx.values()), None)
     impl = type(getattr(layer, "impl", None)).__name__
     return f"{impl}:{getattr(layer, 'isa', '')}"
+
+
+def attention_layer(layer_name: str):
+    """The Attention module vLLM registered as layer_name (the current config's static forward
+    context: set while the worker initialises its KV cache), or None outside vLLM."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    config = get_current_vllm_config_or_none()
+    return None if config is None else config.compilation_config.static_forward_context.get(layer_name)
 
 
 # ---- attention ------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from kvplug.config import KVPlugConfig
-from kvplug.connector import vllm_compat
+from kvplug.connector import kv_views, vllm_compat
 from kvplug.connector.engine_facts import EngineFacts
 from kvplug.connector.loads import AsyncLoader, LoadJob
 from kvplug.connector.metadata import KVPlugMetadata, KVPlugWorkerMeta
@@ -82,13 +82,16 @@ class WorkerHalf:
         self.rows = self.blocks.rows
         logger.info("kvplug: KV path %s: %s; %s", self.io_kind, _PATHS[self.io_kind], why)
         t = self.cfg.tiers
+        disk_codec, remote_codec, self.kv_views = kv_views.tier_codecs(t, self.io_kind, io, raw, self.facts,
+                                                                       self.layout)
         if t.disk_path:
-            self.disk = DiskStore(Path(t.disk_path), self.layout, rank=self.tp_rank, fsync=t.disk_fsync)
+            self.disk = DiskStore(Path(t.disk_path), self.layout, rank=self.tp_rank, fsync=t.disk_fsync,
+                                  codec=disk_codec)
         if t.remote_url:
             from kvplug.tiers.remote import RemoteStore, redact  # redis is only needed when configured
 
             self.remote = RemoteStore(t.remote_url, self.layout, rank=self.tp_rank, namespace=t.remote_namespace,
-                                      ttl_s=t.remote_ttl_s, timeout_s=t.remote_timeout_ms / 1000)
+                                      ttl_s=t.remote_ttl_s, timeout_s=t.remote_timeout_ms / 1000, codec=remote_codec)
         self._loader = AsyncLoader({"disk": self.disk, "remote": self.remote})
         if self.cfg.blend.enabled:
             self._make_blender(kv_caches)
@@ -119,6 +122,7 @@ class WorkerHalf:
         self.chunk_layout = (f"{CHUNK_PREFIX}{str(adapter.dtype).removeprefix('torch.')}|L{adapter.num_layers}"
                              f"KV{adapter.num_kv_heads}D{adapter.head_dim}|keys-at-0|c{b.blend_cluster_tokens}")
         self._loader.chunk_layout = self.chunk_layout
+        kv_views.add_chunk_view(self.kv_views, self.chunk_layout, self.blender)
 
     # ---- before the forward pass --------------------------------------------------------
     def load(self, meta: KVPlugMetadata) -> None:

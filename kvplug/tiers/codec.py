@@ -29,6 +29,7 @@ Every field is checked against the view on decode; the tiers' CRC-32 has checked
 """
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
@@ -58,8 +59,7 @@ class Codec:
     def parts(self, L: int, T: int, KV: int, D: int) -> tuple[int, int, int]:
         """Bytes of k_meta, v_meta and codes."""
         c, k, v = quant_shapes(L, T, KV, D, self.bits, self.group)
-        size = lambda shape, item: item * int(torch.Size(shape).numel())  # noqa: E731
-        return size(k, 2), size(v, 2), size(c, 1)
+        return 2 * math.prod(k), 2 * math.prod(v), math.prod(c)
 
     def encoded_nbytes(self, L: int, T: int, KV: int, D: int, tail_nbytes: int = 0) -> int:
         return _HEADER.size + sum(self.parts(L, T, KV, D)) + tail_nbytes

@@ -18,6 +18,7 @@ Methods (`nbytes`: per key, the unit's payload bytes; omitted for prefix blocks)
     lookup_each(keys)              the tier of every key, or None (chunks: each looked up on its own)
     plan_loads(keys, tiers, costs, ns, nbytes, promote)  Loads for keys lookup() found; counts hits, may promote
     plan_saves(keys, costs, ns, to_remote, nbytes)  Saves for new units (cached keys are skipped); may evict
+    (disk_size(nbytes), when given, is what a unit of nbytes payload bytes costs on disk: header, ranks, codec)
     end_step()                     the demotions and deletions planned this step; unpins
     forget(key)                    drop every copy of a unit the worker could not read
     restore_disk_index(keys, sizes)  account units found on disk at start-up
@@ -115,6 +116,7 @@ class TierManager:
         unit_bytes: int,
         cpu_bytes: int,
         disk_unit_bytes: int | None = None,
+        disk_size: Callable[[int], int] | None = None,
         disk_bytes: int = 0,
         policy: str = "lru",
         disk_write: str = "through",
@@ -128,10 +130,12 @@ class TierManager:
         quotas = quotas or {}
         self.unit_bytes = unit_bytes
         self.num_slots = cpu_bytes // unit_bytes
-        # On disk a unit also has a header (and one file per tensor-parallel rank): the caller
-        # says what a prefix block costs there, and a chunk costs its payload plus the same overhead.
-        disk_unit = disk_unit_bytes or unit_bytes
-        self._disk_overhead = disk_unit - unit_bytes
+        # On disk a unit also has a header (and one file per tensor-parallel rank), and a KV codec may
+        # shrink its payload: disk_size(payload bytes) says what a unit costs there. Without it, the
+        # caller says what a prefix block costs (disk_unit_bytes), and a chunk costs its payload plus
+        # the same overhead.
+        disk_unit = disk_size(unit_bytes) if disk_size else (disk_unit_bytes or unit_bytes)
+        self._disk_size_of = disk_size or (lambda n, extra=disk_unit - unit_bytes: n + extra)
         self.disk_enabled = disk_probe is not None and disk_bytes >= disk_unit
         self.write_through = disk_write == "through"
         self._probe, self._remote_probe = disk_probe, remote_probe
@@ -290,7 +294,7 @@ class TierManager:
 
     def _disk_size(self, nbytes: int) -> int | None:
         """Bytes a unit of this payload takes on disk (None: a prefix block, the default)."""
-        return None if nbytes == self.unit_bytes else nbytes + self._disk_overhead
+        return None if nbytes == self.unit_bytes else self._disk_size_of(nbytes)
 
     def _allocate_slots(self, key: bytes, ns: str, cost: float, nbytes: int) -> tuple[int, ...]:
         """CPU rows for `key` (now indexed there), or () if the CPU tier cannot take it."""

@@ -26,6 +26,9 @@ def test_defaults_and_json_numbers(tmp_path):
         ({"cpu_bytes": True}, "cpu_bytes"),
         ({"disk_write": "sometimes"}, "disk_write='sometimes': allowed values are through, on_evict"),
         ({"disk_fsync": "yes"}, "disk_fsync='yes': allowed values are true, false"),
+        ({"disk_codec": "int2"}, "disk_codec='int2': allowed values are none, int8, int4"),
+        ({"remote_codec": 8}, "remote_codec=8: must be a string"),
+        ({"cpu_codec": "int8"}, "unknown key.*'cpu_codec'"),
         ({"disk_path": ""}, "disk_path"),
         ({"cpu_bytes": 0}, "at least one tier"),
         ({"remote_namespace": ""}, "remote_namespace"),
@@ -87,6 +90,17 @@ def test_disk_path_that_is_a_regular_file_fails_start_up_naming_the_key_and_leav
                                                        "give a directory")):
             KVPlugConfig.from_dict({"disk_path": str(path)})
     assert f.read_bytes() == b"someone's data" and link.is_symlink()
+
+
+def test_codec_keys_default_to_none_and_name_the_tiers_codecs():
+    from kvplug.config import KV_CODECS
+    from kvplug.tiers.codec import CODECS
+
+    assert KV_CODECS == CODECS
+    t = KVPlugConfig.from_dict({}).tiers
+    assert (t.disk_codec, t.remote_codec) == ("none", "none")
+    t = KVPlugConfig.from_dict({"disk_codec": "int8", "remote_codec": "int4"}).tiers
+    assert (t.disk_codec, t.remote_codec) == ("int8", "int4")
 
 
 def test_every_key_is_documented_in_the_readme():

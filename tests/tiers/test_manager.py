@@ -263,6 +263,20 @@ def test_disk_accounting_uses_the_size_a_unit_has_on_disk():
     assert m.disk_used == 2 * (U + 50) <= 3 * U  # a third unit would not fit with its header
 
 
+def test_a_codec_disk_size_charges_blocks_and_chunks_at_their_encoded_bytes():
+    """disk_size (a KV codec halving payloads, plus a 10-byte header): twice the units fit the cap,
+    which holds; a chunk is charged by its own encoded size."""
+    disk = FakeDisk()
+    m = TierManager(unit_bytes=U, cpu_bytes=0, disk_size=lambda n: n // 2 + 10, disk_bytes=3 * U, disk_probe=disk.probe,
+                    policy="fifo")
+    for i in range(8):
+        disk.apply(m, plan_saves(m, [k(i)]), m.end_step())
+    assert m.disk_used == 5 * (U // 2 + 10) <= 3 * U and len(disk) == 5
+    (c,) = m.plan_saves([k(20)], [1.0], nbytes=[3 * U])
+    assert c.to_disk and m.disk_used <= 3 * U and m.used_by("")[1] == m.disk_used
+    assert 3 * U // 2 + 10 <= m.disk_used
+
+
 # ---- chunk units: variable sizes in the same tiers -------------------------------------------
 def test_a_chunk_takes_as_many_rows_as_its_bytes_need_and_shares_the_budget_with_blocks():
     m = TierManager(unit_bytes=U, cpu_bytes=4 * U, policy="lru")
