@@ -79,5 +79,7 @@ def tier_codecs(tiers, io_kind: str, io, raw_caches, facts, layout: str):
         if codec is not None and why_not:
             logger.warning("kvplug: %s=%s: prefix blocks cannot be encoded on this backend (%s); only chunks are "
                            "stored in that tier", key, codec.name, why_not)
-    disk, remote = (None if c is None else UnitCodec(c, views) for c in codecs.values())
+    on = [c for c in codecs.values() if c is not None]
+    shared = {c: UnitCodec(c, views, sharers=on.count(c)) for c in on}  # both tiers, one codec: encoded once
+    disk, remote = (None if c is None else shared[c] for c in codecs.values())
     return disk, remote, views

@@ -22,7 +22,8 @@ Every field is checked against the view on decode; the tiers' CRC-32 has checked
     Codec.tag / .encoded_nbytes(L, T, KV, D, tail_nbytes)
     TokensView(L, KV, D, dtype, tokens=None, tail_nbytes=None)   canonical KV (+ a tail) as the payload
     PermutedView(L, KV, D, dtype, tokens, k_index, v_index)      opaque blocks: element order of K and V
-    UnitCodec(codec, views)             the codec at a store's boundary:
+    UnitCodec(codec, views, sharers=1)  the codec at a store's boundary; with sharers=2 (disk and remote
+                                        stores), a payload put to both is encoded once:
         .stored_layout(layout)          the tag a stored unit carries
         .encode(payload, layout)        the stored bytes, or None (no view, a bad size, non-finite scales)
         .decode(data, layout)           the payload, or CorruptUnit
@@ -31,6 +32,9 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 
@@ -44,6 +48,7 @@ _PARAMS = {"int8": (8, 64), "int4": (4, 32)}  # bits, group (tokens for keys, ch
 _HEADER = struct.Struct("<4sBBHIIIIQ")
 _MAGIC = b"KVQ1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MEMO_BYTES = 256 << 20  # encoded units kept for the other store that will ask for the same payload
 
 
 @dataclass(frozen=True)
@@ -148,15 +153,34 @@ class PermutedView:
 
 class UnitCodec:
     """One codec at a store's boundary. `views` (layout tag -> KVView) may be shared and filled later
-    (the chunk view exists once the blender does); a layout without a view is not stored."""
+    (the chunk view exists once the blender does); a layout without a view is not stored. The writer
+    threads of `sharers` stores may call encode at once: with more than one, the one that comes second
+    for a payload (the same tensor object) gets the first one's bytes."""
 
-    def __init__(self, codec: Codec, views: MutableMapping[str, object]):
-        self.codec, self.views = codec, views
+    def __init__(self, codec: Codec, views: MutableMapping[str, object], sharers: int = 1):
+        self.codec, self.views, self.sharers = codec, views, sharers
+        self._lock = threading.Lock()  # one encode at a time: the second caller finds the memo
+        self._memo: OrderedDict[tuple[int, str], tuple] = OrderedDict()  # (id, layout) -> (ref, bytes or None)
 
     def stored_layout(self, layout: str) -> str:
         return f"{layout}|{self.codec.tag}"
 
     def encode(self, payload: torch.Tensor, layout: str) -> torch.Tensor | None:
+        if self.sharers < 2:
+            return self._encode(payload, layout)
+        key = (id(payload), layout)
+        with self._lock:
+            hit = self._memo.pop(key, None)
+            if hit is not None and hit[0]() is payload:
+                return hit[1]
+            out = self._encode(payload, layout)
+            self._memo[key] = (weakref.ref(payload), out)
+            while len(self._memo) > 1 and sum(0 if v[1] is None else v[1].numel() for v in self._memo.values()) \
+                    > _MEMO_BYTES:
+                self._memo.popitem(last=False)
+        return out
+
+    def _encode(self, payload: torch.Tensor, layout: str) -> torch.Tensor | None:
         view = self.views.get(layout)
         T = None if view is None else view.tokens(payload.numel())
         if T is None:

@@ -111,6 +111,16 @@ def test_units_the_codec_cannot_take_are_refused():
     assert codec.encode(kv.reshape(-1).view(torch.uint8), BLOCK) is None
 
 
+def test_a_codec_shared_by_two_stores_encodes_a_payload_once():
+    codec = UnitCodec(make_codec("int8"), views(), sharers=2)
+    payload = kv_tensor(BS).reshape(-1).view(torch.uint8)
+    first = codec.encode(payload, BLOCK)
+    assert codec.encode(payload, BLOCK) is first  # the second store's call
+    third = codec.encode(payload, BLOCK)  # a later put of the same tensor: encoded again
+    assert third is not first and torch.equal(third, first)
+    assert codec.encode(payload.clone(), BLOCK) is not third  # another tensor is another unit
+
+
 def test_a_permuted_view_must_cover_the_block_once():
     perm = torch.arange(2 * BS * KV * D)
     perm[5] = 6
