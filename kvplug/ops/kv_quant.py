@@ -213,37 +213,43 @@ def _store_codes(q: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     torch.bitwise_or(q[..., 0::2], q[..., 1::2] << 4, out=out)
 
 
-_TILE_ELEMS = 1 << 18  # fp32 temporaries of a tile stay in a core's L2: the passes are not DRAM-bound
+_TILE_ELEMS = 1 << 18  # fp32 temporaries of a tile stay in cache: the passes are not DRAM-bound
 
 
-def _tiles(T: int, row: int, group: int, keys: bool) -> list[tuple[int, int]]:
-    """(start, length) token ranges of about _TILE_ELEMS elements; key tiles hold whole groups
-    except the last (the partial group, alone)."""
+def _tiles(L: int, T: int, row: int, group: int, keys: bool) -> list[tuple[int, int, int, int]]:
+    """(l0, l1, t0, n): layers [l0, l1) x tokens [t0, t0 + n) of about _TILE_ELEMS elements (several
+    layers of a short unit, token ranges of a long one). Key tiles hold whole token groups, except a
+    tile of the partial last group alone."""
+    per_layer = T * row
+    if 0 < per_layer <= _TILE_ELEMS:
+        lc = _TILE_ELEMS // per_layer
+        runs = _groups(T, group) if keys else [(0, T)]
+        return [(l0, min(L, l0 + lc), t0, n) for l0 in range(0, L, lc) for t0, n in runs]
     step = max(1, _TILE_ELEMS // max(row, 1))
+    runs = [(a, min(step, T - a)) for a in range(0, T, step)]
     if keys:
         step = max(1, step // group) * group
         full = T // group * group
-        return [(a, min(step, full - a)) for a in range(0, full, step)] + ([(full, T - full)] if T > full else [])
-    return [(a, min(step, T - a)) for a in range(0, T, step)]
+        runs = [(a, min(step, full - a)) for a in range(0, full, step)] + ([(full, T - full)] if T > full else [])
+    return [(layer, layer + 1, t0, n) for layer in range(L) for t0, n in runs]
 
 
 def _quantize_torch(kv: torch.Tensor, bits: int, group: int, out: QuantKV) -> None:
     L, _, T, KV, D = kv.shape
-    for layer in range(L):
-        for start, n in _tiles(T, KV * D, group, keys=True):
-            g, g0 = min(n, group), start // group
-            part = kv[layer, 0, start:start + n].to(torch.float32, copy=True).view(n // g, g, KV, D)
-            q = _encode_into(part, 1, bits, out.k_meta[layer, g0:g0 + n // g])
-            _store_codes(q.view(n, KV, D), bits, out.codes[layer, 0, start:start + n])
-        for start, n in _tiles(T, KV * D, group, keys=False):
-            x = kv[layer, 1, start:start + n].to(torch.float32, copy=True)  # encoded in place
-            q = torch.empty((n, KV, D), dtype=torch.uint8)
-            for d0, m in _groups(D, group):
-                g = min(m, group)
-                part = x[..., d0:d0 + m].reshape(n, KV, m // g, g)
-                meta = out.v_meta[layer, start:start + n, :, d0 // group:d0 // group + m // g]
-                q[..., d0:d0 + m] = _encode_into(part, 3, bits, meta).view(n, KV, m)
-            _store_codes(q, bits, out.codes[layer, 1, start:start + n])
+    for l0, l1, t0, n in _tiles(L, T, KV * D, group, keys=True):
+        g, g0 = min(n, group), t0 // group
+        part = kv[l0:l1, 0, t0:t0 + n].to(torch.float32, copy=True).view(l1 - l0, n // g, g, KV, D)
+        q = _encode_into(part, 2, bits, out.k_meta[l0:l1, g0:g0 + n // g])
+        _store_codes(q.view(l1 - l0, n, KV, D), bits, out.codes[l0:l1, 0, t0:t0 + n])
+    for l0, l1, t0, n in _tiles(L, T, KV * D, group, keys=False):
+        x = kv[l0:l1, 1, t0:t0 + n].to(torch.float32, copy=True)  # encoded in place
+        q = torch.empty(x.shape, dtype=torch.uint8)
+        for d0, m in _groups(D, group):
+            g = min(m, group)
+            part = x[..., d0:d0 + m].reshape(l1 - l0, n, KV, m // g, g)
+            meta = out.v_meta[l0:l1, t0:t0 + n, :, d0 // group:d0 // group + m // g]
+            q[..., d0:d0 + m] = _encode_into(part, 4, bits, meta).view(l1 - l0, n, KV, m)
+        _store_codes(q, bits, out.codes[l0:l1, 1, t0:t0 + n])
 
 
 def _decode_into(codes: torch.Tensor, meta: torch.Tensor, dim: int, out: torch.Tensor) -> None:
@@ -254,19 +260,18 @@ def _decode_into(codes: torch.Tensor, meta: torch.Tensor, dim: int, out: torch.T
 
 def _dequantize_torch(q: QuantKV, bits: int, group: int, out: torch.Tensor) -> None:
     L, _, T, KV, D = out.shape
-    for layer in range(L):
-        for start, n in _tiles(T, KV * D, group, keys=True):
-            g, g0 = min(n, group), start // group
-            k = _unpack(q.codes[layer, 0, start:start + n], bits, D).float()
-            _decode_into(k.view(n // g, g, KV, D), q.k_meta[layer, g0:g0 + n // g], 1,
-                         out[layer, 0, start:start + n].unflatten(0, (n // g, g)))
-        for start, n in _tiles(T, KV * D, group, keys=False):
-            v = _unpack(q.codes[layer, 1, start:start + n], bits, D).float()
-            for d0, m in _groups(D, group):
-                g = min(m, group)
-                _decode_into(v[..., d0:d0 + m].reshape(n, KV, m // g, g),
-                             q.v_meta[layer, start:start + n, :, d0 // group:d0 // group + m // g], 3,
-                             out[layer, 1, start:start + n, :, d0:d0 + m].unflatten(-1, (m // g, g)))
+    for l0, l1, t0, n in _tiles(L, T, KV * D, group, keys=True):
+        g, g0, lc = min(n, group), t0 // group, l1 - l0
+        k = _unpack(q.codes[l0:l1, 0, t0:t0 + n], bits, D).float()
+        _decode_into(k.view(lc, n // g, g, KV, D), q.k_meta[l0:l1, g0:g0 + n // g], 2,
+                     out[l0:l1, 0, t0:t0 + n].unflatten(1, (n // g, g)))
+    for l0, l1, t0, n in _tiles(L, T, KV * D, group, keys=False):
+        v, lc = _unpack(q.codes[l0:l1, 1, t0:t0 + n], bits, D).float(), l1 - l0
+        for d0, m in _groups(D, group):
+            g = min(m, group)
+            _decode_into(v[..., d0:d0 + m].reshape(lc, n, KV, m // g, g),
+                         q.v_meta[l0:l1, t0:t0 + n, :, d0 // group:d0 // group + m // g], 4,
+                         out[l0:l1, 1, t0:t0 + n, :, d0:d0 + m].unflatten(-1, (m // g, g)))
 
 
 # ---------------------------------------------------------------- dispatchers
