@@ -6,7 +6,9 @@
    same warm-up with each codec (disk files, Redis values).
 2. Speed, in this process (torch backend, what the tiers run on a CPU): encode and decode GB/s of a
    4K-token unit against a copy of the same bytes (the ceiling), and per 128-token block (the CPU
-   tier's unit: would a cpu_codec pay?).
+   tier's unit: would a cpu_codec pay?). Load time of a 4K-token prompt (32 blocks laid out as the
+   CPU backend's, 128 tokens each) from a DiskStore and a RemoteStore per codec, the codecs
+   interleaved round by round so they share the machine's noise.
 3. Engines (each in its own process, SmolLM2 in bf16, vLLM 0.32 CPU): vLLM alone (reference) and
    kvplug with cpu_bytes=0, a disk tier and a Redis tier, per codec none / int8 / int4. Documents
    and questions are the offload benchmark's (benchmarks/offload.py). Warm-up computes each document
@@ -47,7 +49,7 @@ import serving  # noqa: E402
 from blend_metrics import paired_bootstrap_ci, wilson_ci  # noqa: E402
 from offload import LONG_DOC, build_documents, doc_lengths, question_ids  # noqa: E402
 
-from kvplug.tiers.codec import TokensView, UnitCodec, make_codec  # noqa: E402
+from kvplug.tiers.codec import PermutedView, TokensView, UnitCodec, make_codec  # noqa: E402
 
 RESULTS = HERE / "results"
 BLOCK = 128
@@ -96,6 +98,49 @@ def bytes_per_token(L: int, KV: int, D: int) -> dict:
     out = {"none": raw}
     for name in CODECS[1:]:
         out[name] = make_codec(name).encoded_nbytes(L, BLOCK, KV, D) / BLOCK
+    return out
+
+
+def cpu_block_view(L: int, KV: int, D: int) -> PermutedView:
+    """vLLM's CPU block [KV, 128, 2D] (K then V of a token and head): the opaque path's element order."""
+    idx = torch.arange(KV * BLOCK * 2 * D).view(KV, BLOCK, 2 * D)
+    k = idx[..., :D].permute(1, 0, 2).reshape(BLOCK, KV * D)
+    v = idx[..., D:].permute(1, 0, 2).reshape(BLOCK, KV * D)
+    return PermutedView(L, KV, D, torch.bfloat16, BLOCK, k, v)
+
+
+def tier_load_times(L: int, KV: int, D: int, work: Path, redis_url: str, rounds: int) -> dict:
+    from kvplug.tiers.disk import DiskStore
+    from kvplug.tiers.remote import RemoteStore
+
+    g = torch.Generator().manual_seed(7)
+    blocks = [(torch.randn(L, 2 * BLOCK * KV * D, generator=g) * 2).to(torch.bfloat16).view(torch.uint8).flatten()
+              for _ in range(LONG_DOC // BLOCK)]
+    keys = [i.to_bytes(32, "little") for i in range(len(blocks))]
+    views, stores = {"cpu-block": cpu_block_view(L, KV, D)}, {}
+    for name in CODECS:
+        codec = None if name == "none" else UnitCodec(make_codec(name), views)
+        stores[name] = (DiskStore(work / f"load_{name}", "cpu-block", codec=codec),
+                        RemoteStore(redis_url, "cpu-block", namespace=f"load-{name}", timeout_s=5.0, codec=codec))
+        for store in stores[name]:
+            for k, b in zip(keys, blocks):
+                store.put(k, b)
+            store.flush()
+    times = {f"{n}_{t}": [] for n in CODECS for t in ("disk", "remote")}
+    for _ in range(rounds):
+        for name, (disk, remote) in stores.items():
+            for tier, store in (("disk", disk), ("remote", remote)):
+                t = time.perf_counter()
+                got = store.get_many(keys)
+                times[f"{name}_{tier}"].append(time.perf_counter() - t)
+                assert all(x is not None for x in got), f"{name} {tier}: a unit did not load"
+    for disk, remote in stores.values():
+        disk.close()
+        remote.close()
+    out = {k: {"p50_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "n": len(v)} for k, v in times.items()}
+    for name in CODECS[1:]:
+        for tier in ("disk", "remote"):
+            out[f"{name}_{tier}_ratio"] = out[f"{name}_{tier}"]["p50_s"] / out[f"none_{tier}"]["p50_s"]
     return out
 
 
@@ -192,7 +237,7 @@ def ratio(cfgs: dict, name: str, phase: str) -> float:
         return math.nan
 
 
-def headline(cfgs: dict) -> dict:
+def headline(cfgs: dict, loads: dict) -> dict:
     h = {}
     for name in CODECS[1:]:
         q = (cfgs.get(name) or {}).get("quality_vs_vllm") or {}
@@ -203,6 +248,9 @@ def headline(cfgs: dict) -> dict:
     h["remote_hit_ttft_ratio_int8"] = ratio(cfgs, "int8", "remote")
     h["disk_hit_ttft_ratio_int4"] = ratio(cfgs, "int4", "disk")
     h["remote_hit_ttft_ratio_int4"] = ratio(cfgs, "int4", "remote")
+    for name in CODECS[1:]:  # the same loads in one process, interleaved: the codec's own cost, less noisy
+        for tier in ("disk", "remote"):
+            h[f"{tier}_load_4k_ratio_{name}"] = loads[f"{name}_{tier}_ratio"]
     return h
 
 
@@ -214,6 +262,9 @@ def print_report(rep: dict) -> None:
             s = sp[size][name]
             print(f"  {size:>5} {name}: {s['bytes_per_token']:.0f} B/token, encode {s['encode_GBps']:.2f} GB/s "
                   f"({s['encode_s'] * 1e3:.1f} ms), decode {s['decode_GBps']:.2f} GB/s ({s['decode_s'] * 1e3:.1f} ms)")
+    ld = rep["load_4k_prompt"]
+    print("\nload of a 4K-token prompt (32 blocks), in process, p50 s:",
+          {k: round(v["p50_s"], 3) for k, v in ld.items() if isinstance(v, dict)})
     rows = []
     for name, c in rep["configs"].items():
         if "error" in c:
@@ -241,6 +292,7 @@ def parse_args(argv):
     p.add_argument("--remote-timeout-ms", type=float, default=1000.0,
                    help="remote_timeout_ms of the engines: a 4K-token prompt's units are ~90 MB on the wire")
     p.add_argument("--engine-timeout-s", type=float, default=600.0)
+    p.add_argument("--load-rounds", type=int, default=7, help="interleaved rounds of the in-process tier loads")
     a = p.parse_args(argv)
     a.docs = a.docs or (2 if a.quick else 6)
     a.questions = a.questions or (2 if a.quick else 6)
@@ -265,6 +317,7 @@ def main(argv=None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     with serving.redis_server(work / "redis") as url:
+        loads = tier_load_times(L, KV, D, work, url, args.load_rounds)
         runs = run_engines(args, engine_specs(args, docs, plist, work, url), work, url)
     cfgs = summarize(runs, lengths)
     rep = {"benchmark": "codec", "quick": args.quick,
@@ -272,9 +325,9 @@ def main(argv=None) -> int:
            "machine": serving.machine_info(), "model": args.model, "torch_threads": torch.get_num_threads(),
            "documents": {"n": len(docs), "source": source, "token_lengths": lengths, "questions_per_doc": args.questions,
                          "prompts": len(plist)},
-           "bytes_per_token": bytes_per_token(L, KV, D), "speed": speed, "configs": cfgs,
+           "bytes_per_token": bytes_per_token(L, KV, D), "speed": speed, "load_4k_prompt": loads, "configs": cfgs,
            "vllm_alone": {k: runs["vllm"].get(k) for k in ("engine_start_s", "warm", "error")},
-           "headline": headline(cfgs), "wall_s": time.monotonic() - t_all,
+           "headline": headline(cfgs, loads), "wall_s": time.monotonic() - t_all,
            "notes": ["disk hits include the OS page cache (not dropped)",
                      f"remote_timeout_ms={args.remote_timeout_ms:g} in the engines",
                      "the machine is shared (2 cores, other jobs running): timings are noisy, compare within a run"]}

@@ -121,6 +121,27 @@ def test_a_codec_shared_by_two_stores_encodes_a_payload_once():
     assert codec.encode(payload.clone(), BLOCK) is not third  # another tensor is another unit
 
 
+def test_a_strided_block_order_is_copied_by_views_with_the_gathers_result():
+    """vLLM's CPU block [KV, T, 2D] (K then V of a head's token): an affine order, taken through strided
+    views; the same bytes as the general index gather."""
+    idx = torch.arange(KV * BS * 2 * D).view(KV, BS, 2 * D)
+    k_index = idx[..., :D].permute(1, 0, 2).reshape(BS, KV * D)
+    v_index = idx[..., D:].permute(1, 0, 2).reshape(BS, KV * D)
+    fast = PermutedView(L, KV, D, torch.bfloat16, BS, k_index, v_index)
+    slow = PermutedView(L, KV, D, torch.bfloat16, BS, k_index, v_index)
+    slow._strided = None
+    assert fast._strided is not None
+    raw = opaque_payload(kv_tensor(BS, seed=4), k_index, v_index)
+    assert torch.equal(fast.kv(raw, BS), slow.kv(raw, BS)) and torch.equal(fast.kv(raw, BS), kv_tensor(BS, seed=4))
+    outs = []
+    for view in (fast, slow):
+        payload, kv = view.empty(BS)
+        kv.copy_(kv_tensor(BS, seed=5))
+        view.finish(payload, kv)
+        outs.append(payload)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], opaque_payload(kv_tensor(BS, seed=5), k_index, v_index))
+
+
 def test_a_permuted_view_must_cover_the_block_once():
     perm = torch.arange(2 * BS * KV * D)
     perm[5] = 6
