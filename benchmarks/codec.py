@@ -291,7 +291,7 @@ def parse_args(argv):
     p.add_argument("--greedy-tokens", type=int, default=8)
     p.add_argument("--remote-timeout-ms", type=float, default=1000.0,
                    help="remote_timeout_ms of the engines: a 4K-token prompt's units are ~90 MB on the wire")
-    p.add_argument("--engine-timeout-s", type=float, default=600.0)
+    p.add_argument("--engine-timeout-s", type=float, default=1800.0)
     p.add_argument("--load-rounds", type=int, default=7, help="interleaved rounds of the in-process tier loads")
     a = p.parse_args(argv)
     a.docs = a.docs or (2 if a.quick else 6)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -144,15 +145,17 @@ def spawn(name: str, spec: dict, work: Path, env: dict, timeout_s: float) -> dic
     out_p.unlink(missing_ok=True)
     print(f"== engine {name}: log {log_p}", flush=True)
     with open(log_p, "w") as log:
+        # Its own session: on a timeout the whole group goes (vLLM's engine core would outlive its parent).
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(spec_p), str(out_p)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=work)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=work,
+                                start_new_session=True)
         deadline = time.monotonic() + timeout_s
         for line in proc.stdout:
             log.write(line)
             if line.startswith("  ["):
                 print(line, end="", flush=True)
             if time.monotonic() > deadline:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 break
         rc = proc.wait()
     res = json.loads(out_p.read_text()) if out_p.exists() else {"phases": []}
