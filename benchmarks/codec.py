@@ -168,7 +168,9 @@ def run_engines(args, specs: dict, work: Path, redis_url: str) -> dict:
     import redis
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env = serving.same_cpu_threads_env({**env, "VLLM_CPU_KVCACHE_SPACE": "2"}, 1)
+    # A step of a 4K-token prefill took over vLLM's 300 s RPC limit on this machine under load.
+    env = serving.same_cpu_threads_env({**env, "VLLM_CPU_KVCACHE_SPACE": "2",
+                                        "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"}, 1)
     out = {}
     for name, spec in specs.items():
         redis.Redis.from_url(redis_url).flushall()  # each engine's Redis bytes are its own

@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -145,19 +146,22 @@ def spawn(name: str, spec: dict, work: Path, env: dict, timeout_s: float) -> dic
     out_p.unlink(missing_ok=True)
     print(f"== engine {name}: log {log_p}", flush=True)
     with open(log_p, "w") as log:
-        # Its own session: on a timeout the whole group goes (vLLM's engine core would outlive its parent).
+        # Its own session, killed as a group once the engine ends: vLLM's worker processes may outlive a
+        # failed engine (holding its output open) or a timed-out one.
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(spec_p), str(out_p)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=work,
                                 start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        for line in proc.stdout:
-            log.write(line)
-            if line.startswith("  ["):
-                print(line, end="", flush=True)
-            if time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-        rc = proc.wait()
+        reader = threading.Thread(target=_pump, args=(proc.stdout, log), daemon=True)
+        reader.start()
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            rc = -9
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        reader.join(timeout=30)
     res = json.loads(out_p.read_text()) if out_p.exists() else {"phases": []}
     if rc != 0 or not res.get("complete"):
         tail = [ln.strip() for ln in log_p.read_text(errors="replace").splitlines() if "rror" in ln][-3:]
@@ -166,6 +170,14 @@ def spawn(name: str, spec: dict, work: Path, env: dict, timeout_s: float) -> dic
     else:
         res["logprobs"] = np.load(str(out_p) + ".npz")["logprobs"]
     return res
+
+
+def _pump(stream, log) -> None:
+    """The engine's output to its log; progress lines to the console too."""
+    for line in stream:
+        log.write(line)
+        if line.startswith("  ["):
+            print(line, end="", flush=True)
 
 
 if __name__ == "__main__":
