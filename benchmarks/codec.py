@@ -304,7 +304,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    t_all = time.monotonic()
+    t_all, load_start = time.monotonic(), os.getloadavg()
     from models import resolve_model
     from transformers import AutoTokenizer
 
@@ -330,6 +330,7 @@ def main(argv=None) -> int:
            "bytes_per_token": bytes_per_token(L, KV, D), "speed": speed, "load_4k_prompt": loads, "configs": cfgs,
            "vllm_alone": {k: runs["vllm"].get(k) for k in ("engine_start_s", "warm", "error")},
            "headline": headline(cfgs, loads), "wall_s": time.monotonic() - t_all,
+           "load_average_1_5_15": {"start": load_start, "end": os.getloadavg()},
            "notes": ["disk hits include the OS page cache (not dropped)",
                      f"remote_timeout_ms={args.remote_timeout_ms:g} in the engines",
                      "the machine is shared (2 cores, other jobs running): timings are noisy, compare within a run"]}
