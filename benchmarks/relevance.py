@@ -53,7 +53,10 @@ def build_span(m, blender, tok, n_tokens: int, corpus_words: list[str]):
 
 def measure(m, tok, kv, clusters, end, tail, repeats: int) -> dict:
     from kvplug.blend.clusters import SpanClusters, relevance_error
-    from kvplug.blend.relevance import question_pass
+    from kvplug.blend.relevance import QuestionItem, drain, question_passes
+
+    def question_pass(m, tail, kv, end, start, clusters=None, top=8):
+        return drain(question_passes(m, [QuestionItem(tail, end, kv, end, start, clusters)], top))[0]
 
     inv, style = m.rope
 

@@ -94,6 +94,12 @@ class BlendConfig:
     key clusters instead of every token (faster, approximate; measured in the README); 0: never."""
     blend_min_chunk_tokens: int = 16
     """Chunks shorter than this many tokens are not cached on their own (always recomputed)."""
+    blend_cost_gate: bool = True
+    """Blend a run of cached chunks only where the engine's own measurements (its forward passes'
+    time per token, its blends' time per job, span token and recomputed token) predict blending
+    it is faster than prefilling it; the rest vLLM prefills. With it, cached chunks after one no
+    tier holds are blended too (the missing one recomputed in the same pass) where that pays.
+    false: claim every cached chunk up to the first missing one, whatever it costs."""
 
 
 # User key in kv_connector_extra_config -> BlendConfig field.

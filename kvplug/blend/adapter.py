@@ -10,9 +10,11 @@ modules; tests may implement it over a toy model.
         -> [T, H*D]`, with q and k already rotated at `positions`
     write_kv(i, k [T, KV, D], v [T, KV, D], slots [T] int64)    into the engine's paged cache
     read_kv(i, slots [T] int64) -> (k [T, KV, D], v [T, KV, D])  back out of it
-    paged_plan: None, or (q_pos [T] ascending, block_table [blocks]) -> plan; with it
-    paged_attention(i, q [T, H*D], plan) -> [T, H*D]: causal attention against what the engine's
-        paged cache of layer i holds (its own kernel, faster than torch SDPA on CPU)
+    paged_plan: None, or [(q_pos [T_j] ascending, block_table [blocks_j])] -> plan, one pair per
+        request of a batch (their queries in that order); with it
+    paged_attention(i, q [T, H*D], plan) -> [T, H*D]: causal attention of each request's queries
+        against what the engine's paged cache of layer i holds for it (its own kernel, faster than
+        torch SDPA on CPU)
 Optional (the blender looks them up with getattr and falls back to write_kv / read_kv per layer;
 kvplug/blend/paged_cache.py provides them over vLLM's CUDA caches, one kernel launch each):
     write_kv_layers(kv [L', 2, T, KV, D], slots [T], first_layer=0)   layers first_layer.. at once
@@ -50,6 +52,6 @@ class ModelAdapter(Protocol):
 
     def read_kv(self, i: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    paged_plan: Callable[[torch.Tensor, torch.Tensor], object] | None
+    paged_plan: Callable[[list[tuple[torch.Tensor, torch.Tensor]]], object] | None
 
     def paged_attention(self, i: int, q: torch.Tensor, plan: object) -> torch.Tensor: ...

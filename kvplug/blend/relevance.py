@@ -4,11 +4,15 @@ The question (the prompt after the blend span) runs alone through every layer of
 attending to the span's cached KV (re-rotated, approximate) and to itself; its attention weights
 on the span tokens, averaged over layers, heads and question tokens, say which tokens the answer
 will read (ProphetKV's first stage). It costs the question's length times the span's, a small
-fraction of recomputing even a few span tokens.
+fraction of recomputing even a few span tokens. The questions of a batch of blends run as one
+pass: one forward_layer call per layer over all of them, attention per question over its own KV.
 
-    question_pass(model, tail, kv, end, start, clusters=None, top=8, at=None) -> fp32 [end - start]
-        relevance of each span token; with clusters (kvplug/blend/clusters.py) the question attends
-        to the cached chunks' key clusters and expands only its `top` clusters to tokens
+    QuestionItem(tail, at, kv, end, start, clusters=None)   one question and the KV it reads
+    question_passes(model, items, top=8)   generator (yields after each layer) returning, per item,
+        fp32 [end - start]: the relevance of each span token; with clusters
+        (kvplug/blend/clusters.py) the question attends to the cached chunks' key clusters and
+        expands only its `top` clusters to tokens
+    drain(steps) -> value                  a generator of steps run to its end
     question_attention(q, k_span, v_span, k_own, v_own, scale) -> (out, weights)
         one layer: q [T, H, D] over the span's K/V [S, KV, D] and the question's own [T, KV, D]
         (causal); out [T, H*D] in q's dtype, weights fp32 [S] summed over heads and queries.
@@ -16,7 +20,19 @@ fraction of recomputing even a few span tokens.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class QuestionItem:
+    tail: list[int]  # the question's tokens
+    at: int  # the prompt position of tail[0] (>= end)
+    kv: torch.Tensor  # [L, 2, end, KV, D], keys at their prompt positions
+    end: int
+    start: int  # relevance is returned for positions [start, end)
+    clusters: object = None  # SpanClusters for a long span, else None: every token attended to
 
 
 def question_attention(q: torch.Tensor, k_span: torch.Tensor, v_span: torch.Tensor, k_own: torch.Tensor,
@@ -40,28 +56,41 @@ def question_attention(q: torch.Tensor, k_span: torch.Tensor, v_span: torch.Tens
     return out.to(q.dtype), p_span.sum(dim=(0, 1))
 
 
-@torch.inference_mode()
-def question_pass(m, tail: list[int], kv: torch.Tensor, end: int, start: int, clusters=None,
-                  top: int = 8, at: int | None = None) -> torch.Tensor:
-    """The question at positions at.. (default end..) through every layer of adapter `m` over kv
-    [L, 2, end, KV, D] (keys at their prompt positions); returns its mean attention on positions
-    [start, end)."""
+def question_passes(m, items: list[QuestionItem], top: int = 8):
+    """Every item's question at positions at.. through every layer of adapter `m` over its kv;
+    returns (as the generator's value) each one's mean attention on positions [start, end)."""
     from kvplug.blend.clusters import clustered_attention
 
-    at = end if at is None else at
-    pos = torch.arange(at, at + len(tail), device=m.device)
-    hidden = m.embed(torch.tensor(tail, dtype=torch.long, device=m.device))
-    residual = None
-    total = torch.zeros(end, dtype=torch.float32, device=m.device)
+    sizes = [len(it.tail) for it in items]
+    pos = torch.cat([torch.arange(it.at, it.at + len(it.tail)) for it in items]).to(m.device)
+    ids = torch.tensor([t for it in items for t in it.tail], dtype=torch.long, device=m.device)
+    hidden, residual = m.embed(ids), None
+    totals = [torch.zeros(it.end, dtype=torch.float32, device=m.device) for it in items]
     for i in range(m.num_layers):
-        def attend(q, k, v, layer=kv[i], i=i):
+        def attend(q, k, v, i=i):
             q, k = q.view(-1, m.num_heads, m.head_dim), k.view(-1, m.num_kv_heads, m.head_dim)
             v = v.view(-1, m.num_kv_heads, m.head_dim)
-            if clusters is None:
-                out, w = question_attention(q, layer[0], layer[1], k, v, m.scale)
-            else:
-                out, w = clustered_attention(q, i, clusters, layer, k, v, m.scale, top)
-            total.add_(w)
-            return out
+            outs, row = [], 0
+            for it, n, total in zip(items, sizes, totals):
+                qs, ks, vs, layer = q[row:row + n], k[row:row + n], v[row:row + n], it.kv[i]
+                if it.clusters is None:
+                    out, w = question_attention(qs, layer[0], layer[1], ks, vs, m.scale)
+                else:
+                    out, w = clustered_attention(qs, i, it.clusters, layer, ks, vs, m.scale, top)
+                total.add_(w.to(total.device))
+                outs.append(out)
+                row += n
+            return torch.cat(outs)
         hidden, residual = m.forward_layer(i, pos, hidden, residual, attend)
-    return (total / (m.num_layers * m.num_heads * len(tail)))[start:end].cpu()
+        yield
+    return [(total / (m.num_layers * m.num_heads * n))[it.start:it.end].cpu()
+            for it, n, total in zip(items, sizes, totals)]
+
+
+def drain(steps):
+    """Run a generator of steps (question_passes, Blender.stepwise's) to its end; its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value

@@ -51,6 +51,11 @@ class KVPlugConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches) -> None:
         self._worker.register(kv_caches)
 
+    def bind_connector_metadata(self, connector_metadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self._worker is not None and isinstance(connector_metadata, KVPlugMetadata):
+            self._worker.begin_step(connector_metadata)
+
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         if isinstance(meta, KVPlugMetadata):

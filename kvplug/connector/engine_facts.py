@@ -13,6 +13,7 @@ import vllm
 from vllm.platforms import current_platform
 from vllm.v1.kv_cache_interface import AttentionSpec
 
+from kvplug.blend.chunk_format import chunk_nbytes
 from kvplug.config import KVPlugConfig
 from kvplug.core.hashing import namespace_digest
 
@@ -25,25 +26,19 @@ class EngineFacts:
     layer_names: tuple[str, ...]
     num_blocks: int
     tp_size: int
-    chunk_token_bytes: int = 0  # one token's K and V of every layer in the canonical chunk layout (this rank)
     kv_heads: int = 0
     head_dim: int = 0
     itemsize: int = 2
-    cluster_tokens: int = 0  # tokens per key cluster stored with each chunk (blend_cluster_tokens; 0: none)
+    cluster_tokens: int = 0  # tokens per key cluster stored with each chunk (kept_cluster_tokens; 0: none)
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_names)
 
     def chunk_bytes(self, tokens: int) -> int:
-        """A stored chunk's payload: its KV, then its key clusters (kvplug/blend/clusters.py), the
-        same count the worker's blender makes (Blender.chunk_bytes)."""
-        if not self.cluster_tokens:
-            return tokens * self.chunk_token_bytes
-        from kvplug.blend.clusters import sidecar_bytes
-
-        return tokens * self.chunk_token_bytes + sidecar_bytes(self.num_layers, self.kv_heads, self.head_dim, tokens,
-                                                               self.cluster_tokens, self.itemsize)
+        """A stored chunk's payload: its KV, then its key clusters when kept (the count the worker's
+        ChunkFormat makes: kvplug/blend/chunk_format.py)."""
+        return chunk_nbytes(self.num_layers, self.kv_heads, self.head_dim, self.itemsize, self.cluster_tokens, tokens)
 
     @classmethod
     def from_vllm(cls, vllm_config, kv_cache_config, cfg: KVPlugConfig) -> "EngineFacts":
@@ -80,7 +75,16 @@ class EngineFacts:
             layer_names=layer_names,
             num_blocks=kv_cache_config.num_blocks,
             tp_size=parallel.tensor_parallel_size,
-            chunk_token_bytes=2 * len(layer_names) * spec.num_kv_heads * spec.head_size * spec.dtype.itemsize,
             kv_heads=spec.num_kv_heads, head_dim=spec.head_size, itemsize=spec.dtype.itemsize,
-            cluster_tokens=cfg.blend.blend_cluster_tokens if cfg.blend.enabled else 0,
+            cluster_tokens=kept_cluster_tokens(cfg, model.max_model_len),
         )
+
+
+def kept_cluster_tokens(cfg: KVPlugConfig, max_model_len: int) -> int:
+    """Tokens per key cluster stored with each chunk, or 0: clusters serve only spans of at least
+    blend_cluster_min_tokens, so an engine whose prompts cannot be that long keeps none (making
+    them is most of a chunk save's cost on CPU)."""
+    b = cfg.blend
+    if not b.enabled or not b.blend_cluster_min_tokens or max_model_len < b.blend_cluster_min_tokens:
+        return 0
+    return b.blend_cluster_tokens

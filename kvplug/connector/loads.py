@@ -8,8 +8,9 @@
                                  fetched chunks into memory; returns the (key, block) that failed
     AsyncLoader(stores)          submit(reads) -> Future of {(tier, key): payload | None};
                                  read_now(reads) the same, in the caller's thread
-A LoadJob never runs the model: the worker blends once install() has put every chunk in memory,
-in its own thread, so the engine's tensors are only ever written between forward passes.
+A LoadJob never runs the model: the worker blends once install() has put every chunk in memory
+(asynchronous ones when the scheduler says every rank has), in its own thread, so the engine's
+tensors are only ever written between forward passes.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class LoadJob:
     chunk_failures: int = 0
     fetch: futures.Future | None = None
     fetched: dict = field(default_factory=dict)  # (tier, key) -> payload or None
+    reported: bool = False  # its blend's chunks are fetched and the scheduler was told
 
     @staticmethod
     def split(meta, worker) -> list["LoadJob"]:
@@ -98,8 +100,8 @@ class LoadJob:
     def _take_chunk(self, worker, ref, payload) -> None:
         if payload is not None and payload.numel() == ref.nbytes and worker.blender is not None:
             n = ref.end - ref.begin
-            self.chunk_kv[ref.key] = worker.blender.chunk_kv(payload, n)
-            clusters = worker.blender.chunk_clusters(payload, n)
+            self.chunk_kv[ref.key] = worker.blender.fmt.kv(payload, n)
+            clusters = worker.blender.fmt.clusters(payload, n)
             if clusters is not None:
                 self.chunk_clusters[ref.key] = clusters
             worker._count(load_bytes=ref.nbytes)

@@ -27,7 +27,8 @@ class ChunkRef:
     begin: int
     end: int
     key: bytes | None  # None: too short to cache, always recomputed
-    tier: str | None = None  # "cpu" | "disk" | "remote" for a cached chunk
+    tier: str | None = None  # "cpu" | "disk" | "remote" for a cached chunk; None: recomputed (no tier
+    # holds it: the blend computes it in every layer and the scheduler saves it afterwards)
     rows: tuple[int, ...] = ()  # cpu: the source rows; disk/remote: the rows to promote into, or ()
     nbytes: int = 0  # payload bytes (this rank)
 
@@ -83,24 +84,48 @@ class KVPlugMetadata(KVConnectorMetadata):
     chunk_saves: list[ChunkSave] = field(default_factory=list)
     # Requests whose loads (and blend) finish in a later step: reported through get_finished.
     async_reqs: list[str] = field(default_factory=list)
+    # Asynchronous requests whose chunks every rank has fetched: blend them now, every rank in this
+    # step (blends run vLLM's layers, whose collectives need every tensor-parallel rank).
+    blend_now: list[str] = field(default_factory=list)
+    step_tokens: int = 0  # tokens vLLM scheduled in this step (the worker times its forward pass)
 
     def is_empty(self) -> bool:
-        return not (self.disk_ops or self.loads or self.saves or self.blends or self.chunk_saves)
+        return not (self.disk_ops or self.loads or self.saves or self.blends or self.chunk_saves or self.blend_now)
 
 
 @dataclass
 class KVPlugWorkerMeta(KVConnectorWorkerMetadata):
     """Worker -> scheduler, per step: units to forget and save again once vLLM has recomputed
     them - loads that failed, and every save of a step in which a load failed (its forward
-    pass attended to unloaded blocks, so none of its KV may be kept); and, once, that blending
-    is off on this worker (its start-up self-test failed), so no more blends are planned."""
+    pass attended to unloaded blocks, so none of its KV may be kept); once, that blending is off
+    on this worker (its start-up self-test failed); asynchronous blends whose chunks this rank
+    has fetched (counted over ranks: the scheduler starts a blend when every rank has them); and
+    timings for the blend cost gate: forward passes (seconds, tokens) and blend batches (seconds,
+    jobs, span tokens, recomputed tokens)."""
 
     redo: list[tuple[str, bytes]] = field(default_factory=list)  # (request id, key)
     blend_off: str = ""  # why blending is off, when it just turned off
+    fetched: dict[str, int] = field(default_factory=dict)  # request id -> ranks that fetched its chunks
+    forward: list[tuple[float, int]] = field(default_factory=list)
+    blends: list[tuple[float, int, int, int]] = field(default_factory=list)
 
     def aggregate(self, other: "KVPlugWorkerMeta") -> "KVPlugWorkerMeta":
         # Tensor-parallel ranks report the same units; keep each (request, key) once.
         seen = set(self.redo)
         self.redo += [r for r in other.redo if r not in seen]
         self.blend_off = self.blend_off or other.blend_off
+        for req, n in other.fetched.items():
+            self.fetched[req] = self.fetched.get(req, 0) + n
+        # Ranks time the same steps and batches in lock-step: the slowest rank is the step's time.
+        self.forward = _slowest(self.forward, other.forward)
+        self.blends = _slowest(self.blends, other.blends)
         return self
+
+    def is_empty(self) -> bool:
+        return not (self.redo or self.blend_off or self.fetched or self.forward or self.blends)
+
+
+def _slowest(a: list[tuple], b: list[tuple]) -> list[tuple]:
+    if len(a) != len(b):
+        return a or b
+    return [x if x[0] >= y[0] else y for x, y in zip(a, b)]

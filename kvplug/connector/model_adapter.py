@@ -7,13 +7,14 @@ internals it relies on are in vllm_compat.
 
     VLLMModelAdapter(model, kv_caches, block_size, kv_io="opaque")   or ValueError naming what is
         not supported. kv_io is the worker's KV path (kvplug/tiers/block_io.py):
-        "opaque": write_kv through the backend's do_kv_cache_update, read_kv through the probed
-            PagedKVReader (the CPU backend: its block interior may be ISA-packed)
+        "opaque": write_kv through the backend's do_kv_cache_update, read_kv / read_kv_layers through
+            the probed PagedKVReader (the CPU backend: its block interior may be ISA-packed)
         "canonical": vLLM's CUDA layouts through PagedKV (kvplug/blend/paged_cache.py), with the
             optional write_kv_layers / write_rerotated / read_kv_layers (one launch each)
-    paged_plan(q_pos, block_table) / paged_attention(i, q, plan)   attention through the engine's
-        own kernel over its paged cache (CPU backend); paged_plan is None on other backends, where
-        the blender uses torch SDPA over its own copy of the KV
+    paged_plan([(q_pos, block_table)]) / paged_attention(i, q, plan)   attention through the engine's
+        own kernel over its paged cache (CPU backend), a sequence per run of positions of each
+        request; paged_plan is None on other backends, where the blender uses torch SDPA over its
+        own copy of the KV
     write_kv(i, k, v, slots) / read_kv(i, slots) -> (k, v)   per-token K/V of layer i in and out
     backend_write(i, k, v, slots)   the backend's own write op, whatever kv_io (for the self-test)
     cache(i)                        layer i's paged cache tensor
@@ -94,6 +95,7 @@ class VLLMModelAdapter:
         elif kv_io == "opaque":
             self._reader = compat.PagedKVReader(self.attn[0], self._caches[0], self.num_kv_heads, self.head_dim,
                                                 self.block_size)
+            self.read_kv_layers = self._read_layers
         else:
             raise ValueError(f"kv_io={kv_io!r}: allowed values are opaque, canonical")
 
@@ -130,11 +132,15 @@ class VLLMModelAdapter:
             return self._paged.read_kv(i, slots)
         return self._reader.read(self._caches[i], slots)
 
+    def _read_layers(self, slots, first_layer=0, num_layers=None):
+        last = self.num_layers if num_layers is None else first_layer + num_layers
+        return self._reader.read_layers(self._caches[first_layer:last], slots)
+
     def paged_attention(self, i, q, plan):
         """q [T, H*D] at the plan's positions, against layer i's paged cache at positions <= each."""
         out = compat.cpu_paged_attention(self.attn[i], q.view(-1, self.num_heads, self.head_dim), self._caches[i], plan)
         return out.view(q.shape)
 
-    def _cpu_plan(self, q_pos, block_table):
-        return compat.cpu_paged_metadata(self.attn[0], q_pos, block_table, self.num_heads, self.num_kv_heads,
-                                         self.head_dim, self.dtype)
+    def _cpu_plan(self, segments):
+        return compat.cpu_paged_metadata(self.attn[0], segments, self.num_heads, self.num_kv_heads, self.head_dim,
+                                         self.dtype)

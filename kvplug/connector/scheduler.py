@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvplug.blend.cost_gate import CostGate
 from kvplug.config import KVPlugConfig, request_blend, request_saves
 from kvplug.connector.engine_facts import EngineFacts
 from kvplug.connector.metadata import BlendPlan, BlockLoad, BlockSave, ChunkRef, ChunkSave, KVPlugMetadata
@@ -44,6 +46,7 @@ _ATTN_EQUAL_CONTEXT = 4096
 # Bytes charged per disk file on top of its payload: the header is a few hundred bytes to a
 # few KiB (it lists every layer's block shape). Overcharging keeps disk_bytes a true bound.
 DISK_HEADER_ALLOWANCE = 4096
+EXPLORE_EVERY = 32
 
 
 @dataclass
@@ -68,12 +71,23 @@ class _Request:
 
 @dataclass
 class _Claim:
-    """A blend span found by num_matched: [start, end) and the tier of each claimed cached chunk."""
+    """A blend span found by num_matched: [start, end), the tier of each claimed cached chunk and
+    the cacheable chunks inside it that no tier holds (recomputed in the blend, saved after)."""
     start: int
     end: int
     tiers: dict[int, str]  # chunk index -> tier
-    misses: int = 0  # cacheable chunks no tier holds
-    after_miss: tuple[int, int] = (0, 0)  # cached chunks (and their tokens) past the first miss, which vLLM recomputes
+    missed: list[int] = field(default_factory=list)
+    misses: int = 0  # cacheable chunks no tier holds, in the whole prompt after start
+    after_miss_blended: tuple[int, int] = (0, 0)  # cached chunks (and tokens) past a miss, blended
+    after_miss: tuple[int, int] = (0, 0)  # cached chunks (and tokens) past a miss, which vLLM prefills
+    declined: int = 0  # cached-chunk tokens the cost gate left to vLLM
+    explored: bool = False  # claimed although predicted slower, to keep the blend cost measured
+
+
+def _explores(req_id: str) -> bool:
+    """One request in EXPLORE_EVERY, fixed by its id (lookups may repeat), blends even where the gate
+    predicts prefilling is faster: so the blend cost stays measured when conditions change."""
+    return zlib.crc32(req_id.encode()) % EXPLORE_EVERY == 0
 
 
 class SchedulerHalf:
@@ -105,6 +119,9 @@ class SchedulerHalf:
         self._lookups: dict[str, tuple[int, list[str]]] = {}  # req -> (local tokens, tier per hit block)
         self._claims: dict[str, _Claim] = {}
         self._loading: set[str] = set()  # requests with an asynchronous load in flight
+        self._fetched: dict[str, int] = {}  # asynchronous blends: ranks whose chunks are in memory
+        self._blend_now: list[str] = []  # ... all of them: blended on every rank in the next step
+        self.gate = CostGate()  # blend only where it is predicted faster than prefill (blend_cost_gate)
         self._meta = KVPlugMetadata()
         self._stats: dict[str, int] = {}
         if self._disk_root:
@@ -207,22 +224,59 @@ class SchedulerHalf:
         return self.cfg.tiers.async_loads and bool(slow_tiers)
 
     def _claim(self, st: _Request, start: int) -> _Claim:
-        """The blend span from `start`: every chunk up to the first cacheable one no tier holds,
-        ending at the last cached chunk (vLLM computes at least the last prompt token); no
-        chunk claimed (tiers empty) when the first one misses."""
-        limit = st.prompt_len - 1
-        todo = [i for i, (b, e, key) in enumerate(st.blend.chunks) if e > start and b < limit and key is not None]
-        found = dict(zip(todo, self.manager.lookup_each([st.blend.chunks[i][2] for i in todo])))
-        end, tiers, misses, after = start, {}, 0, [0, 0]
+        """The blend span from `start`: it ends after a cached chunk (vLLM computes at least the
+        last prompt token). Without a measured cost gate it stops before the first cacheable chunk
+        no tier holds, as vLLM then prefills everything from there; with one, the gate picks among
+        every cached chunk's end - cached chunks past a missed one are blended too, the missed
+        chunk recomputed in the same pass - or declines it all where prefilling is faster."""
+        chunks, limit = st.blend.chunks, st.prompt_len - 1
+        todo = [i for i, (b, e, key) in enumerate(chunks) if e > start and b < limit and key is not None]
+        found = dict(zip(todo, self.manager.lookup_each([chunks[i][2] for i in todo])))
+        # Candidate ends: after each cached chunk, with the cached tokens before it and whether a
+        # missed chunk lies before it.
+        ends, cached, past_miss, n, missed = [], [], [], 0, False
         for i in todo:
-            b, e, _ = st.blend.chunks[i]
+            b, e, _ = chunks[i]
             if found[i] is None:
-                misses += 1
-            elif misses:
-                after[0], after[1] = after[0] + 1, after[1] + e - max(b, start)
-            elif e <= limit:
-                end, tiers[i] = e, found[i]
-        return _Claim(start, end, tiers, misses, tuple(after))
+                missed = True
+                continue
+            n += e - max(b, start)
+            if e <= limit:
+                ends.append(e)
+                cached.append(n)
+                past_miss.append(missed)
+        if not (self.cfg.blend.blend_cost_gate and self.gate.ready):
+            before = [e for e, m in zip(ends, past_miss) if not m]
+            return self._claim_to(st, start, before[-1] if before else start, found, todo)
+        options = [(e - start, round(st.blend.ratio * c) + (e - start - c), ends[-1] - e) for e, c in zip(ends, cached)]
+        pick, explored = self.gate.choose(options, explore=_explores(st.req_id))
+        claim = self._claim_to(st, start, ends[pick] if pick >= 0 else start, found, todo)
+        claim.explored = explored
+        # What the gate left to vLLM: cached tokens a claim could have covered, beyond the chosen end.
+        claim.declined = (cached[-1] - (cached[pick] if pick >= 0 else 0)) if ends else 0
+        return claim
+
+    def _claim_to(self, st: _Request, start: int, end: int, found: dict, todo: list[int]) -> _Claim:
+        """The claim of [start, end): its cached chunks, the missed ones inside it, and the counts."""
+        chunks = st.blend.chunks
+        claim = _Claim(start, end, {})
+        blended, after, seen_miss = [0, 0], [0, 0], False
+        for i in todo:
+            b, e, _ = chunks[i]
+            tokens = e - max(b, start)
+            if found[i] is None:
+                claim.misses += 1
+                seen_miss = True
+                if e <= end:
+                    claim.missed.append(i)
+            elif e <= end:
+                claim.tiers[i] = found[i]
+                if seen_miss:
+                    blended = [blended[0] + 1, blended[1] + tokens]
+            elif seen_miss:
+                after = [after[0] + 1, after[1] + tokens]
+        claim.after_miss_blended, claim.after_miss = tuple(blended), tuple(after)
+        return claim
 
     def after_alloc(self, request, block_ids: list[int], num_external: int) -> None:
         claim = self._claims.pop(request.request_id, None)
@@ -236,8 +290,10 @@ class SchedulerHalf:
         n_load = min(-(-num_external // self.bs), len(tiers))
         self._count(lookup_tokens=queried * self.bs, miss_tokens=(queried - n_load) * self.bs)
         if claim is not None:
-            self._count(blend_chunk_misses=claim.misses)
-            if not claim.tiers or num_external < claim.end - local:  # vLLM takes all that is offered, or nothing
+            if claim.tiers and num_external < claim.end - local:  # vLLM takes all that is offered, or nothing
+                claim = _Claim(claim.start, claim.start, {}, misses=claim.misses)
+            self._count_claim(claim)
+            if not claim.tiers:
                 claim = None
         if num_external <= 0:  # vLLM took nothing
             return
@@ -280,8 +336,13 @@ class SchedulerHalf:
         q0 = max(q0, claim.end)
         self._meta.blends.append(BlendPlan(st.req_id, list(tokens[:claim.end]), claim.start, claim.end, refs,
                                            st.blend.ratio, st.blend.policy, block_ids, list(tokens[q0:]), q0))
-        self._count(blend_chunk_hits=len(loaded), blend_chunks_after_miss=claim.after_miss[0],
-                    blend_tokens_after_miss=claim.after_miss[1])
+
+    def _count_claim(self, claim: _Claim) -> None:
+        self._count(blend_chunk_misses=claim.misses, blend_chunk_hits=len(claim.tiers),
+                    blend_chunks_after_miss=claim.after_miss[0], blend_tokens_after_miss=claim.after_miss[1],
+                    blend_chunks_after_miss_blended=claim.after_miss_blended[0],
+                    blend_tokens_after_miss_blended=claim.after_miss_blended[1],
+                    blend_declined_tokens=claim.declined, blend_explored=int(claim.explored))
 
     # ---- saves ---------------------------------------------------------------------------
     def build_meta(self, so) -> KVPlugMetadata:
@@ -304,6 +365,8 @@ class SchedulerHalf:
         ops = self.manager.end_step()
         meta, self._meta = self._meta, KVPlugMetadata()
         meta.disk_ops = ops.disk_ops
+        meta.blend_now, self._blend_now = self._blend_now, []
+        meta.step_tokens = so.total_num_scheduled_tokens
         return meta
 
     def _plan_saves(self, st: _Request, computed: int) -> None:
@@ -352,6 +415,15 @@ class SchedulerHalf:
             self._blend_on = False
             logger.warning("kvplug: blending is off: %s", meta.blend_off)
         self.on_redo(meta.redo)
+        for seconds, tokens in meta.forward:
+            self.gate.observe_prefill(seconds, tokens)
+        for seconds, jobs, span, recomputed in meta.blends:
+            self.gate.observe_blend(seconds, jobs, span, recomputed)
+        for req, ranks in meta.fetched.items():
+            self._fetched[req] = self._fetched.get(req, 0) + ranks
+            if self._fetched[req] >= self.facts.tp_size:  # every rank has the chunks: blend in lock-step
+                del self._fetched[req]
+                self._blend_now.append(req)
 
     def on_redo(self, redo: list[tuple[str, bytes]]) -> None:
         """Units the worker could not load or refused to save: forget them, and save them

@@ -29,7 +29,8 @@ FIELDS = {
     "disk_write_bytes": "bytes written to disk files",
     "disk_read_bytes": "bytes read from disk files",
     "load_seconds": "seconds spent loading KV before forward passes (the blends they feed count in blend_seconds)",
-    "save_seconds": "seconds spent saving KV after forward passes",
+    "save_seconds": "seconds spent saving KV after forward passes (blocks and chunks)",
+    "chunk_save_seconds": "of which saving chunks (read from the paged cache, packed, queued for the tiers)",
     "load_errors": "blocks that could not be loaded (recomputed instead)",
     "disk_corrupt": "disk files found corrupt, truncated or foreign and removed (by the start-up scan or on a read)",
     "disk_write_errors": "failed disk writes (disk full, I/O error)",
@@ -42,9 +43,15 @@ FIELDS = {
     "blend_recomputed_tokens": "blended tokens recomputed through the model (picked, or of chunks too short to cache)",
     "blend_chunk_hits": "chunks whose cached KV was blended",
     "blend_chunk_misses": "chunks no tier held (vLLM computes them, kvplug saves them)",
-    "blend_chunks_after_miss": "cached chunks after a missed one, which vLLM recomputed (the cost of claiming "
-                               "only up to the first miss)",
+    "blend_chunks_after_miss": "cached chunks after a missed one that vLLM prefilled (not blended)",
     "blend_tokens_after_miss": "tokens of those chunks",
+    "blend_chunks_after_miss_blended": "cached chunks after a missed one that were blended (the missed one "
+                                       "recomputed in the same pass)",
+    "blend_tokens_after_miss_blended": "tokens of those chunks",
+    "blend_declined_tokens": "cached-chunk tokens the cost gate left to vLLM's prefill (predicted faster)",
+    "blend_explored": "claims blended although the cost gate predicted prefill faster (to keep its blend "
+                      "timings current)",
+    "blend_batches": "blend batches run (every blend ready in a step runs as one batch)",
     "blend_errors": "blends that failed (their tokens were recomputed by vLLM)",
     "blend_seconds": "seconds spent blending before forward passes",
 }

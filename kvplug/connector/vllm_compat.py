@@ -15,7 +15,7 @@ blending off with one warning naming the vLLM version instead of failing every r
     is_cpu_backend(attn) / cpu_paged_metadata(attn, ...) / cpu_paged_attention(attn, ...)
     rope_frequencies(rotary_emb)        (inv_freq fp32, "neox"|"gptj"), or ValueError
     layer_tag(vllm_config)              attention implementation and ISA (block interiors differ)
-    PagedKVReader(attn, cache)          per-token K/V read back from a paged cache of any layout
+    PagedKVReader(attn, cache)          per-token K/V read back from paged caches of any layout
     self_test(adapter)                  None when the internals behave as expected, else why not
 """
 from __future__ import annotations
@@ -97,28 +97,38 @@ def is_cpu_backend(attn) -> bool:
     return type(attn.impl).__name__ == "CPUAttentionBackendImpl" and hasattr(attn, "isa")
 
 
-def cpu_paged_metadata(attn, q_pos: torch.Tensor, block_table: torch.Tensor, num_heads: int, num_kv_heads: int,
-                       head_dim: int, dtype: torch.dtype):
-    """CPU attention metadata for queries at q_pos (ascending) of one request: one causal
-    sequence per run of consecutive positions (its queries are the run, its keys everything up
-    to the run's end), all over the request's blocks - picked tokens cluster, so this is a few
-    sequences, not one per token."""
+def cpu_paged_metadata(attn, segments, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
+    """CPU attention metadata for segments [(q_pos, block_table)], one per request (q_pos
+    ascending; the batch's queries in segment order): one causal sequence per run of consecutive
+    positions of a segment (its queries are the run, its keys everything of that request up to the
+    run's end, through its own block table) - picked tokens cluster, so this is a few sequences
+    per request, not one per token."""
     from vllm import _custom_ops as ops
     from vllm import envs
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
 
-    n = q_pos.numel()
-    pos = q_pos.to(torch.int64).cpu()
-    breaks = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1  # where a new run starts
-    starts = torch.cat([torch.zeros(1, dtype=torch.int64), breaks, torch.tensor([n])]).to(torch.int32)
-    seq_lens = (pos[starts[1:].long() - 1] + 1).to(torch.int32)
-    bt = block_table.to(torch.int32).view(1, -1).expand(seq_lens.numel(), -1).contiguous()
+    lens, ends, tables = [], [], []
+    for q_pos, table in segments:
+        pos = q_pos.to(torch.int64).cpu()
+        breaks = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1  # where a new run starts
+        bounds = torch.cat([torch.zeros(1, dtype=torch.int64), breaks, torch.tensor([pos.numel()])])
+        lens.append(bounds[1:] - bounds[:-1])
+        ends.append(pos[bounds[1:] - 1] + 1)
+        tables += [table.to(torch.int32).view(-1)] * (bounds.numel() - 1)
+    runs = torch.cat(lens)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), runs.cumsum(0)]).to(torch.int32)
+    seq_lens = torch.cat(ends).to(torch.int32)
+    width = max(t.numel() for t in tables)
+    bt = torch.zeros((len(tables), width), dtype=torch.int32)
+    for r, t in enumerate(tables):
+        bt[r, :t.numel()] = t
+    n = int(starts[-1])
     sched = ops.cpu_attn_get_scheduler_metadata(
         num_reqs=seq_lens.numel(), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         seq_lens=seq_lens, dtype=dtype, query_start_loc=starts, causal=True, sliding_window_size=-1,
         isa=attn.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=attn.impl.kv_cache_dtype)
     return CPUAttentionMetadata(
-        num_actual_tokens=n, max_query_len=int((starts[1:] - starts[:-1]).max()), query_start_loc=starts,
+        num_actual_tokens=n, max_query_len=int(runs.max()), query_start_loc=starts,
         max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=bt,
         slot_mapping=torch.empty(0, dtype=torch.int64), scheduler_metadata=sched, causal=True)
 
@@ -148,7 +158,8 @@ class PagedKVReader:
     packs it per ISA). Learned once: integer probes are written through the backend's own write
     op into one scratch block (its bytes restored afterwards), and where each (token, head, dim)
     element of K and of V landed gives a gather index. Valid for every layer whose cache has the
-    same shape, dtype and backend. read(cache, slots) -> (k, v) [T, KV, D].
+    same shape, dtype and backend. read(cache, slots) -> (k, v) [T, KV, D];
+    read_layers(caches, slots) -> [L, 2, T, KV, D], one index for every layer.
     """
 
     def __init__(self, attn, cache: torch.Tensor, num_kv_heads: int, head_dim: int, block_size: int):
@@ -184,15 +195,24 @@ class PagedKVReader:
         return where.view(self.block_size, -1)
 
     def read(self, cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Whole blocks first (one contiguous gather), then each token's elements within its block.
-        slots = slots.to(cache.device)
+        kv = self.read_layers([cache], slots)
+        return kv[0, 0], kv[0, 1]
+
+    def read_layers(self, caches, slots: torch.Tensor) -> torch.Tensor:
+        """[L, 2, T, KV, D] of every cache at slots. The gather index is built once for all
+        layers: whole blocks first (one contiguous gather), then each token's elements."""
+        slots = slots.to(caches[0].device)
         blocks, where = torch.unique(slots // self.block_size, return_inverse=True)
-        rows = cache.reshape(cache.shape[0], -1).index_select(0, blocks)  # [nb, block elements]
+        per_block = caches[0][0].numel()
         offsets = slots % self.block_size
-        shape = (-1, self.kv_heads, self.head_dim)
-        k = rows.view(-1)[(where * rows.shape[1]).unsqueeze(1) + self.k_index[offsets]]
-        v = rows.view(-1)[(where * rows.shape[1]).unsqueeze(1) + self.v_index[offsets]]
-        return k.view(shape), v.view(shape)
+        base = (where * per_block).unsqueeze(1)
+        idx = torch.stack([base + self.k_index[offsets], base + self.v_index[offsets]])  # [2, T, KV*D]
+        out = torch.empty((len(caches), 2, slots.numel(), self.kv_heads, self.head_dim), dtype=caches[0].dtype,
+                          device=caches[0].device)
+        for i, cache in enumerate(caches):
+            rows = cache.reshape(cache.shape[0], -1).index_select(0, blocks).view(-1)
+            out[i] = rows[idx].view(2, -1, self.kv_heads, self.head_dim)
+        return out
 
 
 # ---- self-test ------------------------------------------------------------------------------
@@ -245,7 +265,7 @@ def _compare_layer(m, n: int, block: int, slots: torch.Tensor) -> str | None:
             q = q.view(n, m.num_heads, m.head_dim)
             if paged:
                 m.write_kv(0, k, v, slots)
-                return m.paged_attention(0, q.reshape(n, -1), m.paged_plan(pos, torch.tensor([block])))
+                return m.paged_attention(0, q.reshape(n, -1), m.paged_plan([(pos, torch.tensor([block]))]))
             qf, kf, vf = (t.float().transpose(0, 1) for t in (q, k, v))
             o = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, is_causal=True, scale=m.scale,
                                                                  enable_gqa=True)

@@ -4,10 +4,16 @@
                              tokens through PagedBlockIO on CUDA, opaque engine blocks elsewhere), one
                              log line; allocate the CPU tier's rows; build the blender (and run
                              vLLM-internals' self-test) when blending is on
+    begin_step(meta)         the step's metadata is bound: its forward pass starts being timed
     load(meta)               disk ops, then loads and blends: synchronous ones before the forward
-                             pass, asynchronous ones (disk/remote reads) started in the background
-    finished_loads()         ids of asynchronous requests whose KV is now in place (get_finished)
+                             pass, asynchronous ones (disk/remote reads) started in the background;
+                             every blend ready in the step (synchronous, and asynchronous ones the
+                             scheduler names in blend_now) runs as one batch (Blender.run_batch)
+    finished_loads()         ids of asynchronous requests whose KV is now in place (get_finished);
+                             a blend's fetched chunks are reported to the scheduler, which starts
+                             the blend on every rank in the same step
     save(meta)               after the forward pass: finished blocks and new chunks out to the tiers
+                             (every chunk of the step in one read of the paged cache)
     take_load_errors()       engine block ids whose load or blend failed (vLLM recomputes them)
     take_worker_meta()       units to forget and save again; blending turned off
     take_stats()             counters since the last call
@@ -66,7 +72,12 @@ class WorkerHalf:
         self._blend_off = ""  # why blending turned off, until reported to the scheduler
         self._loader: AsyncLoader | None = None
         self._jobs: dict[str, LoadJob] = {}  # asynchronous loads in flight, by request
+        self._fetched: dict[str, LoadJob] = {}  # asynchronous blends with their chunks in memory
+        self._done: set[str] = set()  # asynchronous requests whose KV is in place, to report
         self._blend_s = 0.0  # seconds of every blend so far: load_seconds leaves them to blend_seconds
+        self._step_t0: float | None = None  # when this step's metadata was bound
+        self._step_tokens, self._step_kvplug_s = 0, 0.0
+        self._timed: dict[str, list] = {"forward": [], "blends": []}  # for the scheduler's cost gate
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.facts.layer_names if n not in kv_caches]
@@ -113,31 +124,40 @@ class WorkerHalf:
                                f"(supported: {vllm_compat.SUPPORTED_VLLM}): {why}")
             logger.warning("kvplug: blending is off: %s", self._blend_off)
             return
-        b = self.cfg.blend
-        self.blender = Blender(adapter, {}, check_layer=b.blend_check_layer, head_tokens=b.blend_chunk_head_tokens,
-                               cluster_tokens=b.blend_cluster_tokens, cluster_min_tokens=b.blend_cluster_min_tokens)
+        b, clusters = self.cfg.blend, self.facts.cluster_tokens
+        self.blender = Blender(adapter, None, check_layer=b.blend_check_layer, head_tokens=b.blend_chunk_head_tokens,
+                               cluster_tokens=clusters, cluster_min_tokens=b.blend_cluster_min_tokens)
         self.chunk_layout = (f"{CHUNK_PREFIX}{str(adapter.dtype).removeprefix('torch.')}|L{adapter.num_layers}"
-                             f"KV{adapter.num_kv_heads}D{adapter.head_dim}|keys-at-0|c{b.blend_cluster_tokens}")
+                             f"KV{adapter.num_kv_heads}D{adapter.head_dim}|keys-at-0|c{clusters}")
         self._loader.chunk_layout = self.chunk_layout
 
     # ---- before the forward pass --------------------------------------------------------
+    def begin_step(self, meta: KVPlugMetadata) -> None:
+        self._step_t0, self._step_tokens, self._step_kvplug_s = time.perf_counter(), meta.step_tokens, 0.0
+
     def load(self, meta: KVPlugMetadata) -> None:
         if meta.is_empty():
             return
         start, blends_before = time.perf_counter(), self._blend_s
         self.blocks.settle()  # last step's deferred puts reach the stores before this step reads them
         self._disk_ops(meta.disk_ops)
-        jobs = LoadJob.split(meta, self)
-        for job in jobs:
+        ready = []
+        for job in LoadJob.split(meta, self):
             job.read_rows(self)  # CPU rows now, in the step they were planned for: later steps reuse them
             if job.req_id in meta.async_reqs:
                 job.fetch = self._loader.submit(job.remote_reads())
                 self._jobs[job.req_id] = job
             else:
                 job.fetched = self._loader.read_now(job.remote_reads())
-                self._complete(job)
+                self._install(job)
+                if job.blend is not None:
+                    ready.append(job)
+        now = [self._fetched.pop(r) for r in meta.blend_now if r in self._fetched]
+        self._blend_jobs(ready + now)
+        self._done.update(meta.blend_now)  # blended, or never fetched here: either way, done
         if meta.loads:
             self._count(load_seconds=time.perf_counter() - start - (self._blend_s - blends_before))
+        self._step_kvplug_s += time.perf_counter() - start
 
     def _disk_ops(self, ops) -> None:
         """Demotions and deletes, before the loads and saves of this step may reuse a demoted row."""
@@ -150,53 +170,78 @@ class WorkerHalf:
                     self.disk.put(key, unit.payload, unit.layout)
 
     def finished_loads(self) -> set[str]:
-        """Complete the asynchronous loads whose reads have landed: into the engine's cache, blend."""
+        """Install the asynchronous loads whose reads have landed; those with a blend wait for the
+        scheduler's blend_now (reported as fetched). Returns the requests whose KV is in place."""
         self.blocks.settle_done()
-        done = {req for req, job in self._jobs.items() if job.fetch.done()}
-        for req in done:
+        for req in [r for r, job in self._jobs.items() if job.fetch.done()]:
             job = self._jobs.pop(req)
             job.fetched = job.fetch.result()
-            self._complete(job)
+            self._install(job)
+            if job.blend is None:
+                self._done.add(req)
+            else:
+                self._fetched[req] = job
+        done, self._done = self._done, set()
         return done
 
-    def _complete(self, job: LoadJob) -> None:
-        """Fetched blocks into the engine's cache (and promoted into rows), then the blend."""
-        failed = job.install(self)
-        for key, block in failed:
+    def _install(self, job: LoadJob) -> None:
+        """Fetched blocks into the engine's cache (and promoted into rows), chunks into memory."""
+        for key, block in job.install(self):
             self._fail(job.req_id, key, block)
-        if job.blend is not None:
-            start = time.perf_counter()
-            self._blend(job)
-            self._blend_s += time.perf_counter() - start
 
-    def _blend(self, job: LoadJob) -> None:
+    def _blend_jobs(self, jobs: list[LoadJob]) -> None:
+        """Every blend ready in this step as one batch; a job that cannot run fails alone, a
+        batch that fails fails all its jobs: vLLM recomputes their tokens, never a dead engine."""
+        if not jobs:
+            return
+        start = time.perf_counter()
+        runnable = [(job, bj) for job in jobs if (bj := self._blend_job(job)) is not None]
+        if runnable:
+            try:
+                reports = self.blender.run_batch([bj for _, bj in runnable])
+            except Exception:  # noqa: BLE001 - a failed blend is recomputed by vLLM
+                logger.exception("kvplug: a batch of %d blends failed; vLLM recomputes their tokens", len(runnable))
+                for job, _ in runnable:
+                    self._blend_failed(job)
+                reports = []
+            for r in reports:
+                self._count(blend_requests=1, blend_tokens=r.tokens, blend_recomputed_tokens=r.recomputed)
+            if reports:
+                seconds = time.perf_counter() - start
+                self._count(blend_seconds=seconds, blend_batches=1)
+                self._timed["blends"].append((seconds, len(reports), sum(r.tokens for r in reports),
+                                              sum(r.recomputed for r in reports)))
+        self._blend_s += time.perf_counter() - start
+
+    def _blend_job(self, job: LoadJob):
+        """The blender's job for a load job's plan, or None (counted, its blocks recomputed)."""
         from kvplug.blend.blender import BlendJob
 
         plan, bs = job.blend, self.facts.block_size
         blocks = torch.tensor(plan.block_ids, dtype=torch.long)
         pos = torch.arange(plan.end)
         all_slots = blocks[pos // bs] * bs + pos % bs
-        slots, prefix_slots = all_slots[plan.start:], all_slots[:plan.start]
-        start = time.perf_counter()
         try:
             if self.blender is None:
                 raise RuntimeError(f"blending is off on this worker: {self._blend_off or 'not enabled'}")
             if job.chunk_failures:
                 raise RuntimeError(f"{job.chunk_failures} chunk(s) could not be loaded")
-            r = self.blender.run(BlendJob(plan.tokens, plan.start, plan.end, [(c.begin, c.end, c.key) for c in plan.chunks],
-                                          slots, plan.ratio, plan.policy, block_table=blocks, tail=plan.tail, tail_at=plan.tail_at,
-                                          chunk_kv=job.chunk_kv, prefix_slots=prefix_slots,
-                                          chunk_clusters=job.chunk_clusters))
-        except Exception as e:  # noqa: BLE001 - a failed blend is recomputed by vLLM, never a dead engine
-            if job.chunk_failures or self.blender is None:
-                logger.debug("kvplug: request %s not blended (%s); vLLM recomputes its tokens", plan.req_id, e)
-            else:
-                logger.exception("kvplug: blending request %s failed; vLLM recomputes its tokens", plan.req_id)
-            self._errors.update(plan.block_ids[plan.start // bs:(plan.end - 1) // bs + 1])
-            self._count(blend_errors=1)
-            return
-        self._count(blend_requests=1, blend_tokens=r.tokens, blend_recomputed_tokens=r.recomputed,
-                    blend_seconds=time.perf_counter() - start)
+            bj = BlendJob(plan.tokens, plan.start, plan.end,
+                          [(c.begin, c.end, c.key if c.tier is not None else None) for c in plan.chunks],
+                          all_slots[plan.start:], plan.ratio, plan.policy, block_table=blocks, tail=plan.tail,
+                          tail_at=plan.tail_at, chunk_kv=job.chunk_kv, prefix_slots=all_slots[:plan.start],
+                          chunk_clusters=job.chunk_clusters)
+            self.blender.check(bj)
+            return bj
+        except Exception as e:  # noqa: BLE001
+            logger.debug("kvplug: request %s not blended (%s); vLLM recomputes its tokens", plan.req_id, e)
+            self._blend_failed(job)
+            return None
+
+    def _blend_failed(self, job: LoadJob) -> None:
+        plan, bs = job.blend, self.facts.block_size
+        self._errors.update(plan.block_ids[plan.start // bs:(plan.end - 1) // bs + 1])
+        self._count(blend_errors=1)
 
     def _fail(self, req: str, key: bytes, block: int) -> None:
         if block >= 0:
@@ -205,6 +250,7 @@ class WorkerHalf:
 
     # ---- after the forward pass ---------------------------------------------------------
     def save(self, meta: KVPlugMetadata) -> None:
+        self._time_forward()
         if not meta.saves and not meta.chunk_saves:
             return
         if self._errors:
@@ -213,9 +259,21 @@ class WorkerHalf:
             return
         start = time.perf_counter()
         self.blocks.settle()
-        nbytes = self._save_blocks(meta.saves) + self._save_chunks(meta.chunk_saves)
-        self._count(saved_blocks=len(meta.saves), saved_chunks=len(meta.chunk_saves), save_bytes=nbytes,
-                    save_seconds=time.perf_counter() - start)
+        nbytes = self._save_blocks(meta.saves)
+        mid = time.perf_counter()
+        nbytes += self._save_chunks(meta.chunk_saves)
+        end = time.perf_counter()
+        self._count(saved_blocks=len(meta.saves), save_bytes=nbytes, save_seconds=end - start)
+        if meta.chunk_saves:
+            self._count(chunk_save_seconds=end - mid)
+
+    def _time_forward(self) -> None:
+        """The forward pass's seconds (metadata bound -> saves, less kvplug's own work in between)
+        against the tokens it ran: the prefill rate of the scheduler's cost gate."""
+        if self._step_t0 is not None and self._step_tokens > 0:
+            seconds = time.perf_counter() - self._step_t0 - self._step_kvplug_s
+            self._timed["forward"].append((seconds, self._step_tokens))
+        self._step_t0 = None
 
     def _save_blocks(self, saves) -> int:
         """Blocks into their CPU rows and fresh staging rows; the puts to disk and remote run once
@@ -238,15 +296,19 @@ class WorkerHalf:
         return len(saves) * self.rows.row_bytes
 
     def _save_chunks(self, saves) -> int:
-        if not saves:
+        """Chunks vLLM computed, out of the paged cache: one read for all of them (keys rotated back
+        to 0..n-1), then each packed into its rows and queued for disk / remote."""
+        if not saves or self.blender is None:  # only the blender's adapter reads chunks out of the cache
             return 0
-        if self.blender is None:  # nothing reads chunks back out of the paged cache without the blender's adapter
-            return 0
-        total, bs = 0, self.facts.block_size
+        bs = self.facts.block_size
+        reads = []
         for s in saves:
             blocks = torch.tensor(s.block_ids, dtype=torch.long)
             pos = torch.arange(s.begin, s.end)
-            payload = self.blender.chunk_payload(blocks[pos // bs] * bs + pos % bs, s.begin)
+            reads.append((blocks[pos // bs] * bs + pos % bs, s.begin))
+        total = 0
+        for s, kv in zip(saves, self.blender.read_chunks(reads)):
+            payload = self.blender.fmt.pack(kv)
             if payload.numel() != s.nbytes:
                 self._redo.append((s.req_id, s.key))
                 continue
@@ -254,6 +316,7 @@ class WorkerHalf:
                 self.rows.store(s.key, s.rows, payload, self.chunk_layout)
             self._put(s.key, payload, self.chunk_layout, s.to_disk, s.to_remote, s.ttl_s)
             total += s.nbytes
+        self._count(saved_chunks=len(saves))
         return total
 
     def _put(self, key: bytes, payload: torch.Tensor, layout: str, to_disk: bool, to_remote: bool,
@@ -268,7 +331,12 @@ class WorkerHalf:
     def take_worker_meta(self) -> KVPlugWorkerMeta | None:
         redo, self._redo = self._redo, []
         off, self._blend_off = self._blend_off, ""
-        return KVPlugWorkerMeta(redo, off) if redo or off else None
+        fetched = {req: 1 for req, job in self._fetched.items() if not job.reported}
+        for req in fetched:
+            self._fetched[req].reported = True
+        timed, self._timed = self._timed, {"forward": [], "blends": []}
+        meta = KVPlugWorkerMeta(redo, off, fetched, timed["forward"], timed["blends"])
+        return None if meta.is_empty() else meta
 
     def take_load_errors(self) -> set[int]:
         errors, self._errors = self._errors, set()

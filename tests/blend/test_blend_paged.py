@@ -98,8 +98,8 @@ def test_chunk_payload_through_read_kv_layers_equals_per_layer_reads():
     toy, paged, _, slots = run_both("LBNHC", 1.0, 0)
     paged.calls.clear()
     for b, e in ((0, 7), (27, 52)):
-        want = Blender(toy, {}).chunk_payload(slots[b:e], b)
-        got = Blender(paged, {}).chunk_payload(slots[b:e], b)
+        want = Blender(toy, {}).read_chunks([(slots[b:e], b)])[0]
+        got = Blender(paged, {}).read_chunks([(slots[b:e], b)])[0]
         assert torch.equal(got, want)
     assert paged.calls == Counter(read_kv_layers=2)
 

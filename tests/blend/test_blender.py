@@ -207,10 +207,10 @@ def test_chunk_payload_is_the_engines_kv_with_keys_back_at_zero():
     for b, e, _ in chunks:
         want = full[:, :, b:e].clone()
         want[:, 0] = rerotate_keys_ref(want[:, 0], torch.arange(b, e), torch.arange(e - b), toy.inv_freq, "neox")
-        got = blender.chunk_kv(blender.chunk_payload(torch.arange(b, e), b))
+        got = blender.fmt.kv(blender.fmt.pack(blender.read_chunks([(torch.arange(b, e), b)])[0]))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="not a stored chunk"):
-        blender.chunk_kv(torch.zeros(7, dtype=torch.uint8))
+        blender.fmt.kv(torch.zeros(7, dtype=torch.uint8))
 
 
 def test_uncacheable_chunks_are_always_recomputed():
@@ -316,6 +316,14 @@ def test_a_token_the_question_reads_outranks_a_deviating_token_it_ignores(policy
     assert blender.run(j).picked == [marker]
 
 
+def question_pass(m, tail, kv, end, start, clusters=None, top=8, at=None):
+    """One question through kvplug's batched relevance pass."""
+    from kvplug.blend.relevance import QuestionItem, drain, question_passes
+
+    item = QuestionItem(tail, end if at is None else at, kv, end, start, clusters)
+    return drain(question_passes(m, [item], top))[0]
+
+
 def question_pass_oracle(toy, tail, kv, end, start, at):
     """The question at positions at.. through the toy, one query and head at a time: softmax over
     the span's keys and its own keys up to itself; the weights on the span, averaged."""
@@ -339,8 +347,6 @@ def question_pass_oracle(toy, tail, kv, end, start, at):
 
 
 def test_the_question_pass_runs_the_question_at_its_own_positions():
-    from kvplug.blend.relevance import question_pass
-
     toy, g = Toy(seed=4), torch.Generator().manual_seed(6)
     end, start, tail = 23, 5, [3, 17, 8, 41, 2]
     kv = torch.randn(L, 2, end, KV, D, generator=g)
@@ -378,3 +384,45 @@ def test_question_attention_equals_a_plain_softmax_over_the_repeated_heads():
     p = s.masked_fill(future[None], float("-inf")).softmax(-1)
     torch.testing.assert_close(out, torch.einsum("htk,khd->thd", p, v).reshape(T, H * D), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(w, p[..., :S].sum(dim=(0, 1)), rtol=1e-5, atol=1e-5)
+
+
+# ---- batches -------------------------------------------------------------------------------
+def batch_jobs(toys, policy):
+    """Three requests over the same chunks in other orders, ratios and engine prefixes, each with
+    its own cache slots (its own blocks); the engine holds each one's prefix [0, start)."""
+    tokens, chunks, end = prompt()
+    store = DictStore()
+    warm(Blender(toys[0], store), tokens, chunks)
+    jobs = []
+    for j, (order, ratio, start) in enumerate([((0, 1, 2, 3), 0.3, 0), ((0, 2, 3, 1), 0.5, 7), ((0, 3, 1, 2), 0.0, 0)]):
+        toks, spans, at = [], [], 0
+        for c in order:
+            b, e, key = chunks[c]
+            toks += tokens[b:e]
+            spans.append((at, at + e - b, key))
+            at += e - b
+        toks += [3, 9, 27, 4]
+        base = 1000 * (j + 1)
+        for toy in toys:  # the engine's own prefill of [0, start), in this request's slots
+            ref = toy.reference_kv(toks[:start]) if start else None
+            for i in range(L):
+                if start:
+                    toy.write_kv(i, ref[i, 0], ref[i, 1], torch.arange(base, base + start))
+        jobs.append(BlendJob(toks, start, at, spans, torch.arange(base + start, base + at), ratio, policy,
+                             tail=toks[at:], prefix_slots=torch.arange(base, base + start), chunk_kv=store.d))
+    return jobs
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_a_batch_of_jobs_writes_what_each_job_writes_alone_bit_for_bit(policy):
+    alone, batched = Toy(), Toy()
+    jobs = batch_jobs([alone, batched], policy)
+    reports = [Blender(alone, None, check_layer=0, head_tokens=2).run(j) for j in jobs]
+    together = Blender(batched, None, check_layer=0, head_tokens=2).run_batch(jobs)
+    assert [(r.recomputed, r.picked, r.chunk_hits) for r in together] == \
+        [(r.recomputed, r.picked, r.chunk_hits) for r in reports]
+    assert any(r.recomputed for r in reports) and reports[2].recomputed == 0
+    for i in range(L):
+        assert alone.cache[i].keys() == batched.cache[i].keys()
+        for slot, (k, v) in alone.cache[i].items():
+            assert torch.equal(k, batched.cache[i][slot][0]) and torch.equal(v, batched.cache[i][slot][1]), (i, slot)

@@ -3,10 +3,9 @@ import pytest
 import torch
 
 from kvplug.blend import clusters as kc
-from kvplug.blend.relevance import question_attention, question_pass
+from kvplug.blend.relevance import question_attention
 from kvplug.ops.rope import rerotate_keys_ref, rope_inv_freq
-from kvplug.blend.blender import BlendReport
-from test_blender import KV, D, H, Blender, DictStore, job, planted, warm
+from test_blender import KV, D, H, Blender, DictStore, job, planted, question_pass, warm
 
 G = torch.Generator().manual_seed(7)
 
@@ -64,8 +63,8 @@ def test_the_cluster_path_finds_the_exact_paths_top_token_on_a_planted_case():
     toy, tokens, chunks, end, marker, _ = planted()
     blender = Blender(toy, DictStore(), cluster_tokens=4, cluster_min_tokens=1, cluster_top=2)
     warm(blender, tokens, chunks)
-    span, moves, _, _ = blender._gather(job(tokens, chunks, end, 0.1), BlendReport())
-    kv = blender._rotated(span, moves)  # the span starts at 0: no engine prefix
+    work = blender._gather(job(tokens, chunks, end, 0.1))
+    kv = blender._rotated(work.span, work.moves)  # the span starts at 0: no engine prefix
     tail = tokens[end:end + 4]
     exact = question_pass(toy, tail, kv, end, 0)
     clusters = {key: kc.cluster_chunk(blender.store.get(key), 4) for _, _, key in chunks}

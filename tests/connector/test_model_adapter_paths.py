@@ -96,10 +96,19 @@ def test_the_canonical_self_test_catches_a_backend_that_writes_elsewhere():
     assert why is not None and "do_kv_cache_update" in why
 
 
-def test_the_opaque_path_probes_the_backend_and_has_no_all_layer_methods():
+def test_the_opaque_path_probes_the_backend_and_reads_every_layer_with_one_index():
     m = adapter("opaque")
-    assert m._reader is not None and all(getattr(m, n, None) is None for n in OPTIONAL)
+    assert m._reader is not None and all(getattr(m, n, None) is None for n in OPTIONAL if n != "read_kv_layers")
     assert vllm_compat.self_test(m) is None
+    g = torch.Generator().manual_seed(3)
+    slots = torch.tensor([5, 0, 17, 3, 30])  # out of order, across blocks
+    for i in range(L):
+        k = torch.randn(slots.numel(), KV, D, generator=g)
+        m.write_kv(i, k, k * 2 + 1, slots)
+    every = m.read_kv_layers(slots)
+    for i in range(L):
+        k, v = m.read_kv(i, slots)
+        assert torch.equal(every[i, 0], k) and torch.equal(every[i, 1], v) and torch.equal(v, k * 2 + 1)
     # The probe learns whatever the backend does: swapped K/V read back as written.
     assert vllm_compat.self_test(adapter("opaque", FlashLikeImpl(swap=True))) is None
 

@@ -158,7 +158,7 @@ def test_late_transfers_never_put_or_load_the_wrong_bytes(tmp_path):
 
 
 F32 = EngineFacts(namespace=b"n" * 32, block_size=BS, unit_bytes=BS * 2 * 3 * 2 * 8 * 4,
-                  layer_names=F.layer_names, num_blocks=F.num_blocks, tp_size=1, chunk_token_bytes=2 * 3 * 2 * 8 * 4)
+                  layer_names=F.layer_names, num_blocks=F.num_blocks, tp_size=1, kv_heads=2, head_dim=8, itemsize=4)
 
 
 def test_a_chunk_is_read_back_from_the_paged_cache_and_blended_into_other_blocks(tmp_path):
@@ -171,16 +171,16 @@ def test_a_chunk_is_read_back_from_the_paged_cache_and_blended_into_other_blocks
     src_slots = torch.arange(begin, begin + n) + BS  # blocks 1..3 hold positions begin.. of a request
     kv = cache_kv(caches, src_slots)
     kv[:, 0] = rerotate_keys_ref(kv[:, 0], torch.arange(begin, begin + n), torch.arange(n), toy.inv_freq, "neox")
-    nbytes = n * F32.chunk_token_bytes
+    nbytes = F32.chunk_bytes(n)
     rows = tuple(range(-(-nbytes // w.rows.row_bytes)))
     w.save(KVPlugMetadata(chunk_saves=[ChunkSave("a", b"c" * 32, begin, begin + n, [1, 2, 3, 4], rows, True, False,
                                                  0.0, nbytes)]))
     assert toy.calls["read_kv_layers"] == 1 and toy.calls["read_kv"] == 0
-    torch.testing.assert_close(w.blender.chunk_kv(w.rows.read(b"c" * 32, rows).payload), kv, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.blender.fmt.kv(w.rows.read(b"c" * 32, rows).payload), kv, rtol=1e-6, atol=1e-6)
     plan = BlendPlan("b", list(range(n)), 0, n, [ChunkRef(0, n, b"c" * 32, "cpu", rows, nbytes)], 0.0, "fixed",
                      [20, 9, 30], [5, 6])
     w.load(KVPlugMetadata(blends=[plan]))
     assert not w.take_load_errors() and toy.calls["write_rerotated"] == 1 and toy.calls["write_kv"] == 0
     pos = torch.arange(n)
     dst = torch.tensor([20, 9, 30])[pos // BS] * BS + pos % BS
-    assert torch.equal(cache_kv(caches, dst), w.blender.chunk_kv(w.rows.read(b"c" * 32, rows).payload))
+    assert torch.equal(cache_kv(caches, dst), w.blender.fmt.kv(w.rows.read(b"c" * 32, rows).payload))

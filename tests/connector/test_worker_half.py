@@ -109,7 +109,7 @@ def test_a_chunk_is_saved_across_rows_and_to_disk_and_read_back_for_a_blend(tmp_
     assert len(rows) > 1
     w.save(KVPlugMetadata(chunk_saves=[ChunkSave("a", b"c" * 32, 0, n, [0, 1, 2, 3], rows, True, False, 0.0, nbytes)]))
     w.disk.flush()
-    stored = w.blender.chunk_payload(torch.arange(n), 0)
+    stored = w.blender.fmt.pack(w.blender.read_chunks([(torch.arange(n), 0)])[0])
     assert torch.equal(w.rows.read(b"c" * 32, rows).payload, stored)
     assert torch.equal(w.disk.get(b"c" * 32, "chunk-test"), stored)
     for tier, r in (("cpu", rows), ("disk", ())):
@@ -118,28 +118,37 @@ def test_a_chunk_is_saved_across_rows_and_to_disk_and_read_back_for_a_blend(tmp_
         toy.written.clear()
         w.load(KVPlugMetadata(blends=[plan]))
         assert not w.take_load_errors() and w.take_stats().data["blend_requests"] == 1
-        torch.testing.assert_close(toy.written_kv(), w.blender.chunk_kv(stored))  # ratio 0, at position 0
+        torch.testing.assert_close(toy.written_kv(), w.blender.fmt.kv(stored))  # ratio 0, at position 0
 
 
 def test_load_seconds_leave_the_blend_to_blend_seconds(monkeypatch):
-    """A step with a block load and a blend: the blend's time (a blender held up 0.3 s) counts in
-    blend_seconds only, so the two counters add up instead of counting it twice."""
+    """A step with a block load and a blend: the blend's time (a blender that takes 0.3 s of a fake
+    clock) counts in blend_seconds only, so the two counters add up instead of counting it twice."""
+    import kvplug.connector.worker as worker_mod
+
     w = worker()
     with_blender(w)
     n = 8
     w.save(KVPlugMetadata(saves=[BlockSave("r", b"k" * 32, 3, (5,), False, False, 0.0)]))
-    run = w.blender.run
+    clock = [100.0]
 
-    def slow_run(job):
-        time.sleep(0.3)
-        return run(job)
-    monkeypatch.setattr(w.blender, "run", slow_run)
+    def tick():
+        clock[0] += 0.001
+        return clock[0]
+    monkeypatch.setattr(worker_mod.time, "perf_counter", tick)
+    run_batch = w.blender.run_batch
+
+    def slow_run_batch(jobs):
+        clock[0] += 0.3
+        return run_batch(jobs)
+    monkeypatch.setattr(w.blender, "run_batch", slow_run_batch)
     plan = BlendPlan("b", list(range(n)), 0, n, [ChunkRef(0, n, None)], 1.0, "fixed", [0, 1, 2, 3], [5, 6])
     w.take_stats()
     w.load(KVPlugMetadata(loads=[BlockLoad("r", b"k" * 32, 7, "cpu", (5,))], blends=[plan]))
     stats = w.take_stats().data
-    assert stats["blend_requests"] == 1 and stats["blend_seconds"] >= 0.3
-    assert 0 < stats["load_seconds"] < 0.3
+    assert stats["blend_requests"] == 1 and 0.3 < stats["blend_seconds"] < 0.31
+    assert 0 < stats["load_seconds"] < 0.01
+    assert w.take_worker_meta().blends == [(pytest.approx(stats["blend_seconds"]), 1, n, n)]
 
 
 def test_a_blend_whose_chunk_cannot_be_loaded_fails_its_blocks_not_the_engine(tmp_path):
@@ -159,3 +168,32 @@ def test_a_demoted_chunk_is_written_to_disk_whole(tmp_path):
     w.load(KVPlugMetadata(disk_ops=[(b"q" * 32, (4, 1, 6))]))
     w.disk.flush()
     assert torch.equal(w.disk.get(b"q" * 32, "chunk-test"), payload)
+
+
+def test_an_asynchronous_blend_waits_for_blend_now_and_finishes_only_once_its_kv_is_written(tmp_path):
+    """Its chunks come from disk in the background; when they land the worker reports them fetched
+    and waits: every tensor-parallel rank must blend in the same step, which the scheduler names
+    (blend_now). Only after that step's blend wrote the KV does get_finished report the request."""
+    w = worker(tmp_path)
+    toy = with_blender(w)
+    g = torch.Generator().manual_seed(2)
+    n = 24
+    for i in range(Toy.num_layers):
+        toy.write_kv(i, torch.randn(n, 2, 8, generator=g), torch.randn(n, 2, 8, generator=g), torch.arange(n))
+    nbytes = n * toy_token_bytes()
+    w.save(KVPlugMetadata(chunk_saves=[ChunkSave("a", b"c" * 32, 0, n, [0, 1, 2, 3], (), True, False, 0.0, nbytes)]))
+    w.disk.flush()
+    toy.written.clear()
+    plan = BlendPlan("b", list(range(n)), 0, n, [ChunkRef(0, n, b"c" * 32, "disk", (), nbytes)], 0.0, "fixed",
+                     [4, 5, 6, 7], [5])
+    w.load(KVPlugMetadata(blends=[plan], async_reqs=["b"]))
+    deadline = time.monotonic() + 10
+    while not w._fetched and time.monotonic() < deadline:
+        assert w.finished_loads() == set()  # fetched or not: not finished before its blend
+        time.sleep(0.01)
+    assert w.finished_loads() == set() and toy.written == {}
+    assert w.take_worker_meta().fetched == {"b": 1}
+    assert w.take_worker_meta() is None  # reported once
+    w.load(KVPlugMetadata(blend_now=["b"]))
+    assert set(toy.written) == set(range(Toy.num_layers)) and toy.written[0][0].tolist() == list(range(64, 64 + n))
+    assert w.finished_loads() == {"b"} and w.finished_loads() == set()

@@ -107,8 +107,10 @@ def test_blend_defaults_and_round_trip():
     assert b == BlendConfig()
     assert (b.enabled, b.chunk_separator, b.recompute_ratio, b.recompute_policy) == (False, " # # ", 0.15, "query")
     assert (b.blend_check_layer, b.blend_chunk_head_tokens, b.blend_min_chunk_tokens) == (1, 2, 16)
+    assert b.blend_cost_gate is True
     extra = {"blend": True, "chunk_separator": "\n\n", "recompute_ratio": 1, "recompute_policy": "adaptive",
-             "blend_check_layer": 0, "blend_chunk_head_tokens": 8, "blend_min_chunk_tokens": 1}
+             "blend_check_layer": 0, "blend_chunk_head_tokens": 8, "blend_min_chunk_tokens": 1,
+             "blend_cost_gate": False}
     cfg = KVPlugConfig.from_dict(extra)
     assert cfg.blend.enabled is True and cfg.blend.recompute_ratio == 1.0
     assert isinstance(cfg.blend.recompute_ratio, float) and cfg.blend.blend_chunk_head_tokens == 8

@@ -55,7 +55,7 @@ def main(model_path: str, out_path: str) -> None:
     for _, _, key in chunks:  # the first request saved them from the paged cache into the CPU tier
         unit = worker.rows._units.get(key)
         if unit is not None:
-            chunk_kv[key] = blender.chunk_kv(worker.rows.read(key, unit[0]).payload)
+            chunk_kv[key] = blender.fmt.kv(worker.rows.read(key, unit[0]).payload)
 
     captured = {}
     write = blender.m.write_kv
