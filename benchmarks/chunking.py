@@ -244,6 +244,16 @@ def _times_ms(fn, repeats: int) -> list[float]:
     return times
 
 
+def headline(rows: list[dict], times: list[dict], params: dict) -> dict:
+    """The content chunker's time per request (median) and the default chunker's reuse row."""
+    default = next((r for r in rows if r["chunking"] == "content" and (r["window"], r["min"], r["target"], r["max"])
+                    == tuple(params.values())), None)
+    ms = {r["tokens"]: r["spans_and_keys_ms"] for r in times if r["chunking"] == "content"}
+    return {"chunking_ms_per_request_32k": ms[32768], "chunking_ms_per_request_4k": ms[4096],
+            "default_content_chunker": params, "default_reuse_all": default and default["reuse_all"],
+            "default_chunks_per_1k": default and default["chunks_per_1k"]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer prompts, three chunkers, fewer repeats")
@@ -274,18 +284,9 @@ def main(argv=None) -> int:
                                "mean_chunk_tokens", "reuse_plain", "reuse_markdown", "reuse_chat", "reuse_all",
                                "reuse_all_ci", "reuse_across", "cpu_bytes_per_cached_token_128"])
     serving.print_table(times, ["tokens", "chunking", "chunks", "spans_ms", "spans_and_keys_ms", "spans_and_keys_ms_min"])
-    default = next((r for r in rows if r["chunking"] == "content" and (r["window"], r["min"], r["target"], r["max"])
-                    == tuple(params.values())), None)
-    t32 = next(r for r in times if r["tokens"] == 32768 and r["chunking"] == "content")
-    headline = {"chunking_ms_per_request_32k": t32["spans_and_keys_ms"],
-                "chunking_ms_per_request_4k": next(r for r in times if r["tokens"] == 4096
-                                                   and r["chunking"] == "content")["spans_and_keys_ms"],
-                "default_content_chunker": params,
-                "default_reuse_all": default and default["reuse_all"],
-                "default_chunks_per_1k": default and default["chunks_per_1k"]}
     out = a.json or RESULTS / ("chunking_quick.json" if a.quick else "chunking.json")
     out.write_text(json.dumps({"benchmark": "chunking", "model": path, "machine": serving.machine_info(),
-                               "headline": headline,
+                               "headline": headline(rows, times, params),
                                "protocol": {"passages": len(passages), "passage_tokens": [256, 768],
                                             "prompts_per_framing": len(prompts) // len(FRAMINGS),
                                             "passages_per_prompt": 6, "min_cached_chunk_tokens": MIN_CACHED,
