@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvplug.blend.policies import POLICIES as _RECOMPUTE
+from kvplug.core.chunking import CHUNKING_MODES, MAX_WINDOW
 from kvplug.tiers.policies import POLICIES as _EVICTION
 
 # The names come from the registries, so a new policy needs no second list here.
@@ -71,9 +72,21 @@ class BlendConfig:
     enabled: bool = False
     """Blend cached chunk KV into prompts at any position, recomputing a fraction of its tokens
     (CacheBlend); user key `blend`."""
+    chunking: str = "separator"
+    """How prompts are cut into chunks: `separator` (where chunk_separator occurs) or `content`
+    (content-defined cuts from a rolling hash of the tokens: no separator needed)."""
     chunk_separator: str = " # # "
     """Prompts are split into chunks where this text occurs; the part after the last one is the
-    question and is always computed."""
+    question and is always computed (chunking `separator`)."""
+    content_chunk_window: int = 16
+    """Tokens the rolling hash of `content` chunking looks at (1 to 64): a passage's cuts past
+    its first this many tokens depend only on its own tokens."""
+    content_chunk_min_tokens: int = 32
+    """`content` chunks have at least this many tokens (no cut closer to the previous one)."""
+    content_chunk_target_tokens: int = 64
+    """Expected length of a `content` chunk in tokens (more than content_chunk_min_tokens)."""
+    content_chunk_max_tokens: int = 256
+    """`content` chunks have at most this many tokens (a cut is forced past it)."""
     recompute_ratio: float = 0.15
     """Fraction (0 to 1) of each blended request's cached-chunk tokens whose KV is recomputed."""
     recompute_policy: str = "query"
@@ -281,6 +294,7 @@ def _check_recompute(b: BlendConfig, prefix: str = "") -> None:
 def _validate_blend(b: BlendConfig, t: TierConfig) -> None:
     if not isinstance(b.chunk_separator, str) or not b.chunk_separator:
         raise ValueError(f"chunk_separator={b.chunk_separator!r}: must be a non-empty string")
+    _check_chunking(b)
     _check_recompute(b)
     if b.blend_check_layer < 0:
         raise ValueError(f"blend_check_layer={b.blend_check_layer!r}: must be an integer >= 0")
@@ -294,6 +308,26 @@ def _validate_blend(b: BlendConfig, t: TierConfig) -> None:
         raise ValueError(f"blend_cluster_min_tokens={b.blend_cluster_min_tokens!r}: must be an integer >= 0")
     if b.blend_cluster_min_tokens and not b.blend_cluster_tokens:
         raise ValueError("blend_cluster_min_tokens > 0 needs blend_cluster_tokens > 0 (no clusters are stored)")
+
+
+def _check_chunking(b: BlendConfig) -> None:
+    if b.chunking not in CHUNKING_MODES:
+        raise ValueError(f"chunking={b.chunking!r}: allowed values are {', '.join(CHUNKING_MODES)}")
+    if not 1 <= b.content_chunk_window <= MAX_WINDOW:
+        raise ValueError(f"content_chunk_window={b.content_chunk_window!r}: "
+                         f"must be an integer from 1 to {MAX_WINDOW}")
+    if b.content_chunk_min_tokens < 1:
+        raise ValueError(f"content_chunk_min_tokens={b.content_chunk_min_tokens!r}: must be an integer >= 1")
+    if b.content_chunk_target_tokens <= b.content_chunk_min_tokens:
+        raise ValueError(f"content_chunk_target_tokens={b.content_chunk_target_tokens!r}: must be more than "
+                         f"content_chunk_min_tokens ({b.content_chunk_min_tokens})")
+    if b.content_chunk_max_tokens < b.content_chunk_target_tokens:
+        raise ValueError(f"content_chunk_max_tokens={b.content_chunk_max_tokens!r}: must be at least "
+                         f"content_chunk_target_tokens ({b.content_chunk_target_tokens})")
+    gap, w = b.content_chunk_target_tokens - b.content_chunk_min_tokens, b.content_chunk_window
+    if gap >= 1 << w:  # the hash has `window` bits: a candidate at most every 2**window positions
+        raise ValueError(f"content_chunk_target_tokens - content_chunk_min_tokens = {gap}: a content_chunk_window "
+                         f"of {w} allows at most {(1 << w) - 1}; widen the window")
 
 
 def check_blend_for_model(b: BlendConfig, num_layers: int) -> None:

@@ -8,6 +8,7 @@ the same arguments give byte-identical files (checked by the smoke test).
     make_tiny_llama(path, ...) -> path                                   # family="llama"
     tiny_model_path(cache_dir=None, **kwargs) -> Path   # build once, then reuse (family= too)
     python tests/tiny_model.py [OUT_DIR] [FAMILY]       # CLI: prints the path
+    CHAT_TEMPLATE                                       # ChatML, for chat requests to these models
 
 Families (FAMILIES): "llama" (LlamaForCausalLM), "mistral" (MistralForCausalLM, full
 attention: sliding_window None, which vLLM and the blender require) and "qwen2"
@@ -48,6 +49,12 @@ from pathlib import Path
 BUILDER_VERSION = 1
 MARKER = "kvplug_tiny.json"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|bos|>", "<|pad|>"]  # ids 0, 1, 2
+# ChatML, as SmolLM2 and Qwen2 use, for chat requests to the tiny model (`--chat-template`, or
+# `apply_chat_template(..., chat_template=CHAT_TEMPLATE)`). It is not in the tokenizer's files, so
+# the models built here stay byte-identical; its markers are plain text to the tiny tokenizer.
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+                 "+ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                 "{% endif %}")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _SENTENCES = """\

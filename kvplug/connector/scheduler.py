@@ -32,7 +32,7 @@ from kvplug.config import KVPlugConfig, request_blend, request_saves
 from kvplug.connector.engine_facts import EngineFacts
 from kvplug.connector.metadata import BlendPlan, BlockLoad, BlockSave, ChunkRef, ChunkSave, KVPlugMetadata
 from kvplug.connector.stats import KVPlugStats
-from kvplug.core.chunking import chunk_key, chunk_spans, spans_from_ends
+from kvplug.core.chunking import chunk_key, chunker, spans_from_ends
 from kvplug.core.hashing import prefix_block_keys
 from kvplug.tiers.disk import ScanStats, scan_units, unit_path
 from kvplug.tiers.manager import CPU, Quota, TierManager
@@ -94,8 +94,11 @@ class SchedulerHalf:
     def __init__(self, cfg: KVPlugConfig, facts: EngineFacts, *, load: bool = True, save: bool = True,
                  separator: tuple[int, ...] = ()):
         """load/save: the kv_role - kv_both does both, kv_producer only saves, kv_consumer only loads.
-        separator: the token ids of chunk_separator (blending)."""
-        self._separator = separator
+        separator: the token ids of chunk_separator (blending, chunking "separator")."""
+        b = cfg.blend
+        self._spans = chunker(b.chunking, separator, window=b.content_chunk_window,
+                              min_tokens=b.content_chunk_min_tokens, target_tokens=b.content_chunk_target_tokens,
+                              max_tokens=b.content_chunk_max_tokens)
         self.cfg, self.facts, self.bs = cfg, facts, facts.block_size
         self._load_enabled, self._save_enabled = load, save
         self._blend_on = cfg.blend.enabled
@@ -191,7 +194,7 @@ class SchedulerHalf:
             b, ends = request_blend(self.cfg.blend, request.kv_transfer_params)
             if b is None:
                 return None
-            spans = spans_from_ends(ends, len(tokens)) if ends is not None else chunk_spans(tokens, self._separator)
+            spans = spans_from_ends(ends, len(tokens)) if ends is not None else self._spans(tokens)
         except ValueError as e:
             logger.warning("kvplug: request %s: %s; not blended", request.request_id, e)
             return None
