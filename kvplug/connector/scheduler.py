@@ -228,10 +228,11 @@ class SchedulerHalf:
 
     def _claim(self, st: _Request, start: int) -> _Claim:
         """The blend span from `start`: it ends after a cached chunk (vLLM computes at least the
-        last prompt token). Without a measured cost gate it stops before the first cacheable chunk
-        no tier holds, as vLLM then prefills everything from there; with one, the gate picks among
-        every cached chunk's end - cached chunks past a missed one are blended too, the missed
-        chunk recomputed in the same pass - or declines it all where prefilling is faster."""
+        last prompt token); cached chunks past a cacheable one no tier holds are blended too, the
+        missing one recomputed in the same pass. The cost gate picks the end (among every cached
+        chunk's) that it predicts fastest, or declines it all where prefilling is faster; before
+        it has measurements the span stops before the first missing chunk (vLLM prefills from
+        there, as without blending); with blend_cost_gate off every cached chunk is claimed."""
         chunks, limit = st.blend.chunks, st.prompt_len - 1
         todo = [i for i, (b, e, key) in enumerate(chunks) if e > start and b < limit and key is not None]
         found = dict(zip(todo, self.manager.lookup_each([chunks[i][2] for i in todo])))
@@ -248,7 +249,9 @@ class SchedulerHalf:
                 ends.append(e)
                 cached.append(n)
                 past_miss.append(missed)
-        if not (self.cfg.blend.blend_cost_gate and self.gate.ready):
+        if not self.cfg.blend.blend_cost_gate:  # blend every cached chunk, whatever it costs
+            return self._claim_to(st, start, ends[-1] if ends else start, found, todo)
+        if not self.gate.ready:  # nothing measured yet: vLLM prefills from the first miss on
             before = [e for e, m in zip(ends, past_miss) if not m]
             return self._claim_to(st, start, before[-1] if before else start, found, todo)
         options = [(e - start, round(st.blend.ratio * c) + (e - start - c), ends[-1] - e) for e, c in zip(ends, cached)]

@@ -281,3 +281,11 @@ def test_worker_timings_of_tensor_parallel_ranks_aggregate_to_the_slowest():
     b = KVPlugWorkerMeta(fetched={"b": 1, "c": 1}, forward=[(0.7, 100)], blends=[(0.1, 1, 50, 10)])
     m = a.aggregate(b)
     assert m.fetched == {"b": 2, "c": 1} and m.forward == [(0.7, 100)] and m.blends == [(0.2, 1, 50, 10)]
+
+
+def test_with_the_gate_off_every_cached_chunk_is_claimed_past_a_missed_one():
+    s = half(blend=True, blend_cost_gate=False)
+    run_prefill(s, Request("w", blend_prompt(doc(1), doc(3))), list(range(1, 10)))
+    measured(s, prefill_per_token=0.01, blend_per_job=5.0, blend_per_span_token=1e-5, blend_per_recomputed=0.006)
+    b = Request("b", blend_prompt(doc(1), doc(2), doc(3)), kv_transfer_params={"recompute_ratio": 0.2})
+    assert s.num_matched(b, 0) == (146, False)  # slow blends measured, but nothing is gated
