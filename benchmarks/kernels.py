@@ -118,7 +118,7 @@ def usable_backends(case, dev: torch.device, forced: bool) -> tuple[list[str], l
     """Backends to time and notes on the ones skipped."""
     keep, notes = [], []
     for name in case.fns:
-        if name == "cuda" and not (dev.type == "cuda" and _backend.has_cuda_op(case.op)):
+        if name == "cuda" and not (dev.type == "cuda" and _backend.has_cuda_op(case.cuda_op or case.op)):
             notes.append("cuda: kvplug._C not built with this op" if dev.type == "cuda" else "cuda: no GPU")
         elif name == "triton" and not _backend.has_triton():
             notes.append("triton: not installed")

@@ -84,3 +84,47 @@ def test_budget_keeps_time_for_later_parts():
     ctx = gpu_check.Ctx(dry=False, out=Path("."), deadline=gpu_check.time.monotonic() + 100, parts=gpu_check.PARTS)
     assert ctx.timeout("build") == pytest.approx(100 - 30 - 20 - 40, abs=1)
     assert ctx.timeout("bench") == pytest.approx(100, abs=1)
+
+
+TINY_MODULE = """#include <Python.h>
+static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&mod); }
+"""
+
+
+def test_fallback_build_command_builds_into_a_fresh_folder(tmp_path):
+    """The cpp_extension.load fallback, run as gpu_check runs it (cwd = the tree), over a tree
+    whose csrc/ holds one tiny C++ module and no build/ folder: it must build and copy kvplug/_C."""
+    (tmp_path / "csrc" / "include").mkdir(parents=True)
+    (tmp_path / "csrc" / "module.cpp").write_text(TINY_MODULE)
+    (tmp_path / "kvplug").mkdir()
+    p = subprocess.run(gpu_check._load_build_cmd(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert list((tmp_path / "kvplug").glob("_C*.so"))
+
+
+def _registered_ops() -> set[str]:
+    """The op names csrc/ registers (m.def("name(...")), read from the sources."""
+    import re
+    return {m for f in (ROOT / "csrc").glob("*.cu") for m in re.findall(r'm\.def\("(\w+)\(', f.read_text())}
+
+
+def test_block_save_load_cases_keep_their_cuda_rows(monkeypatch):
+    """On a CUDA device with kvplug._C built from csrc/, the benchmark keeps a case's cuda backend
+    exactly when the extension registers the op that backend runs; the block path's does."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kernels  # noqa: PLC0415 - benchmarks/ is not a package
+
+    registered = _registered_ops()
+    monkeypatch.setattr(kernels._backend, "has_cuda_op", lambda op: op in registered)
+    monkeypatch.setattr(kernels._backend, "has_triton", lambda: True)
+    kernels.kernel_bench.set_device("cpu")
+    seen = {}
+    for _, module in kernels.discover():
+        for case in kernels.module_cases(module, quick=True):
+            if "cuda" in case.fns:
+                keep, _ = kernels.usable_backends(case, kernels.torch.device("cuda"), forced=False)
+                seen[case.op] = "cuda" in keep
+    assert seen["save_blocks"] and seen["load_blocks"]
+    assert {op for op, kept in seen.items() if kept} == {op for op in seen if op in registered | {"save_blocks",
+                                                                                                 "load_blocks"}}

@@ -121,7 +121,10 @@ def _list_ops(ctx: Ctx) -> list[str]:
 
 
 def _load_build_cmd() -> list[str]:
-    code = ("import glob, shutil, sysconfig, torch.utils.cpp_extension as c; "
+    """torch's cpp_extension.load over csrc/, run in the tree's root; it opens <build_directory>/lock
+    first and never makes the folder itself."""
+    code = ("import glob, os, shutil, sysconfig, torch.utils.cpp_extension as c; "
+            "os.makedirs('build/gpu_check_ext', exist_ok=True); "
             "m = c.load(name='_C', sources=sorted(glob.glob('csrc/*.cu') + glob.glob('csrc/*.cpp')), "
             "extra_include_paths=['csrc/include'], extra_cflags=['-O3'], build_directory='build/gpu_check_ext', "
             "extra_cuda_cflags=['-O3', '--use_fast_math', '-gencode=arch=compute_90,code=sm_90'], verbose=True); "

@@ -20,6 +20,8 @@ Module contract (a new module dropped into this folder is picked up, kernels.py 
         ceiling  which measured bandwidth the bytes rate is a share of: "copy" (device copy,
                default), "h2d" / "d2h" (pinned host <-> device copies; the copy ceiling on CPU)
         unchecked  fns names --check skips (a peer or an old path whose output has another layout)
+        cuda_op  the op kvplug._C registers that the "cuda" backend runs (default: op); a case
+               named after a product path rather than a kernel names the kernel here
 Outputs may be a tensor or a tuple/list of tensors.
 
 Methods:
@@ -53,6 +55,7 @@ class Case:
     notes: list[str] = field(default_factory=list)
     ceiling: str = "copy"
     unchecked: tuple[str, ...] = ()
+    cuda_op: str = ""
 
 
 def device() -> torch.device:

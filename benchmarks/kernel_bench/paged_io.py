@@ -3,6 +3,7 @@ blocks of every layer between a vLLM 0.32 LBNHC cache and pinned host rows (save
 -> host, load_blocks: host -> device), Llama-3-8B blocks of 16 tokens (2 MiB a block in bf16).
 Bytes: the rows once; the share is of the pinned d2h / h2d copy ceiling. "opaque" is the
 worker's current path (BlockRows index copies, layer by layer), unchecked (other row layout).
+The cuda backend is PagedBlockIO over kvplug._C's gather_chunks (save) / scatter_chunks (load).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def _case(L: int, n: int, H: int = 8, D: int = 128, bs: int = 16, dtype=torch.bf
         ios[b].save(blocks, rows.buffer, row_ids).synchronize()
         return row_view
     yield Case("save_blocks", name, bytes=n * io.row_bytes, ceiling="d2h", unchecked=("opaque",), ref=canonical,
+               cuda_op="gather_chunks",
                fns={**{b: (lambda b=b: save(b)) for b in BACKENDS},
                     "opaque": lambda: opaque.store(row_ids.tolist(), caches, blocks.tolist())})
     io.save(blocks, rows.buffer, row_ids).synchronize()
@@ -51,7 +53,7 @@ def _case(L: int, n: int, H: int = 8, D: int = 128, bs: int = 16, dtype=torch.bf
     def load(b):
         ios[b].load(rows.buffer, row_ids, blocks).synchronize()
         return ks
-    yield Case("load_blocks", name, bytes=n * io.row_bytes, ceiling="h2d", unchecked=("opaque",),
+    yield Case("load_blocks", name, bytes=n * io.row_bytes, ceiling="h2d", unchecked=("opaque",), cuda_op="scatter_chunks",
                ref=lambda: (scatter_chunks_ref(chunk, views, slots), ks)[1],
                fns={**{b: (lambda b=b: load(b)) for b in BACKENDS},
                     "opaque": lambda: opaque.load(row_ids.tolist(), caches, blocks.tolist())})
