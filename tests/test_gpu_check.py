@@ -112,13 +112,10 @@ def _registered_ops() -> set[str]:
 def test_block_save_load_cases_keep_their_cuda_rows(monkeypatch):
     """On a CUDA device with kvplug._C built from csrc/, the benchmark keeps a case's cuda backend
     exactly when the extension registers the op that backend runs; the block path's does."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import kernels  # noqa: PLC0415 - benchmarks/ is not a package
-
+    kernels = _kernels()
     registered = _registered_ops()
     monkeypatch.setattr(kernels._backend, "has_cuda_op", lambda op: op in registered)
     monkeypatch.setattr(kernels._backend, "has_triton", lambda: True)
-    kernels.kernel_bench.set_device("cpu")
     seen = {}
     for _, module in kernels.discover():
         for case in kernels.module_cases(module, quick=True):
@@ -128,3 +125,27 @@ def test_block_save_load_cases_keep_their_cuda_rows(monkeypatch):
     assert seen["save_blocks"] and seen["load_blocks"]
     assert {op for op, kept in seen.items() if kept} == {op for op in seen if op in registered | {"save_blocks",
                                                                                                  "load_blocks"}}
+
+
+def _kernels():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kernels  # noqa: PLC0415 - benchmarks/ is not a package
+    kernels.kernel_bench.set_device("cpu")
+    return kernels
+
+
+def test_check_fails_a_backend_that_leaves_its_destination_unwritten():
+    """--check refills what an in-place op writes before each run: a backend that writes nothing
+    fails instead of passing on the values the reference (or the previous backend) left there."""
+    kernels = _kernels()
+    import kernel_bench.gather_scatter as gs  # noqa: PLC0415
+    args = type("Args", (), dict(check=True, quick=True))()
+    cases = {c.op: c for c in gs.cases(quick=True)}
+    for op in ("gather_chunks", "scatter_chunks"):
+        case = cases[op]
+        live = case.fns["torch"]()  # the destination the op fills (out, or the caches' K views)
+        case.fns = {"torch": case.fns["torch"], "noop": lambda live=live: live}
+        rows, _ = kernels.run_case(case, args, {"copy_GBps": 1.0}, forced=False)
+        got = {r["backend"]: r["check"] for r in rows}
+        assert got["torch"] == "ok" and got["noop"].startswith("FAIL"), (op, got)
+        assert all(r["ceiling_of"] == "this case's tensors" and r["ceiling_GBps"] > 0 for r in rows)
