@@ -15,17 +15,76 @@ import gpu_check  # noqa: E402
 import gpu_summary  # noqa: E402
 
 
-def test_dry_run_runs_every_cpu_part(tmp_path):
+def test_dry_run_runs_every_cpu_part_in_order_of_value(tmp_path):
     p = subprocess.run([sys.executable, "tools/gpu_check.py", "--dry-run", "--out", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [(x["name"], x["status"]) for x in report["parts"]] == [
-        ("build", "skip"), ("tests", "ok"), ("blend", "ok"), ("bench", "ok")]
+        ("build", "skip"), ("bench", "ok"), ("tests", "ok"), ("blend", "ok"), ("econ", "ok")]
     assert {t["verdict"] for t in report["targets"]} == {"n/a"} and len(report["targets"]) == 6
+    assert report["environment"]["torch"] and set(report["environment"]["tools"]) == {"nvcc", "ninja", "g++", "make"}
     assert "all parts ok" in (tmp_path / "gpu_check_summary.txt").read_text()
-    assert not (ROOT / "benchmarks" / "results" / "kernels_gpu.json").exists() or \
-        json.loads((ROOT / "benchmarks" / "results" / "kernels_gpu.json").read_text())["device"] != "cpu"
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert log.index("==== bench:") < log.index("==== tests") < log.index("==== blend") < log.index("==== econ:")
+    econ = json.loads((tmp_path / "blend_gpu.json").read_text())
+    assert set(econ["headline"]["ttft_ratio_128"]) == {"0.0", "0.05", "0.15", "0.3", "1.0"}
+    assert econ["prompts"][-1]["clusters"] and econ["results"][-1]["recomputed"] == 128
+    for name in ("kernels_gpu.json", "blend_gpu.json"):  # a dry run never writes a figure there
+        path = ROOT / "benchmarks" / "results" / name
+        assert not path.exists() or json.loads(path.read_text())["device"] != "cpu"
+
+
+def test_parts_run_benchmark_before_tests_whatever_order_is_asked(tmp_path, monkeypatch):
+    ran = []
+    for name in gpu_check.PARTS:
+        monkeypatch.setitem(gpu_check.PART_FNS, name,
+                            lambda ctx, name=name: ran.append(name) or gpu_check._result(name, "ok", 0.0, "fake"))
+    monkeypatch.setattr(gpu_check, "_environment", lambda env: dict(tools={}, warnings=[]))
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--parts", "econ,tests,bench,blend,build"]) == 0
+    assert ran == ["build", "bench", "tests", "blend", "econ"]
+
+
+SPAWNER = """
+import os, subprocess, sys, time
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+open(sys.argv[1], "w").write(f"{os.getpid()} {grandchild.pid}")
+print("bench output before the limit", flush=True)
+time.sleep(300)
+"""
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only a zombie left for its new parent to reap."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def test_part_killed_at_its_limit_leaves_its_output_a_report_and_no_process(tmp_path, monkeypatch):
+    pids, out = tmp_path / "pids", tmp_path / "out"
+
+    def bench(ctx):
+        ran = gpu_check.run_part(ctx, "bench", [sys.executable, "-c", SPAWNER, pids], ctx.timeout("bench"))
+        return gpu_check._result("bench", gpu_check._status(ran, ran.rc == 0), ran.seconds, "spawner")
+
+    seen = {}
+
+    def tests(ctx):  # the next part starts with the report already naming the killed one
+        seen.update(json.loads((ctx.out / "gpu_check.json").read_text()))
+        return gpu_check._result("tests", "ok", 0.0, "fake")
+    monkeypatch.setitem(gpu_check.PART_FNS, "bench", bench)
+    monkeypatch.setitem(gpu_check.PART_FNS, "tests", tests)
+    monkeypatch.setitem(gpu_check.CAPS_S, "bench", 4)
+    assert gpu_check.main(["--dry-run", "--out", str(out), "--parts", "bench,tests"]) == 1
+    child, grandchild = map(int, pids.read_text().split())
+    assert _gone(child) and _gone(grandchild)
+    assert "bench output before the limit" in (out / "gpu_check.log").read_text()
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert [(p["name"], p["status"]) for p in report["parts"]] == [("bench", "timeout"), ("tests", "ok")]
+    assert [(p["name"], p["status"]) for p in seen["parts"]] == [("bench", "timeout"), ("tests", "running")]
+    assert "SOME PARTS FAILED OR TIMED OUT" in (out / "gpu_check_summary.txt").read_text()
 
 
 def _row(op, case, backend, ms, **kw):
@@ -57,12 +116,18 @@ def test_targets_are_read_from_a_gpu_benchmark():
 
 
 def test_summary_fits_one_screen():
-    report = dict(mode="full", device="NVIDIA H200", torch="2.11", seconds=400.0, budget_s=470.0,
+    env = dict(cuda="13.0", triton="3.6.0", setuptools="70.0", tools=dict(nvcc="/x", ninja=None, make=None),
+               warnings=["setuptools 70.0 < 77: " + "a long warning " * 12, "no make: run python3 tools/gpu_check.py"])
+    econ = dict(headline={"full_prefill_s_4k": 0.2, "ttft_ratio_4k": {"0.0": 0.05, "1.0": 1.4},
+                          "full_prefill_s_16k": 0.9, "ttft_ratio_16k": {"0.0": 0.02, "1.0": 2.1}},
+                setup=dict(layers_used=32))
+    report = dict(mode="full", device="NVIDIA H200", torch="2.11", seconds=400.0, budget_s=470.0, environment=env,
                   parts=[dict(name=p, status="ok", seconds=1.0, detail="d") for p in gpu_check.PARTS],
                   targets=gpu_summary.evaluate(gpu_bench()), ceilings=dict(copy_GBps=4300.0),
-                  peers=gpu_summary.peers(gpu_bench()), files=["a"])
+                  peers=gpu_summary.peers(gpu_bench()), files=["a"], blend_econ=econ)
     text = gpu_summary.summary(report)
-    assert len(text.splitlines()) <= 30 and max(map(len, text.splitlines())) <= 120
+    assert len(text.splitlines()) <= 40 and max(map(len, text.splitlines())) <= 120
+    assert "missing: ninja, make" in text and "16k (full 900 ms) 0.0:0.02 1.0:2.1" in text
     assert text.endswith("all parts ok")
 
 
@@ -76,14 +141,21 @@ def test_junit_counts_backends(tmp_path):
     assert gpu_check._junit(tmp_path / "missing.xml")["tests"] == 0
 
 
-def test_fallback_build_command_is_valid_python():
-    compile(gpu_check._load_build_cmd()[2], "<load>", "exec")
+def test_streamed_pytest_lines_are_counted_with_and_without_xdist():
+    text = ("[gw0] [ 10%] PASSED tests/ops/test_rope.py::test_a[cuda-bf16]\n"
+            "tests/ops/test_rope.py::test_b[triton] PASSED [ 20%]\n"
+            "[gw1] [ 30%] FAILED tests/ops/test_rope.py::test_c[torch]\n"
+            "tests/ops/test_rope.py::test_d[cuda] SKIPPED (no GPU) [ 40%]\n")
+    c = gpu_check._streamed_counts(text)
+    assert (c["tests"], c["failures"], c["skipped"], c["cuda"], c["triton"]) == (4, 1, 1, 1, 1)
 
 
-def test_budget_keeps_time_for_later_parts():
-    ctx = gpu_check.Ctx(dry=False, out=Path("."), deadline=gpu_check.time.monotonic() + 100, parts=gpu_check.PARTS)
-    assert ctx.timeout("build") == pytest.approx(100 - 30 - 20 - 40, abs=1)
-    assert ctx.timeout("bench") == pytest.approx(100, abs=1)
+def test_budget_keeps_the_floors_of_later_parts():
+    ctx = gpu_check.Ctx(dry=False, out=Path("."), deadline=gpu_check.time.monotonic() + 400, parts=gpu_check.PARTS)
+    later = sum(gpu_check.FLOOR_S[p] for p in gpu_check.PARTS[1:])
+    assert ctx.timeout("build") == pytest.approx(400 - later, abs=1)
+    assert ctx.timeout("bench") == pytest.approx(gpu_check.CAPS_S["bench"], abs=1)
+    assert ctx.timeout("blend", used=45) == pytest.approx(gpu_check.CAPS_S["blend"] - 45, abs=1)
 
 
 TINY_MODULE = """#include <Python.h>

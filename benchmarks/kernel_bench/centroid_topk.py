@@ -1,7 +1,7 @@
 """Cases for centroid_topk (see kernel_bench's contract): Llama-3-8B query heads (32 q, 8 kv,
 head 128) against fp32 key centroids of a T-token context clustered 16 tokens per centroid.
-Decode (Q=1) is bound by reading the centroids: rate in bytes, against a copy of the centroids. A prefill chunk (Q=512) is
-bound by the dot products: rate in FLOPs (2 * Q * Hq * C * D).
+Decode (Q=1) is bound by reading the centroids: rate in bytes, against a copy of the centroids.
+A prefill chunk (Q=512) is bound by the dot products: rate in FLOPs (2 * Q * Hq * C * D).
 
 --check compares the returned scores (rtol 1e-5) and the full-score value of every returned
 index, so near-tie orders of equal scores pass (CentroidTopkCheck).
