@@ -67,15 +67,17 @@ def _sync(dev: torch.device) -> None:
 
 def _causal_attend(toy: LlamaToy, layer: torch.Tensor, n: int):
     """attend() for a full prefill: keeps K/V in layer [2, n, KV, D]; SDPA causal in the model
-    dtype (flash attention on a GPU); K/V repeated per query head so any SDPA kernel takes them."""
+    dtype, 4-D [1, H, n, D] with K/V repeated per query head: the shape flash attention takes
+    (with 3-D inputs or grouped heads SDPA may fall back to its math kernel, [H, n, n] scores)."""
     H, KV, D = toy.num_heads, toy.num_kv_heads, toy.head_dim
 
     def attend(q, k, v):
         layer[0], layer[1] = k.view(n, KV, D), v.view(n, KV, D)
-        kh = layer[0].repeat_interleave(H // KV, dim=1).transpose(0, 1)
-        vh = layer[1].repeat_interleave(H // KV, dim=1).transpose(0, 1)
-        o = F.scaled_dot_product_attention(q.view(n, H, D).transpose(0, 1), kh, vh, is_causal=True, scale=toy.scale)
-        return o.transpose(0, 1).reshape(n, H * D)
+        kh = layer[0].repeat_interleave(H // KV, dim=1).transpose(0, 1)[None]
+        vh = layer[1].repeat_interleave(H // KV, dim=1).transpose(0, 1)[None]
+        qh = q.view(n, H, D).transpose(0, 1)[None]
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=toy.scale)
+        return o[0].transpose(0, 1).reshape(n, H * D)
     return attend
 
 
