@@ -221,3 +221,33 @@ def test_check_fails_a_backend_that_leaves_its_destination_unwritten():
         got = {r["backend"]: r["check"] for r in rows}
         assert got["torch"] == "ok" and got["noop"].startswith("FAIL"), (op, got)
         assert all(r["ceiling_of"] == "this case's tensors" and r["ceiling_GBps"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("setuptools,titles", [
+    ("70.1.0", ["build (cpp_extension.load)"]),  # cannot read pyproject's PEP 639 license: setup.py never runs
+    ("78.1.1", ["build", "build (cpp_extension.load)"]),  # setup.py ran and failed: the fallback
+])
+def test_build_takes_cpp_extension_load_when_setup_py_cannot_build(tmp_path, monkeypatch, setuptools, titles):
+    ran = []
+
+    def run_part(ctx, title, cmd, limit, env=None):
+        ran.append(title)
+        return gpu_check.gpu_run.Ran(rc=1, seconds=0.1, timed_out=False)
+    monkeypatch.setattr(gpu_check, "run_part", run_part)
+    monkeypatch.setattr(gpu_check, "_list_ops", lambda ctx: [])
+    monkeypatch.setattr(gpu_check, "ensure_triton_package", lambda ctx: "linked")
+    ctx = gpu_check.Ctx(dry=False, out=tmp_path, deadline=gpu_check.time.monotonic() + 400, parts=gpu_check.PARTS,
+                        info=dict(setuptools=setuptools))
+    result = gpu_check.part_build(ctx)
+    assert ran == titles and result["status"] == "FAIL" and "cpp_extension.load" in result["detail"]
+
+
+def test_environment_warns_of_old_setuptools_missing_tools_and_another_triton(monkeypatch):
+    gpu_run = gpu_check.gpu_run
+    monkeypatch.setattr(gpu_run, "_version", lambda name: {"setuptools": "70.3.0", "triton": "3.6.0"}[name])
+    monkeypatch.setattr(gpu_run.shutil, "which", lambda name: None if name in ("make", "ninja") else f"/bin/{name}")
+    monkeypatch.setattr(gpu_run, "_nvcc_version", lambda path: "release 13.0")
+    info = gpu_run.environment()
+    text = "\n".join(gpu_run.environment_lines(info))
+    assert "setuptools 70.3.0 < 77" in text and "no ninja" in text and "no make" in text and "triton 3.6.0" in text
+    assert "make=MISSING" in text and "nvcc=/bin/nvcc" in text
