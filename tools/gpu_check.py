@@ -293,8 +293,11 @@ def part_econ(ctx: Ctx) -> dict:
     errors = [f"{r['prompt']}@{r['ratio']}" for r in rows if r.get("error")]
     missing = econ.get("not_run", [])
     ok = ran.rc == 0 and bool(rows) and not errors and not missing
+    kv_err = [r["kv_rel_error_vs_full"] for r in rows if r.get("kv_rel_error_vs_full") is not None]
     detail = gpu_summary.econ_line(econ) + (f"; errors: {', '.join(errors)}" if errors else "") + \
-        (f"; {len(missing)} not run (budget)" if missing else "")
+        (f"; {len(missing)} not run (budget)" if missing else "") + \
+        (f"; ratio-1 KV vs full prefill: rel err <= {max(kv_err):.2g}" if kv_err else "") + \
+        (f"; {econ['error']}" if econ.get("error") else "")
     return _result("econ", _status(ran, ok), ran.seconds, detail, econ=econ)
 
 
