@@ -50,8 +50,8 @@ from kvplug.config import BlendConfig  # noqa: E402
 LLAMA_8B = Shape(32, 4096, 32, 8, 128, 14336, 32000, ())
 TINY = Shape(2, 64, 4, 2, 16, 128, 100, (), 10000.0)
 RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
-FULL = dict(shape=LLAMA_8B, dtype=torch.bfloat16, prompts=(4096, 16384), chunk=512, question=32, reps=3)
-DRY = dict(shape=TINY, dtype=torch.bfloat16, prompts=(64, 128), chunk=16, question=4, reps=1)
+FULL = dict(shape=LLAMA_8B, dtype=torch.bfloat16, prompts=(4096, 16384), chunk=512, question=32, reps=3, warm_up=True)
+DRY = dict(shape=TINY, dtype=torch.bfloat16, prompts=(64, 128), chunk=16, question=4, reps=1, warm_up=False)
 RESERVE_BYTES = 12 << 30  # activations and workspace of a 16K-token layer, with room
 REL_TOL = 5e-2
 
@@ -140,7 +140,8 @@ class EconRun:
                     question_tokens=c["question"],
                     policy=b.recompute_policy, check_layer=b.blend_check_layer, head_tokens=b.blend_chunk_head_tokens,
                     cluster_tokens=b.blend_cluster_tokens, cluster_min_tokens=b.blend_cluster_min_tokens,
-                    ratios=list(RATIOS), max_timed_runs=c["reps"], kv_rel_error_expected_below=REL_TOL,
+                    ratios=list(RATIOS), max_timed_runs=c["reps"], warm_up_run=c["warm_up"],
+                    kv_rel_error_expected_below=REL_TOL,
                     full_prefill="LlamaToy layers, SDPA is_causal in the model dtype, one write_kv_layers",
                     blend="Blender.run(documents, tail=question) + Blender.run(question after them)",
                     chunk_kv="on the GPU before the clock starts (no tier load counted)")
@@ -161,10 +162,12 @@ class EconRun:
         return time.perf_counter() - start
 
     def _measure(self, fn) -> list[float] | None:
-        """A warm-up run, then up to reps timed runs while the budget allows; None when the
-        budget was spent before it started."""
+        """A warm-up run (not in the dry run: its times mean nothing), then up to reps timed runs
+        while the budget allows; None when the budget was spent before it started."""
         if time.monotonic() > self.deadline:
             return None
+        if not self.cfg["warm_up"]:
+            return [self._timed(fn) for _ in range(self.cfg["reps"])]
         warm = self._timed(fn)
         left = self.deadline - time.monotonic()
         reps = max(1, min(self.cfg["reps"], int(left / max(warm, 1e-3))))
