@@ -67,8 +67,8 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _batch_ms(fn, dev: torch.device, iters: int) -> tuple[float, float]:
-    """(device ms, host ms) per call of `iters` back-to-back calls."""
+def _batch_ms(fn, dev: torch.device, iters: int) -> tuple[float, float | None]:
+    """(device ms, host ms) per call of `iters` back-to-back calls; on CPU the two are one (None)."""
     if dev.type == "cuda":
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
@@ -82,8 +82,7 @@ def _batch_ms(fn, dev: torch.device, iters: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
-    ms = (time.perf_counter() - t0) * 1e3 / iters
-    return ms, ms
+    return (time.perf_counter() - t0) * 1e3 / iters, None
 
 
 def time_fn(fn, dev: torch.device, quick: bool) -> dict:
@@ -101,7 +100,8 @@ def time_fn(fn, dev: torch.device, quick: bool) -> dict:
     reps = 3 if one > 1000 else 5 if one > 100 else (7 if quick else 9)
     runs = [_batch_ms(fn, dev, iters) for _ in range(reps)]
     ms = [r[0] for r in runs]
-    return {"ms": statistics.median(ms), "ms_min": min(ms), "host_ms": statistics.median(r[1] for r in runs),
+    host = [r[1] for r in runs if r[1] is not None]
+    return {"ms": statistics.median(ms), "ms_min": min(ms), "host_ms": statistics.median(host) if host else None,
             "iters": iters, "reps": reps}
 
 
@@ -223,7 +223,10 @@ def format_row(r: dict) -> str:
     rate = f"{r['GBps']:9.1f} GB/s" if "GBps" in r else (f"{r['TFLOPs']:7.3f} TFLOP/s" if "TFLOPs" in r else "-")
     x = f"{r['x_torch']:6.2f}x" if r.get("x_torch") else "     -"
     pct = f"{r['pct_ceiling']:5.1f}%" if "pct_ceiling" in r else "-"
-    return f"{r['op']:<22} {r['case']:<30} {r['backend']:<8} {r['ms']:10.3f} {rate:>16} {x:>8} {pct:>7}  {r['check']}"
+    # the host took about as long to issue a call as the device to run it: dispatch, not the kernel, bounds it
+    bound = "  launch-bound" if r.get("host_ms") is not None and r["host_ms"] >= 0.9 * r["ms"] else ""
+    return f"{r['op']:<22} {r['case']:<30} {r['backend']:<8} {r['ms']:10.3f} {rate:>16} {x:>8} {pct:>7}  {r['check']}" \
+        + bound
 
 
 def device_label(dev: torch.device) -> str:

@@ -175,6 +175,7 @@ def part_build(ctx: Ctx) -> dict:
 # ---- bench ------------------------------------------------------------------------------
 def part_bench(ctx: Ctx) -> dict:
     target = ctx.out / ("kernels_dry.json" if ctx.dry else "kernels_gpu.json")
+    target.unlink(missing_ok=True)  # an earlier run's file in the same folder is not this run's
     limit = ctx.timeout("bench")
     if not ctx.dry:
         ensure_triton_package(ctx)
@@ -234,6 +235,7 @@ def _tests_detail(c: dict) -> str:
 def part_tests(ctx: Ctx) -> dict:
     base = [sys.executable, "-m", "pytest", "-v", "-ra", "-p", "no:cacheprovider"]
     junit = ctx.out / "junit.xml"
+    junit.unlink(missing_ok=True)
     if ctx.dry:  # the selection's paths must exist; the block path's tests are quick enough to run
         missing = [t for t in TEST_PATHS if not (ROOT / t).exists()]
         ran = run_part(ctx, "tests (run)", base + ["tests/tiers/test_paged_io.py", f"--junitxml={junit}"],
@@ -281,6 +283,7 @@ def part_blend(ctx: Ctx) -> dict:
 # ---- econ -------------------------------------------------------------------------------
 def part_econ(ctx: Ctx) -> dict:
     target = ctx.out / "blend_gpu.json"
+    target.unlink(missing_ok=True)
     limit = ctx.timeout("econ")
     if not ctx.dry:
         ensure_triton_package(ctx)
@@ -290,7 +293,7 @@ def part_econ(ctx: Ctx) -> dict:
     rows = econ.get("results", [])
     errors = [f"{r['prompt']}@{r['ratio']}" for r in rows if r.get("error")]
     missing = econ.get("not_run", [])
-    ok = ran.rc == 0 and bool(rows) and not errors and not missing
+    ok = ran.rc == 0 and bool(rows) and not errors  # cells the budget left out are said, as the bench's
     kv_err = [r["kv_rel_error_vs_full"] for r in rows if r.get("kv_rel_error_vs_full") is not None]
     detail = gpu_summary.econ_line(econ) + (f"; errors: {', '.join(errors)}" if errors else "") + \
         (f"; {len(missing)} not run (budget)" if missing else "") + \
