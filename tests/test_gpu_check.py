@@ -211,16 +211,20 @@ def test_check_fails_a_backend_that_leaves_its_destination_unwritten():
     fails instead of passing on the values the reference (or the previous backend) left there."""
     kernels = _kernels()
     import kernel_bench.gather_scatter as gs  # noqa: PLC0415
+    import kernel_bench.paged_io as pio  # noqa: PLC0415
     args = type("Args", (), dict(check=True, quick=True))()
-    cases = {c.op: c for c in gs.cases(quick=True)}
-    for op in ("gather_chunks", "scatter_chunks"):
-        case = cases[op]
-        live = case.fns["torch"]()  # the destination the op fills (out, or the caches' K views)
+    checked = []
+    for case in (c for module in (gs, pio) for c in module.cases(quick=True)):  # lazily, as kernels.py runs them
+        if case.op not in ("gather_chunks", "scatter_chunks", "save_blocks", "load_blocks"):
+            continue
+        live = case.fns["torch"]()  # the destination the op fills (out, the caches' K views, the rows)
         case.fns = {"torch": case.fns["torch"], "noop": lambda live=live: live}
         rows, _ = kernels.run_case(case, args, {"copy_GBps": 1.0}, forced=False)
         got = {r["backend"]: r["check"] for r in rows}
-        assert got["torch"] == "ok" and got["noop"].startswith("FAIL"), (op, got)
+        checked.append(case.op)
+        assert got["torch"] == "ok" and got["noop"].startswith("FAIL"), (case.op, got)
         assert all(r["ceiling_of"] == "this case's tensors" and r["ceiling_GBps"] > 0 for r in rows)
+    assert checked == ["gather_chunks", "scatter_chunks", "save_blocks", "load_blocks"]
 
 
 @pytest.mark.parametrize("setuptools,titles", [

@@ -33,7 +33,7 @@ Methods:
     set_device(dev)   called once by kernels.py before any cases() call
     compare(got, want, tol)   assert_close over tensors/tuples, exact for integer tensors, on
                               want's device (got is moved there if it lives elsewhere)
-    refill(*tensors, seed)    fill tensors with seeded normal values (a Case.reset)
+    refill(*tensors, seed)    fill tensors with seeded normal values, byte tensors with 0x5A (a Case.reset)
     clone_outputs(x)  deep copy of a tensor/tuple output (in-place ops return live buffers)
 """
 from __future__ import annotations
@@ -113,5 +113,5 @@ def refill(*tensors: torch.Tensor, seed: int = 1) -> None:
     for t in tensors:
         if t.is_floating_point():
             t.normal_(generator=g)
-        else:
-            t.random_(0, 128, generator=g)
+        else:  # byte rows (pinned host memory, hundreds of MB): a memset; as bf16/fp16 0x5A5A is finite
+            t.fill_(0x5A)
