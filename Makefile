@@ -66,14 +66,15 @@ model: install
 demo: model
 	$(BIN)/python benchmarks/offload.py --quick
 
-# On a GPU machine (H100/H200 with torch, triton, nvcc; no vLLM, no network needed): builds
-# kvplug._C, runs tests/ops + the block IO tests on CUDA, the blender check, the kernel
-# benchmarks; ~8 minutes; results in $$OUT (or benchmarks/results/gpu_check) and
-# benchmarks/results/kernels_gpu.json. Uses the machine's python3, not the venv.
+# On a GPU machine (H100/H200 with torch, triton, nvcc; no vLLM, no network needed), within
+# 8 minutes, most valuable first: builds kvplug._C, the kernel benchmark, tests/ops + the block
+# IO tests on CUDA, the blender check, the blend economics (TTFT vs full prefill). Files stream
+# into $$OUT (or benchmarks/results/gpu_check): gpu_check.{log,json}, gpu_check_summary.txt,
+# junit.xml, kernels_gpu.json, blend_gpu.json. Uses the machine's python3, not the venv.
 gpu-check:
 	$(PY) tools/gpu_check.py
 
-# Its CPU parts, in about a minute (CI runs them through tests/test_gpu_check.py).
+# Its CPU parts, in a minute or two (CI runs them through tests/test_gpu_check.py).
 gpu-check-dry:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) tools/gpu_check.py --dry-run
 
