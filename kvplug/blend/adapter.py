@@ -15,6 +15,11 @@ modules; tests may implement it over a toy model.
     paged_attention(i, q [T, H*D], plan) -> [T, H*D]: causal attention of each request's queries
         against what the engine's paged cache of layer i holds for it (its own kernel, faster than
         torch SDPA on CPU)
+    logits(hidden [T, hidden], residual [T, hidden] | None) -> [T, vocab]   the final norm and LM head
+        (optional: the quality guard's audit compares the question's next token under exact and
+        blended KV; without it no blend is audited)
+    all_reduce(t fp32) -> fp32 host tensor   t summed over the tensor-parallel ranks (optional; absent:
+        one rank): token scores from each rank's heads are agreed before any pick
 Optional (the blender looks them up with getattr and falls back to write_kv / read_kv per layer;
 kvplug/blend/paged_cache.py provides them over vLLM's CUDA caches, one kernel launch each):
     write_kv_layers(kv [L', 2, T, KV, D], slots [T], first_layer=0)   layers first_layer.. at once

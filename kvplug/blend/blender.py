@@ -45,7 +45,7 @@ from kvplug.blend.adapter import ModelAdapter
 from kvplug.blend.chunk_format import ChunkFormat
 from kvplug.blend.clusters import SpanClusters
 from kvplug.blend.policies import Selection
-from kvplug.blend.relevance import QuestionItem, drain, question_passes
+from kvplug.blend.relevance import QuestionItem, drain, question_logits, question_passes
 from kvplug.blend.selection import (POLICIES, adaptive_budget, chunk_heads, combine, deviation, global_budget,
                                    per_chunk_budget, pick_tokens)
 from kvplug.ops.rope import rerotate_keys
@@ -73,6 +73,7 @@ class BlendJob:
     chunk_kv: Mapping[bytes, torch.Tensor] | None = None  # cached chunks' KV; None: from the blender's store
     prefix_slots: torch.Tensor | None = None  # int64 [start]: where the engine holds [0, start); None: slots 0..
     chunk_clusters: Mapping | None = None  # cached chunks' key clusters (kvplug/blend/clusters.py), by key
+    audit: bool = False  # also compute the span exactly (scratch memory) and compare the question's logits
 
 
 @dataclass
@@ -81,6 +82,10 @@ class BlendReport:
     recomputed: int = 0  # of which recomputed in the layers after the selection
     chunk_hits: int = 0
     picked: list[int] = field(default_factory=list)  # those positions, as offsets into the span
+    # The audit (job.audit and a question): KL(exact || blended) of the next token after the
+    # question, in nats, and whether the two distributions' top tokens agree.
+    kl: float | None = None
+    top1_agree: bool | None = None
 
 
 @dataclass(eq=False)
@@ -144,6 +149,12 @@ class Blender:
 
     @torch.inference_mode()
     def _run(self, works: list[_Work]):
+        yield from self._blend(works)
+        for w in works:
+            if w.job.audit:
+                yield from self._audit(w)
+
+    def _blend(self, works: list[_Work]):
         moved = [w for w in works if w.nothing_runs]
         if moved:  # nothing runs: the moved concatenation
             self._write_moved(moved)
@@ -173,6 +184,24 @@ class Blender:
             w.report.picked = w.active.tolist()
         if unwritten:
             self._write_spans([w.kv[:, :, w.job.start:] for w in unwritten], [w.job.slots for w in unwritten])
+
+    def _audit(self, w: _Work):
+        """The quality guard's sample: the span computed exactly (every token in every layer, into
+        a copy of the blended KV, never into the engine's cache), then the question run over both;
+        fills w.report.kl (exact || blended, nats) and top1_agree. Needs the adapter's logits."""
+        tail, at = _question(w.job)
+        if not tail or getattr(self.m, "logits", None) is None:
+            return
+        blended = w.kv if w.kv is not None else self._with_prefix(w.job, self._rotated(w.span, w.moves))
+        n = w.chunk_of.numel()
+        exact = _Work(w.job, w.spec, BlendReport(), w.span, w.moves, w.chunk_of, w.begins, kv=blended.clone(),
+                      active=torch.arange(n))
+        yield from self._recompute([exact], paged=False)
+        items = [QuestionItem(tail, at, kv, w.job.end, w.job.start) for kv in (exact.kv, blended)]
+        logits = yield from question_logits(self.m, items)
+        p, q = logits.log_softmax(-1)
+        w.report.kl = float((p.exp() * (p - q)).sum())
+        w.report.top1_agree = bool(p.argmax() == q.argmax())
 
     def _relevance(self, works: list[_Work]):
         """The question's attention over each job's cached KV, for the policies that rank by it."""
@@ -297,9 +326,12 @@ class Blender:
         if job.ratio >= 1.0:  # every policy: ratio 1 is a full prefill of the span
             return torch.arange(chunk_of.numel())
         n_chunks = len(begins)
-        dev = deviation(seen["k"], seen["k_cached"], seen["v"], seen["v_cached"], spec.deviation).cpu() \
+        # Each tensor-parallel rank scores from its own heads: the scores are summed over ranks first,
+        # so every rank picks the same tokens (vLLM's layers all-reduce over the picked tokens).
+        dev = self._agree(deviation(seen["k"], seen["k_cached"], seen["v"], seen["v_cached"], spec.deviation)) \
             if spec.uses_deviation and seen else None
         rel = w.prophet if w.prophet is not None else w.question.token_relevance() if w.question is not None else None
+        rel = self._agree(rel) if rel is not None else None
         if spec.score == "deviation" or (spec.score == "mix" and rel is None):
             scores = dev
         elif spec.score == "relevance" or dev is None:
@@ -312,7 +344,7 @@ class Blender:
             always = chunk_heads(offsets, first, self.head_tokens)
         if spec.budget == "adaptive":
             sizes = [int((chunk_of == c).sum()) for c in range(n_chunks)]
-            mass = self._outside_mass(job, seen["q"], kv_layer[0], chunk_of, begins)
+            mass = self._agree(torch.tensor(self._outside_mass(job, seen["q"], kv_layer[0], chunk_of, begins))).tolist()
             relevance = [float(rel[chunk_of == c].sum()) for c in range(n_chunks)] if rel is not None \
                 else [1.0] * n_chunks
             return pick_tokens(scores, chunk_of, adaptive_budget(sizes, mass, relevance, job.ratio), always, offsets)
@@ -320,6 +352,12 @@ class Blender:
             return pick_tokens(scores, chunk_of, per_chunk_budget(chunk_of, n_chunks, job.ratio), always, offsets)
         pooled, budget = global_budget(chunk_of, job.ratio)
         return pick_tokens(scores, pooled, budget, always, offsets)
+
+    def _agree(self, scores: torch.Tensor) -> torch.Tensor:
+        """fp32 scores summed over tensor-parallel ranks (the adapter's all_reduce), on the host."""
+        reduce = getattr(self.m, "all_reduce", None)
+        scores = scores.float()
+        return (reduce(scores) if reduce is not None else scores).cpu()
 
     def _outside_mass(self, job: BlendJob, q: torch.Tensor, keys: torch.Tensor, chunk_of: torch.Tensor,
                       begins: list[int]) -> list[float]:

@@ -74,6 +74,10 @@ class HFModelAdapter:
         slots = slots.to(self.device)
         return self.kv[i, 0, slots], self.kv[i, 1, slots]
 
+    def logits(self, hidden, residual):
+        x = hidden if residual is None else hidden + residual
+        return self.model.lm_head(self.model.model.norm(x))
+
     def paged_attention(self, i, q, plan):  # pragma: no cover - paged_plan is None
         raise NotImplementedError
 

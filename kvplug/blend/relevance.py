@@ -12,6 +12,8 @@ pass: one forward_layer call per layer over all of them, attention per question 
         fp32 [end - start]: the relevance of each span token; with clusters
         (kvplug/blend/clusters.py) the question attends to the cached chunks' key clusters and
         expands only its `top` clusters to tokens
+    question_logits(model, items)          generator returning fp32 [items, vocab]: the logits after
+        each question's last token over its kv (the blend audit compares exact and blended KV)
     drain(steps) -> value                  a generator of steps run to its end
     question_attention(q, k_span, v_span, k_own, v_own, scale) -> (out, weights)
         one layer: q [T, H, D] over the span's K/V [S, KV, D] and the question's own [T, KV, D]
@@ -59,6 +61,23 @@ def question_attention(q: torch.Tensor, k_span: torch.Tensor, v_span: torch.Tens
 def question_passes(m, items: list[QuestionItem], top: int = 8):
     """Every item's question at positions at.. through every layer of adapter `m` over its kv;
     returns (as the generator's value) each one's mean attention on positions [start, end)."""
+    totals, sizes, _ = yield from _questions(m, items, top, weigh=True)
+    return [(total / (m.num_layers * m.num_heads * n))[it.start:it.end].cpu()
+            for it, n, total in zip(items, sizes, totals)]
+
+
+def question_logits(m, items: list[QuestionItem]):
+    """Every item's question through every layer over its kv; returns (as the generator's value)
+    fp32 [len(items), vocab]: the model's logits after each question's last token (the adapter's
+    logits: final norm and LM head)."""
+    _, sizes, (hidden, residual) = yield from _questions(m, items, 0, weigh=False)
+    last = torch.tensor(sizes).cumsum(0) - 1
+    rows = last.to(hidden.device)
+    return m.logits(hidden[rows], None if residual is None else residual[rows]).float()
+
+
+def _questions(m, items: list[QuestionItem], top: int, weigh: bool):
+    """The layer loop of both: (attention totals per item, question sizes, final (hidden, residual))."""
     from kvplug.blend.clusters import clustered_attention
 
     sizes = [len(it.tail) for it in items]
@@ -73,18 +92,18 @@ def question_passes(m, items: list[QuestionItem], top: int = 8):
             outs, row = [], 0
             for it, n, total in zip(items, sizes, totals):
                 qs, ks, vs, layer = q[row:row + n], k[row:row + n], v[row:row + n], it.kv[i]
-                if it.clusters is None:
+                if it.clusters is None or not weigh:
                     out, w = question_attention(qs, layer[0], layer[1], ks, vs, m.scale)
                 else:
                     out, w = clustered_attention(qs, i, it.clusters, layer, ks, vs, m.scale, top)
-                total.add_(w.to(total.device))
+                if weigh:
+                    total.add_(w.to(total.device))
                 outs.append(out)
                 row += n
             return torch.cat(outs)
         hidden, residual = m.forward_layer(i, pos, hidden, residual, attend)
         yield
-    return [(total / (m.num_layers * m.num_heads * n))[it.start:it.end].cpu()
-            for it, n, total in zip(items, sizes, totals)]
+    return totals, sizes, (hidden, residual)
 
 
 def drain(steps):

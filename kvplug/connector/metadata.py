@@ -46,6 +46,8 @@ class BlendPlan:
     block_ids: list[int] = field(default_factory=list)  # the request's blocks, from position 0
     tail: list[int] = field(default_factory=list)  # the question (the prompt after the last chunk)
     tail_at: int | None = None  # position of tail[0]; None: end (the question follows the span)
+    audit: bool = False  # the quality guard's sample: also compute the span exactly and compare
+    tenant: str = ""  # the audit's metrics label (a configured namespace, "other", or "")
 
 
 @dataclass
@@ -99,15 +101,20 @@ class KVPlugWorkerMeta(KVConnectorWorkerMetadata):
     them - loads that failed, and every save of a step in which a load failed (its forward
     pass attended to unloaded blocks, so none of its KV may be kept); once, that blending is off
     on this worker (its start-up self-test failed); asynchronous blends whose chunks this rank
-    has fetched (counted over ranks: the scheduler starts a blend when every rank has them); and
+    has fetched (counted over ranks: the scheduler starts a blend when every rank has them);
     timings for the blend cost gate: forward passes (seconds, tokens) and blend batches (seconds,
-    jobs, span tokens, recomputed tokens)."""
+    jobs, span tokens, recomputed tokens); the audited blends' KLs (the quality guard); and a digest
+    of each blend's picked tokens, compared across ranks as the metadata is aggregated."""
 
     redo: list[tuple[str, bytes]] = field(default_factory=list)  # (request id, key)
     blend_off: str = ""  # why blending is off, when it just turned off
     fetched: dict[str, int] = field(default_factory=dict)  # request id -> ranks that fetched its chunks
     forward: list[tuple[float, int]] = field(default_factory=list)
     blends: list[tuple[float, int, int, int]] = field(default_factory=list)
+    audits: list[float] = field(default_factory=list)  # KL of each audited blend (the quality guard)
+    # A digest of each blend's picked tokens, by request: every rank must pick the same tokens.
+    picks: dict[str, int] = field(default_factory=dict)
+    pick_mismatches: int = 0  # blends whose ranks picked different tokens (found by aggregate)
 
     def aggregate(self, other: "KVPlugWorkerMeta") -> "KVPlugWorkerMeta":
         # Tensor-parallel ranks report the same units; keep each (request, key) once.
@@ -119,10 +126,15 @@ class KVPlugWorkerMeta(KVConnectorWorkerMetadata):
         # Ranks time the same steps and batches in lock-step: the slowest rank is the step's time.
         self.forward = _slowest(self.forward, other.forward)
         self.blends = _slowest(self.blends, other.blends)
+        self.audits = self.audits or other.audits  # every rank computes the same (gathered) logits
+        self.pick_mismatches += other.pick_mismatches + sum(
+            1 for req, digest in other.picks.items() if self.picks.get(req, digest) != digest)
+        self.picks = {**other.picks, **self.picks}
         return self
 
     def is_empty(self) -> bool:
-        return not (self.redo or self.blend_off or self.fetched or self.forward or self.blends)
+        return not (self.redo or self.blend_off or self.fetched or self.forward or self.blends or self.audits
+                    or self.picks or self.pick_mismatches)
 
 
 def _slowest(a: list[tuple], b: list[tuple]) -> list[tuple]:

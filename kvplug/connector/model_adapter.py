@@ -16,6 +16,8 @@ internals it relies on are in vllm_compat.
         request; paged_plan is None on other backends, where the blender uses torch SDPA over its
         own copy of the KV
     write_kv(i, k, v, slots) / read_kv(i, slots) -> (k, v)   per-token K/V of layer i in and out
+    logits(hidden, residual)        the model's final norm and LM head (the blend audit)
+    all_reduce(t)                   t summed over the tensor-parallel ranks (agreed token picks)
     backend_write(i, k, v, slots)   the backend's own write op, whatever kv_io (for the self-test)
     cache(i)                        layer i's paged cache tensor
 """
@@ -49,6 +51,7 @@ class VLLMModelAdapter:
         arch = type(model).__name__
         if arch not in SUPPORTED:
             raise ValueError(f"blend supports {', '.join(SUPPORTED)}; this model is {arch} (set blend=false)")
+        self._model = model
         inner = model.model
         if getattr(inner, "start_layer", 0) != 0 or getattr(inner, "end_layer", len(inner.layers)) != len(inner.layers):
             raise ValueError("blend does not support pipeline parallelism")
@@ -135,6 +138,12 @@ class VLLMModelAdapter:
     def _read_layers(self, slots, first_layer=0, num_layers=None):
         last = self.num_layers if num_layers is None else first_layer + num_layers
         return self._reader.read_layers(self._caches[first_layer:last], slots)
+
+    def all_reduce(self, t):
+        return compat.tp_all_reduce(t, self.device)
+
+    def logits(self, hidden, residual):
+        return compat.final_logits(self._model, hidden, residual)
 
     def paged_attention(self, i, q, plan):
         """q [T, H*D] at the plan's positions, against layer i's paged cache at positions <= each."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvplug.blend.cost_gate import CostGate
+from kvplug.blend.guard import QualityGuard
 from kvplug.config import KVPlugConfig, request_blend, request_saves
 from kvplug.connector.engine_facts import EngineFacts
 from kvplug.connector.metadata import BlendPlan, BlockLoad, BlockSave, ChunkRef, ChunkSave, KVPlugMetadata
@@ -90,6 +91,11 @@ def _explores(req_id: str) -> bool:
     return zlib.crc32(req_id.encode()) % EXPLORE_EVERY == 0
 
 
+def _samples(req_id: str, rate: float) -> bool:
+    """Whether the quality guard audits this request's blend: a fixed share of request ids."""
+    return zlib.crc32(b"audit:" + req_id.encode()) < rate * 2 ** 32
+
+
 class SchedulerHalf:
     def __init__(self, cfg: KVPlugConfig, facts: EngineFacts, *, load: bool = True, save: bool = True,
                  separator: tuple[int, ...] = ()):
@@ -125,6 +131,9 @@ class SchedulerHalf:
         self._fetched: dict[str, int] = {}  # asynchronous blends: ranks whose chunks are in memory
         self._blend_now: list[str] = []  # ... all of them: blended on every rank in the next step
         self.gate = CostGate()  # blend only where it is predicted faster than prefill (blend_cost_gate)
+        b = cfg.blend
+        self.guard = QualityGuard(b.blend_max_kl) if b.enabled and b.blend_max_kl else None
+        self._guard_floor: float | None = None  # a change of the guard's floor, to report as a gauge
         self._meta = KVPlugMetadata()
         self._stats: dict[str, int] = {}
         if self._disk_root:
@@ -202,7 +211,8 @@ class SchedulerHalf:
             return None
         chunks = [(lo, hi, chunk_key(self.facts.namespace, tokens[lo:hi], request.cache_salt)
                    if hi - lo >= b.blend_min_chunk_tokens else None) for lo, hi in spans]
-        return _Blend(b.recompute_ratio, b.recompute_policy, chunks)
+        floor = self.guard.floor if self.guard is not None else 0.0
+        return _Blend(max(b.recompute_ratio, floor), b.recompute_policy, chunks)
 
     def num_matched(self, request, num_computed: int) -> tuple[int, bool]:
         if not self._load_enabled or num_computed % self.bs or request.prompt_token_ids is None:
@@ -341,7 +351,13 @@ class SchedulerHalf:
         q0 = chunks[-1][1] if chunks and chunks[-1][1] < len(tokens) else claim.end
         q0 = max(q0, claim.end)
         self._meta.blends.append(BlendPlan(st.req_id, list(tokens[:claim.end]), claim.start, claim.end, refs,
-                                           st.blend.ratio, st.blend.policy, block_ids, list(tokens[q0:]), q0))
+                                           st.blend.ratio, st.blend.policy, block_ids, list(tokens[q0:]), q0,
+                                           audit=_samples(st.req_id, self.cfg.blend.blend_audit_rate),
+                                           tenant=self._tenant(st.namespace)))
+
+    def _tenant(self, salt: str) -> str:
+        """A bounded metrics label: a configured namespace, "" without a salt, else "other"."""
+        return salt if not salt or salt in self.cfg.namespaces else "other"
 
     def _count_claim(self, claim: _Claim) -> None:
         self._count(blend_chunk_misses=claim.misses, blend_chunk_hits=len(claim.tiers),
@@ -425,6 +441,14 @@ class SchedulerHalf:
             self.gate.observe_prefill(seconds, tokens)
         for seconds, jobs, span, recomputed in meta.blends:
             self.gate.observe_blend(seconds, jobs, span, recomputed)
+        if meta.pick_mismatches:
+            self._count(blend_pick_mismatches=meta.pick_mismatches)
+            logger.error("kvplug: %d blend(s) whose tensor-parallel ranks picked different tokens", meta.pick_mismatches)
+        for kl in meta.audits:
+            change = self.guard.observe(kl) if self.guard is not None else None
+            if change:
+                logger.warning("kvplug: %s", change)
+                self._guard_floor = self.guard.floor
         for req, ranks in meta.fetched.items():
             self._fetched[req] = self._fetched.get(req, 0) + ranks
             if self._fetched[req] >= self.facts.tp_size:  # every rank has the chunks: blend in lock-step
@@ -461,5 +485,7 @@ class SchedulerHalf:
     def take_stats(self) -> KVPlugStats | None:
         c = self.manager.counters.take()
         self._count(cpu_evictions=c["cpu_evictions"], disk_evictions=c["disk_evictions"])
-        stats, self._stats = KVPlugStats.new(**self._stats), {}
+        gauges = {} if self._guard_floor is None else {"blend_guard_ratio": self._guard_floor}
+        self._guard_floor = None
+        stats, self._stats = KVPlugStats.new(gauges=gauges, **self._stats), {}
         return None if stats.is_empty() else stats

@@ -1,7 +1,9 @@
 """kvplug's counters, carried by vLLM's KVConnectorStats to its log line and Prometheus.
 
 Both halves report: the scheduler its hits, misses and evictions; the worker bytes moved,
-time spent and errors. vLLM aggregates the two per step.
+time spent and errors. vLLM aggregates the two per step, and sums the workers' reports: with
+tensor parallelism the bytes and file errors (PER_RANK) come from every rank, every other counter
+from rank 0 alone, so the totals add up.
 
     KVPlugStats.new(**counts)   a stats object with the given counters
     aggregate / reduce / reset / is_empty   the KVConnectorStats contract
@@ -52,46 +54,102 @@ FIELDS = {
     "blend_explored": "claims blended although the cost gate predicted prefill faster (to keep its blend "
                       "timings current)",
     "blend_batches": "blend batches run (every blend ready in a step runs as one batch)",
+    "blend_pick_mismatches": "blends whose tensor-parallel ranks picked different tokens (must stay 0: their KV "
+                             "would be wrong)",
     "blend_errors": "blends that failed (their tokens were recomputed by vLLM)",
     "blend_seconds": "seconds spent blending before forward passes",
 }
 
 
+# With tensor parallelism each rank moves its own shard of every unit: these are summed over ranks.
+# Every other counter counts events all ranks share (requests, tokens, hits, seconds of lock-step
+# work) and is reported by rank 0 alone.
+PER_RANK = frozenset({"load_bytes", "save_bytes", "disk_write_bytes", "disk_read_bytes", "remote_write_bytes",
+                      "remote_read_bytes", "disk_corrupt", "disk_write_errors", "remote_errors", "remote_corrupt"})
+
+# Not counters: the blend audits (a list of [tenant, kl, top1 agreement]: a histogram and per-tenant
+# counters on /metrics) and the quality guard's recompute-ratio floor (a gauge: the latest value).
+AUDITS = "blend_audit"
+GAUGES = {"blend_guard_ratio": "the quality guard's floor on the recompute ratio (0: the guard is not raising it)"}
+KL_BUCKETS = (0.0001, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+
+
 @dataclass
 class KVPlugStats(KVConnectorStats):
     @classmethod
-    def new(cls, **counts: float) -> "KVPlugStats":
-        unknown = set(counts) - set(FIELDS)
+    def new(cls, audits: list | None = None, gauges: dict | None = None, **counts: float) -> "KVPlugStats":
+        unknown = set(counts) - set(FIELDS) | set(gauges or {}) - set(GAUGES)
         if unknown:
             raise ValueError(f"unknown kvplug counters {sorted(unknown)}")
-        return cls(data={k: v for k, v in counts.items() if v})
+        data = {k: v for k, v in counts.items() if v}
+        if audits:
+            data[AUDITS] = [list(a) for a in audits]
+        data.update(gauges or {})
+        return cls(data=data)
 
     def reset(self) -> None:
         self.data = {}
 
     def aggregate(self, other: KVConnectorStats) -> "KVPlugStats":
         for k, v in (other.data or {}).items():
-            self.data[k] = self.data.get(k, 0) + v
+            if k == AUDITS:
+                self.data[k] = self.data.get(k, []) + v
+            elif k in GAUGES:
+                self.data[k] = v
+            else:
+                self.data[k] = self.data.get(k, 0) + v
         return self
 
     def reduce(self) -> dict[str, int | float]:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in sorted(self.data.items())}
+        out = {k: round(v, 4) if isinstance(v, float) else v for k, v in sorted(self.data.items()) if k != AUDITS}
+        audits = self.data.get(AUDITS)
+        if audits:
+            out["blend_audits"] = len(audits)
+            out["blend_audit_kl_mean"] = round(sum(a[1] for a in audits) / len(audits), 5)
+            out["blend_audit_top1"] = round(sum(bool(a[2]) for a in audits) / len(audits), 3)
+        return out
 
     def is_empty(self) -> bool:
         return not any(self.data.values())
 
 
 class KVPlugPromMetrics(KVConnectorPromMetrics):
+    """One counter `vllm:kvplug_<name>` per FIELDS entry, the guard's gauge, and the audits: the
+    histogram `vllm:kvplug_blend_audit_kl` and the counters `vllm:kvplug_blend_audits` and
+    `vllm:kvplug_blend_audit_top1_agree`, labelled by tenant."""
+
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._engines = per_engine_labelvalues
         self._counters: dict[tuple[int, str], Any] = {}
         for name, doc in FIELDS.items():
             counter = self._counter_cls(name=f"vllm:kvplug_{name}", documentation=doc, labelnames=labelnames)
             for engine, values in per_engine_labelvalues.items():
                 self._counters[(engine, name)] = counter.labels(*values)
+        self._gauges = {name: self._gauge_cls(name=f"vllm:kvplug_{name}", documentation=doc, labelnames=labelnames,
+                                              multiprocess_mode="mostrecent")
+                        for name, doc in GAUGES.items()}
+        tenant = [*labelnames, "tenant"]
+        self._kl = self._histogram_cls(name="vllm:kvplug_blend_audit_kl", labelnames=tenant, buckets=KL_BUCKETS,
+                                       documentation="KL(exact || blended) of the next token after the question, "
+                                                     "nats, per audited blend (blend_audit_rate)")
+        self._audits = self._counter_cls(name="vllm:kvplug_blend_audits", labelnames=tenant,
+                                         documentation="blends audited against an exact computation of their span")
+        self._agree = self._counter_cls(name="vllm:kvplug_blend_audit_top1_agree", labelnames=tenant,
+                                        documentation="audited blends whose next-token top choice equals the exact one")
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        values = self._engines.get(engine_idx, ())
         for name, value in transfer_stats_data.items():
-            counter = self._counters.get((engine_idx, name))
-            if counter is not None and value > 0:
-                counter.inc(value)
+            if name == AUDITS:
+                for tenant, kl, agree in value:
+                    self._kl.labels(*values, tenant).observe(kl)
+                    self._audits.labels(*values, tenant).inc()
+                    if agree:
+                        self._agree.labels(*values, tenant).inc()
+            elif name in GAUGES:
+                self._gauges[name].labels(*values).set(value)
+            else:
+                counter = self._counters.get((engine_idx, name))
+                if counter is not None and value > 0:
+                    counter.inc(value)

@@ -13,6 +13,8 @@ blending off with one warning naming the vLLM version instead of failing every r
     group_kernel_blocks(cache, num_blocks)  a layer's cache viewed block-major
     kv_write(attn, k, v, cache, slots)  the backend's own paged-cache write
     is_cpu_backend(attn) / cpu_paged_metadata(attn, ...) / cpu_paged_attention(attn, ...)
+    final_logits(model, hidden, residual)   final norm + compute_logits (the blend audit)
+    tp_all_reduce(t, device)            t summed over the tensor-parallel ranks
     rope_frequencies(rotary_emb)        (inv_freq fp32, "neox"|"gptj"), or ValueError
     layer_tag(vllm_config)              attention implementation and ISA (block interiors differ)
     PagedKVReader(attn, cache)          per-token K/V read back from paged caches of any layout
@@ -138,6 +140,23 @@ def cpu_paged_attention(attn, q: torch.Tensor, cache: torch.Tensor, metadata) ->
     out = torch.empty_like(q)
     attn.impl.forward(attn, q, None, None, cache, metadata, out)
     return out
+
+
+def tp_all_reduce(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t summed over the tensor-parallel group (every rank must call it), back on the host."""
+    from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
+
+    if get_tensor_model_parallel_world_size() == 1:
+        return t.cpu()
+    return tensor_model_parallel_all_reduce(t.to(device).contiguous()).cpu()
+
+
+def final_logits(model, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """The model's logits after its last decoder layer: its final norm (which adds the residual, as
+    LlamaModel.forward ends) and compute_logits (gathered across tensor-parallel ranks: every rank
+    must call it)."""
+    out = model.model.norm(hidden) if residual is None else model.model.norm(hidden, residual)[0]
+    return model.compute_logits(out)
 
 
 def rope_frequencies(rotary_emb) -> tuple[torch.Tensor, str]:

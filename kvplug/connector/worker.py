@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ from kvplug.connector import vllm_compat
 from kvplug.connector.engine_facts import EngineFacts
 from kvplug.connector.loads import AsyncLoader, LoadJob
 from kvplug.connector.metadata import KVPlugMetadata, KVPlugWorkerMeta
-from kvplug.connector.stats import KVPlugStats
+from kvplug.connector.stats import PER_RANK, KVPlugStats
 from kvplug.tiers.block_io import BlockPath, choose_block_io
 from kvplug.tiers.cpu import UnitRows
 from kvplug.tiers.disk import DiskStore
@@ -78,6 +79,10 @@ class WorkerHalf:
         self._step_t0: float | None = None  # when this step's metadata was bound
         self._step_tokens, self._step_kvplug_s = 0, 0.0
         self._timed: dict[str, list] = {"forward": [], "blends": []}  # for the scheduler's cost gate
+        # Audited blends: (tenant, KL, top-1 agreement) for the stats, their KLs for the scheduler's guard.
+        self._audits: list[tuple[str, float, bool]] = []
+        self._audit_kls: list[float] = []
+        self._picks: dict[str, int] = {}  # request -> digest of its blend's picks (ranks must agree)
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.facts.layer_names if n not in kv_caches]
@@ -204,8 +209,12 @@ class WorkerHalf:
                 for job, _ in runnable:
                     self._blend_failed(job)
                 reports = []
-            for r in reports:
+            for (job, _), r in zip(runnable, reports):
                 self._count(blend_requests=1, blend_tokens=r.tokens, blend_recomputed_tokens=r.recomputed)
+                self._picks[job.req_id] = zlib.crc32(torch.tensor(r.picked, dtype=torch.int64).numpy().tobytes())
+                if r.kl is not None:
+                    self._audits.append((job.blend.tenant, r.kl, r.top1_agree))
+                    self._audit_kls.append(r.kl)
             if reports:
                 seconds = time.perf_counter() - start
                 self._count(blend_seconds=seconds, blend_batches=1)
@@ -230,7 +239,7 @@ class WorkerHalf:
                           [(c.begin, c.end, c.key if c.tier is not None else None) for c in plan.chunks],
                           all_slots[plan.start:], plan.ratio, plan.policy, block_table=blocks, tail=plan.tail,
                           tail_at=plan.tail_at, chunk_kv=job.chunk_kv, prefix_slots=all_slots[:plan.start],
-                          chunk_clusters=job.chunk_clusters)
+                          chunk_clusters=job.chunk_clusters, audit=plan.audit)
             self.blender.check(bj)
             return bj
         except Exception as e:  # noqa: BLE001
@@ -335,7 +344,9 @@ class WorkerHalf:
         for req in fetched:
             self._fetched[req].reported = True
         timed, self._timed = self._timed, {"forward": [], "blends": []}
-        meta = KVPlugWorkerMeta(redo, off, fetched, timed["forward"], timed["blends"])
+        kls, self._audit_kls = self._audit_kls, []
+        picks, self._picks = self._picks, {}
+        meta = KVPlugWorkerMeta(redo, off, fetched, timed["forward"], timed["blends"], kls, picks)
         return None if meta.is_empty() else meta
 
     def take_load_errors(self) -> set[int]:
@@ -357,7 +368,11 @@ class WorkerHalf:
             r = self.remote.stats.take()
             self._count(remote_write_bytes=r.bytes_written, remote_read_bytes=r.bytes_read,
                         remote_errors=r.timeouts + r.write_errors + r.dropped, remote_corrupt=r.corrupt)
-        stats, self._stats = KVPlugStats.new(**self._stats), {}
+        if self.tp_rank:  # ranks run in lock-step: events are counted once, on rank 0
+            self._stats = {k: v for k, v in self._stats.items() if k in PER_RANK}
+            self._audits = []
+        stats, self._stats = KVPlugStats.new(audits=self._audits, **self._stats), {}
+        self._audits = []
         return None if stats.is_empty() else stats
 
     def close(self) -> None:

@@ -50,6 +50,10 @@ class Toy:
         out = attend(q.reshape(-1, H * D), k.reshape(-1, KV * D), v.reshape(-1, KV * D))
         return out @ self.w[i]["o"], x
 
+    def logits(self, hidden, residual):  # final RMS norm, tied embeddings
+        x = hidden if residual is None else hidden + residual
+        return (x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()) @ self.emb.T
+
     def write_kv(self, i, k, v, slots):
         self.written[i] = (slots.clone(), k.clone(), v.clone())
         cache = self.cache.setdefault(i, {})

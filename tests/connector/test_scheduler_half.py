@@ -289,3 +289,27 @@ def test_with_the_gate_off_every_cached_chunk_is_claimed_past_a_missed_one():
     measured(s, prefill_per_token=0.01, blend_per_job=5.0, blend_per_span_token=1e-5, blend_per_recomputed=0.006)
     b = Request("b", blend_prompt(doc(1), doc(2), doc(3)), kv_transfer_params={"recompute_ratio": 0.2})
     assert s.num_matched(b, 0) == (146, False)  # slow blends measured, but nothing is gated
+
+
+# ---- the quality guard -------------------------------------------------------------------------
+def test_audited_kls_raise_the_recompute_ratio_of_new_requests_and_report_the_floor():
+    s = half(blend=True, blend_max_kl=0.05, blend_audit_rate=1.0)
+    run_prefill(s, Request("w", blend_prompt(doc(1), doc(3))), list(range(1, 10)))
+    s.take_stats()
+    s.on_worker_meta(KVPlugWorkerMeta(audits=[0.4, 0.6, 0.5]))  # a window of badly wrong blends
+    assert s.take_stats().data["blend_guard_ratio"] == 0.15
+    b = Request("b", blend_prompt(doc(3), doc(1)), kv_transfer_params={"recompute_ratio": 0.05})
+    n, _ = s.num_matched(b, 0)
+    s.after_alloc(b, list(range(20, 30)), n)
+    (plan,) = s.build_meta(step_new(b, list(range(20, 30)), n, len(b.prompt_token_ids) - n)).blends
+    assert plan.ratio == 0.15 and plan.audit and plan.tenant == ""  # the floor beats the request's 0.05
+
+
+def test_a_fixed_share_of_requests_is_audited_and_tenants_are_bounded_labels():
+    from kvplug.connector.scheduler import _samples
+
+    ids = [f"req-{i}" for i in range(4000)]
+    share = sum(_samples(r, 0.01) for r in ids) / len(ids)
+    assert 0.005 < share < 0.015 and all(_samples(r, 1.0) for r in ids[:50]) and not any(_samples(r, 0.0) for r in ids)
+    s = half(blend=True, namespaces={"team-a": {"cpu_bytes": 1e5}})
+    assert (s._tenant("team-a"), s._tenant(""), s._tenant("some-user-1234")) == ("team-a", "", "other")

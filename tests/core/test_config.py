@@ -119,10 +119,10 @@ def test_blend_defaults_and_round_trip():
     assert b == BlendConfig()
     assert (b.enabled, b.chunk_separator, b.recompute_ratio, b.recompute_policy) == (False, " # # ", 0.15, "query")
     assert (b.blend_check_layer, b.blend_chunk_head_tokens, b.blend_min_chunk_tokens) == (1, 2, 16)
-    assert b.blend_cost_gate is True
+    assert b.blend_cost_gate is True and (b.blend_audit_rate, b.blend_max_kl) == (0.01, 0.0)
     extra = {"blend": True, "chunk_separator": "\n\n", "recompute_ratio": 1, "recompute_policy": "adaptive",
              "blend_check_layer": 0, "blend_chunk_head_tokens": 8, "blend_min_chunk_tokens": 1,
-             "blend_cost_gate": False}
+             "blend_cost_gate": False, "blend_audit_rate": 0.5, "blend_max_kl": 0.05}
     cfg = KVPlugConfig.from_dict(extra)
     assert cfg.blend.enabled is True and cfg.blend.recompute_ratio == 1.0
     assert isinstance(cfg.blend.recompute_ratio, float) and cfg.blend.blend_chunk_head_tokens == 8
@@ -183,3 +183,10 @@ def test_content_chunking_keys_and_their_defaults():
     assert (cfg.blend.chunking, cfg.blend.content_chunk_max_tokens) == ("content", 48)
     d = cfg.to_dict()
     assert KVPlugConfig.from_dict({k: d[k] for k in BLEND_USER_KEYS}) == cfg
+
+
+@pytest.mark.parametrize("extra, key", [({"blend_audit_rate": 1.5}, "blend_audit_rate"),
+                                        ({"blend_audit_rate": 0, "blend_max_kl": 0.1}, "blend_max_kl")])
+def test_bad_quality_guard_settings_name_the_key(extra, key):
+    with pytest.raises(ValueError, match=key):
+        KVPlugConfig.from_dict({"blend": True, **extra})
