@@ -7,6 +7,7 @@ host pool agree without talking to each other.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import vllm
@@ -16,6 +17,8 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from kvplug.blend.chunk_format import chunk_nbytes
 from kvplug.config import KVPlugConfig
 from kvplug.core.hashing import namespace_digest
+
+logger = logging.getLogger("kvplug")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,12 @@ class EngineFacts:
         parallel = vllm_config.parallel_config
         if parallel.pipeline_parallel_size > 1:
             raise ValueError("KVPlugConnector does not support pipeline parallelism yet (pipeline_parallel_size > 1)")
+        if getattr(parallel, "nnodes", 1) > 1 and cfg.tiers.disk_path:
+            # Each rank writes its own file of a unit and a unit is a hit only when every rank's file is
+            # there: ranks on other nodes must see the same folder.
+            logger.warning("kvplug: the engine spans %d nodes: disk_path=%s must be one shared file system mounted "
+                           "at the same path on every node, or no unit will ever be found on disk",
+                           parallel.nnodes, cfg.tiers.disk_path)
         spec = groups[0].kv_cache_spec
         layer_names = tuple(groups[0].layer_names)
         model = vllm_config.model_config

@@ -32,6 +32,8 @@ def run(spec: dict) -> dict:
     tp = spec.get("tensor_parallel_size", 1)
     if tp > 1:
         kwargs.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
+        # vLLM's CPU workers bind their threads per NUMA node unless told which cores: one each here.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(r % os.cpu_count()) for r in range(tp)))
     llm = LLM(model=spec["model"], enforce_eager=True, max_model_len=2048, dtype="float32", seed=0,
               enable_prefix_caching=spec.get("enable_prefix_caching", True), disable_log_stats=False, **kwargs)
     sp = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 12), logprobs=3)

@@ -67,7 +67,9 @@ def test_blend_at_ratio_one_with_tp2_matches_vllm_alone(runs):
     alone, kvplug = runs
     assert_same_outputs(kvplug[5], (alone[5], 0))
     c = kvplug[5]["counters"]
-    assert c["blend_requests"] == 1 and c["blend_chunk_hits"] == 4 and c["blend_seconds"] > 0
+    # Once, not once per rank (blend_seconds is a float: vLLM's offline get_metrics truncates counters
+    # to whole numbers, so a sub-second blend reads 0 there; /metrics has the exact value).
+    assert c["blend_requests"] == 1 and c["blend_batches"] == 1 and c["blend_chunk_hits"] == 4
     assert c["blend_tokens"] == c["blend_recomputed_tokens"]
 
 
