@@ -8,7 +8,7 @@
   counters, summed over their label sets.
 - ``percentile(values, q)`` / ``summarize(values)``: linear-interpolation percentiles.
 - ``print_table(rows, columns)`` / ``format_table(rows, columns)``: plain-text table.
-- ``free_port()``, ``machine_info()``.
+- ``free_port()``, ``machine_info()``, ``omp_binding(log)``, ``kv_cache_tokens(log)``.
 
 Invariants: the server binds 127.0.0.1 only; a server that dies or does not become healthy
 raises ``ServerError`` carrying the tail of its log; the process is always terminated (then
@@ -288,6 +288,15 @@ def omp_binding(log_text: str) -> str | None:
 
     found = re.findall(r"core ids=(\[[\d, ]*\])", log_text)
     return found[-1] if found else None
+
+
+def kv_cache_tokens(log_text: str) -> int | None:
+    """vLLM's own KV cache size in tokens as its start-up log states it ("KV cache size: 8,192
+    tokens"), or None: every configuration of a comparison must get the same."""
+    import re
+
+    found = re.findall(r"KV cache size: ([\d,]+) tokens", log_text)
+    return int(found[-1].replace(",", "")) if found else None
 
 
 def same_cpu_threads_env(env: dict, reserved_cpus: int = 1) -> dict:
