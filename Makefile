@@ -65,6 +65,8 @@ model: install
 
 demo: model
 	$(BIN)/python benchmarks/offload.py --quick
+	# Blending: a short retrieval trace on vLLM alone, offload alone and offload + blend.
+	$(BIN)/python benchmarks/serve.py --demo
 
 # On a GPU machine (H100/H200 with torch, triton, nvcc; no vLLM, no network needed): builds
 # kvplug._C, runs tests/ops + the block IO tests on CUDA, the blender check, the kernel
