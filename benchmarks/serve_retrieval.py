@@ -42,7 +42,7 @@ RET_QUICK = RET_FULL
 DEMO = ("ret_vllm", "ret_kvplug_cpu", "ret_kvplug_blend")
 # --demo (make demo): the retrieval trace alone, three servers, float32 (bf16 GEMMs are ~4x slower
 # on CPUs without AMX), small documents and few requests: a few minutes on 2 cores.
-DEMO_SIZES = {"ret_requests": 10, "ret_docs": 40, "ret_doc_min_tokens": 64, "ret_doc_max_tokens": 160,
+DEMO_SIZES = {"ret_requests": 10, "ret_docs": 20, "ret_doc_min_tokens": 64, "ret_doc_max_tokens": 160,
               "ret_k_min": 3, "ret_k_max": 5, "max_tokens": 8, "concurrency": 2}
 # The workload's defaults (the 48-request trace repeats 72% of its document occurrences).
 SIZES = {"ret_docs": 200, "ret_doc_min_tokens": 256, "ret_doc_max_tokens": 768, "ret_k_min": 4, "ret_k_max": 8}

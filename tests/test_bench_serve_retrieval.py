@@ -84,7 +84,7 @@ def test_demo_presets_retrieval_only_float32_small():
     assert [c.name for c in serve.selected(a)] == list(serve_retrieval.DEMO)
     assert serve_neighbours_selected(a) == [] and a.dtype == "float32"
     assert a.json == serve.RESULTS / "serve_demo.json" and a.previous is None
-    assert (a.ret_requests, a.ret_docs, a.max_tokens, a.concurrency) == (10, 40, 8, 2)
+    assert (a.ret_requests, a.ret_docs, a.max_tokens, a.concurrency) == (10, 20, 8, 2)
     assert (a.fresh_requests, a.bench_serve_requests) == (0, 0)
     a = serve.parse_args(["--demo", "--ret-requests", "4", "--dtype", "bfloat16"])
     assert (a.ret_requests, a.dtype) == (4, "bfloat16")  # what the command line says wins
