@@ -380,9 +380,9 @@ def server_args(args, per_tok: int, traces: dict, group: str) -> list[str]:
     if group == "retrieval" and serve_traces.RETRIEVAL in traces:
         need = traces[serve_traces.RETRIEVAL][1]["prompt_tokens_max"] + args.max_tokens
         max_len = max(max_len, -(-need // BLOCK) * BLOCK)
-    if max_len > args.vllm_kv_blocks * BLOCK:
-        raise SystemExit(f"--vllm-kv-blocks {args.vllm_kv_blocks} holds {args.vllm_kv_blocks * BLOCK} tokens: "
-                         f"below the {max_len} a request of the {group} group may need")
+    if max_len > (args.vllm_kv_blocks - 1) * BLOCK:  # vLLM keeps a block's worth of its budget back
+        raise SystemExit(f"--vllm-kv-blocks {args.vllm_kv_blocks} holds {(args.vllm_kv_blocks - 1) * BLOCK} tokens "
+                         f"of a request: below the {max_len} a request of the {group} group may need")
     return ["--enforce-eager", "--dtype", args.dtype, "--max-model-len", str(max_len),
             "--enable-prefix-caching", "--seed", "0",
             "--kv-cache-memory-bytes", str(args.vllm_kv_blocks * BLOCK * per_tok)]

@@ -121,7 +121,8 @@ def build(args, runs, workload, plan, per_tok, serve_args, wall_s, load, expecte
         "blend": {n: {k: r["stats"][k] for k in BLEND_SUMMARY_KEYS}
                   for n, r in runs.items() if (r["extra_config"] or {}).get("blend")},
         "config_details": {n: {k: r.get(k) for k in ("description", "extra_config", "server_start_s", "warm_up",
-                                                      "omp_core_ids", "load", "counters")} for n, r in runs.items()},
+                                                      "omp_core_ids", "vllm_kv_cache_tokens", "load", "counters")}
+                           for n, r in runs.items()},
         "requests": {n: r["requests"] for n, r in runs.items()},
         "definitions": DEFINITIONS,
         "notes": ["disk tier: the OS page cache was not dropped, so disk hits may be served from RAM",
@@ -180,4 +181,8 @@ def print_report(report: dict) -> None:
     cores.update({n: c.get("omp_core_ids") for n, c in (report.get("neighbours") or {}).get("configs", {}).items()})
     if len(set(cores.values())) > 1:
         print(f"WARNING: configurations computed on different cores: {cores}")
+    details = {**report["config_details"], **(report.get("retrieval") or {}).get("config_details", {})}
+    kv = {n: d.get("vllm_kv_cache_tokens") for n, d in details.items()}
+    if len(set(kv.values()) - {None}) > 1:
+        print(f"WARNING: vLLM's own KV cache differs between configurations (tokens): {kv}")
     print(f"load average: {report['load_average']}")

@@ -186,7 +186,8 @@ def section(runs: dict[str, dict], info: dict, expected: list[str]) -> dict:
         configs[n] = {**with_ratios(r["stats"], base), **agreement(texts, ref_texts)}
     configs = with_oracle_share(configs, ORACLE)
     details = {n: {k: r.get(k) for k in ("description", "extra_config", "server_start_s", "warm_up",
-                                         "omp_core_ids", "load", "counters")} for n, r in runs.items()}
+                                         "omp_core_ids", "vllm_kv_cache_tokens", "load", "counters")}
+               for n, r in runs.items()}
     return {"workload": info, "failed_configs": [n for n in expected if n not in runs], "configs": configs,
             "fresh_pass": {n: r["fresh_pass"] for n, r in runs.items() if r.get("fresh_pass")},
             "vllm_bench": next((r["vllm_bench"] for r in runs.values() if r.get("vllm_bench")), None),

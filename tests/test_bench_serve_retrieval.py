@@ -305,3 +305,26 @@ def test_bench_compare_ratio_and_noise():
     assert far["within_noise"] is False
     failed = serve_vllm_bench.compare(ours, [{"error": "vllm bench serve failed (pandas)"}])
     assert failed["ratio"] is None and "no successful" in failed["note"]
+
+
+def test_after_trace_hook_runs_the_fresh_pass_and_the_bench_check_where_asked(monkeypatch, tmp_path):
+    import serve_vllm_bench as vb
+    calls = []
+    monkeypatch.setattr(serve_retrieval, "fresh_pass", lambda url, model, fresh, conc, desc: calls.append(
+        ("fresh", desc, len(fresh), conc)) or {"requests": len(fresh)})
+    monkeypatch.setattr(vb, "check", lambda url, model, reqs, conc, work, env, config="": calls.append(
+        ("bench", config, len(reqs))) or {"config": config})
+    args = serve.parse_args(["--traces", "retrieval", "--bench-serve-requests", "3", "--fresh-concurrency", "1"])
+    args.model = "m"
+    trace, fresh = _ret_trace(), _ret_trace(n=2)
+    after = serve.after_trace_hook(args, fresh, trace, tmp_path, {})
+    out = {n: after("http://x", serve.CONFIGS[n]) for n in RET}
+    assert set(out["ret_vllm"]) == {"fresh_pass", "vllm_bench"} and set(out["ret_kvplug_cpu"]) == {"fresh_pass"}
+    assert out["ret_kvplug_blend_oracle"] == {}  # its documents are all stored: no fresh pass
+    assert calls[:2] == [("fresh", "ret_vllm fresh", 2, 1), ("bench", "ret_vllm", 3)]
+
+
+def test_vllm_kv_cache_tokens_from_the_log():
+    import serving
+    log = "INFO [kv_cache_utils.py:2327] CPU KV cache size: 8,192 tokens, Maximum concurrency for 5,120 tokens"
+    assert serving.kv_cache_tokens(log) == 8192 and serving.kv_cache_tokens("nothing") is None
