@@ -6,9 +6,10 @@ model in one Python process), timed, then timed again under cProfile.
                                          [--rounds 2] [--json PATH]
 
 A run is a configuration and its CPU reservation, `name[:reserved]` (vllm, kvplug_cpu; reserved
-= VLLM_CPU_NUM_OF_RESERVED_CPU, default 1 as serve.py pins it, `none` leaves it unset: vLLM then
-reserves one more core when a KV connector is configured, and on 2 cores drops the
-reservation). Each run is a fresh child process: the model loads, one short request, then the
+= VLLM_CPU_NUM_OF_RESERVED_CPU, default 1 as serve.py pins it; the child then gets the OpenMP
+threads and core binding vLLM's multiprocess executor gives a `vllm serve` worker, which an
+in-process engine does not set up: OMP_NUM_THREADS = the cores left, GOMP_CPU_AFFINITY = them;
+`none` leaves all three unset). Each run is a fresh child process: the model loads, one short request, then the
 retrieval trace's prompts in one `LLM.generate` (greedy, ignore_eos), timed (wall_s), then the
 same prompts again under a fresh cache_salt with cProfile on (profiled_wall_s; cProfile slows
 Python code, so its shares are of the profiled wall). Reported per run: wall, OpenMP threads
@@ -142,6 +143,10 @@ def run_child(run: str, args) -> dict:
         env.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
     else:
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = reserved
+        # What vLLM's multiprocess executor gives a `vllm serve` worker (utils/ompmultiprocessing.py):
+        # the cores left after the reservation, one OpenMP thread each, bound. In-process nobody does.
+        cores = list(range(max(1, (os.cpu_count() or 1) - int(reserved))))
+        env.update(OMP_NUM_THREADS=str(len(cores)), GOMP_CPU_AFFINITY=",".join(map(str, cores)))
     argv = [a for a in sys.argv[1:]] + ["--child", run, "--model", args.model]
     proc = subprocess.run([sys.executable, __file__, *argv], env=env, capture_output=True, text=True, timeout=7200)
     line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")), None)

@@ -245,6 +245,9 @@ def test_headline_zero_denominator_and_guard_ratio_only_when_selected():
     rep["configs"]["kvplug_blend_audit"] = _stats("kvplug_blend_audit", 0.86, "main")
     rep["configs"]["kvplug_blend_audit_off"] = _stats("kvplug_blend_audit_off", 0.88, "main")
     assert serve_headline.headline(rep)[0]["guard_rps_ratio"] == pytest.approx(0.86 / 0.88)
+    rep["retrieval"]["workload"]["repeat_share"] = 0.45  # a short (quick) trace: the figure, and a note
+    values, notes, _ = serve_headline.headline(rep)
+    assert values["retrieval_repeat_share"] == 0.45 and "below the 0.6" in notes["retrieval_repeat_share"]
     del rep["configs"]["kvplug_blend_audit"]
     rep["failed_configs"] = ["kvplug_blend_audit"]  # selected, failed start-up (a kvplug without the key)
     values, notes, _ = serve_headline.headline(rep)
