@@ -163,7 +163,8 @@ def run_config(cfg: ServeConfig, extra: dict | None, args, trace, env, serve_arg
     log = work / f"{cfg.name}.log"
     print(f"== {cfg.name}: {cfg.description}; extra_config={extra} (log {log})", flush=True)
     t0 = time.monotonic()
-    with serving.start_server(args.model, extra, env, None, log, serve_args, cwd=work) as url:
+    with serving.start_server(args.model, extra, env, None, log, serve_args, cwd=work,
+                              pin_cpus=args.reserved_cpus >= 0) as url:
         start_s = time.monotonic() - t0
         # A short untimed request first: one-time lazy set-up is not charged to the trace.
         serving.stream_request(url, args.model, "Hello, my name is", 2)
@@ -248,7 +249,11 @@ def parse_args(argv):
                    help=f"eviction policies, '' = skip (quick {','.join(POLICIES_QUICK)}; else all six)")
     serve_neighbours.add_args(p)
     serve_retrieval.add_args(p)
-    p.add_argument("--reserved-cpus", type=int, default=1)
+    p.add_argument("--reserved-cpus", type=int, default=1,
+                   help="VLLM_CPU_NUM_OF_RESERVED_CPU of every server (same cores with and without a connector); "
+                        "-1 leaves vLLM's own choice, which on 2 cores gives a server with a KV connector 2 OpenMP "
+                        "threads and one without 1 (the retrieval and rag_sessions traces; the neighbours case "
+                        "always pins)")
     p.add_argument("--kvplug-rev", default=None,
                    help="run the servers on kvplug as committed at this git revision (default: working tree)")
     return _defaults(p.parse_args(argv), argv)
@@ -394,7 +399,10 @@ def server_env(args, work: Path) -> dict:
     from offload import kvplug_source
 
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VLLM_CPU_KVCACHE_SPACE")}
-    env = serving.same_cpu_threads_env(env, args.reserved_cpus)
+    if args.reserved_cpus >= 0:
+        env = serving.same_cpu_threads_env(env, args.reserved_cpus)
+    else:
+        env.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
     if args.kvplug_rev is None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env, args.kvplug_source = kvplug_source(args.kvplug_rev, work, env)
