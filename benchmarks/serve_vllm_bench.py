@@ -97,7 +97,14 @@ def compare(ours: list[dict], theirs: list[dict]) -> dict:
 
 def check(url: str, model: str, requests: list[Request], concurrency: int, work: Path, env: dict,
           rounds: int = 2, config: str = "") -> dict:
-    """Alternate this script's clients and `vllm bench serve` `rounds` times on one server."""
+    """Alternate this script's clients and `vllm bench serve` `rounds` times on one server
+    (nothing runs when vLLM's custom dataset cannot be read: pandas missing)."""
+    head = {"config": config, "requests": len(requests), "concurrency": concurrency, "rounds": rounds}
+    probe = subprocess.run([sys.executable, "-c", "import pandas"], env=env, capture_output=True, text=True)
+    if probe.returncode != 0:
+        note = "vllm bench serve's custom dataset reads JSONL with pandas, which this environment lacks: pip install pandas"
+        print(f"  [vllm bench] skipped: {note}", flush=True)
+        return {**head, "ours": [], "vllm_bench": [], "ratio": None, "within_noise": None, "note": note}
     dataset = work / "vllm_bench_trace.jsonl"
     write_vllm_custom(requests, dataset)
     lengths = sorted({r.max_tokens for r in requests})
@@ -110,8 +117,7 @@ def check(url: str, model: str, requests: list[Request], concurrency: int, work:
                                 work, env))
         if "error" in theirs[-1]:
             print(f"  [vllm bench] {theirs[-1]['error'][-400:]}", flush=True)
-    return {"config": config, "requests": len(requests), "concurrency": concurrency, "rounds": rounds,
-            **compare(ours, theirs)}
+    return {**head, **compare(ours, theirs)}
 
 
 def print_result(res: dict) -> None:

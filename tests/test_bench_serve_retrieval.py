@@ -331,3 +331,12 @@ def test_vllm_kv_cache_tokens_from_the_log():
     import serving
     log = "INFO [kv_cache_utils.py:2327] CPU KV cache size: 8,192 tokens, Maximum concurrency for 5,120 tokens"
     assert serving.kv_cache_tokens(log) == 8192 and serving.kv_cache_tokens("nothing") is None
+
+
+def test_bench_check_runs_nothing_without_pandas(tmp_path, monkeypatch):
+    import subprocess as sp
+    monkeypatch.setattr(serve_vllm_bench, "run_ours", lambda *a, **k: pytest.fail("ran without pandas"))
+    monkeypatch.setattr(serve_vllm_bench.subprocess, "run", lambda cmd, **kw: sp.CompletedProcess(cmd, 1, "", "No module"))
+    res = serve_vllm_bench.check("http://x", "m", _ret_trace(n=2), 2, tmp_path, {}, config="ret_vllm")
+    assert res["ratio"] is None and "pandas" in res["note"] and res["ours"] == res["vllm_bench"] == []
+    serve_vllm_bench.print_result(res)
