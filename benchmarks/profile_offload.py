@@ -17,6 +17,8 @@ and vLLM's KV cache blocks, kvplug's counters (save_seconds, load_seconds, hit t
 from the profile: seconds inside kvplug (own time of functions under kvplug/), the connector
 entry points (cumulative), vLLM's model forward, the scheduler, and the top functions by own
 time. Runs alternate over --rounds so drift on a shared machine hits every configuration.
+Offline, LLM.get_metrics() hands counters over as integers (vllm/v1/metrics/reader.py): kvplug's
+*_seconds counters arrive truncated to whole seconds, so the seconds come from the profile.
 """
 from __future__ import annotations
 
@@ -164,22 +166,22 @@ def main(argv=None) -> int:
         return 0
     runs = [r for r in args.runs.split(",") if r]
     results = []
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     for rnd in range(args.rounds):
         for run in runs:
             print(f"== round {rnd}: {run}", flush=True)
             res = run_child(run, args)
             print(f"   {res.get('wall_s', res.get('error', '')[-300:])}", flush=True)
-            results.append({**res, "round": rnd})
-    report = {"benchmark": "profile_offload", "argv": sys.argv[1:], "dtype": args.dtype, "requests": args.requests,
-              "results": results, "loadavg": os.getloadavg()}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1) + "\n")
+            results.append({**res, "round": rnd, "loadavg_after": os.getloadavg()})
+            report = {"benchmark": "profile_offload", "argv": sys.argv[1:], "dtype": args.dtype,
+                      "requests": args.requests, "results": results}
+            args.json.write_text(json.dumps(report, indent=1) + "\n")  # after each run: a long run keeps its part
     for r in results:
         p = r.get("profile", {})
         kv = r.get("counters", {})
         print(f"{r['run']:>16} round {r['round']}: wall {r.get('wall_s', float('nan')):.2f} s, omp {r.get('omp_threads')}, "
-              f"kv blocks {r.get('vllm_kv_blocks')}, save_s {kv.get('save_seconds', 0):.3f}, "
-              f"load_s {kv.get('load_seconds', 0):.3f}; profiled {p.get('profiled_wall_s', float('nan')):.2f} s, "
+              f"kv blocks {r.get('vllm_kv_blocks')}, saved blocks {kv.get('saved_blocks', 0)}, "
+              f"hit tokens {kv.get('cpu_hit_tokens', 0)}; profiled {p.get('profiled_wall_s', float('nan')):.2f} s, "
               f"in the connector's entry points {p.get('connector_cum_s', 0):.2f} s (wait_for_save "
               f"{p.get('connector_entry_points', {}).get('wait_for_save', {}).get('cum_s', 0):.2f} s)")
     print(f"wrote {args.json}")
