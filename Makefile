@@ -66,6 +66,8 @@ model: install
 
 demo: model
 	$(BIN)/python benchmarks/offload.py --quick
+	# Blending: a short retrieval trace on vLLM alone, offload alone and offload + blend.
+	$(BIN)/python benchmarks/serve.py --demo
 
 # On a GPU machine (H100/H200 with torch, triton, nvcc; no vLLM, no network needed), within
 # 8 minutes, most valuable first: builds kvplug._C, the kernel benchmark, tests/ops + the block
