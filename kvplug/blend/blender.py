@@ -47,7 +47,7 @@ from kvplug.blend.clusters import SpanClusters
 from kvplug.blend.policies import Selection
 from kvplug.blend.relevance import QuestionItem, drain, question_logits, question_passes
 from kvplug.blend.selection import (POLICIES, adaptive_budget, chunk_heads, combine, deviation, global_budget,
-                                   per_chunk_budget, pick_tokens)
+                                   per_chunk_budget, pick_tokens, relevance_budget)
 from kvplug.ops.rope import rerotate_keys
 
 QUESTION_TOKENS = 256  # the relevance passes run at most the question's last 256 tokens
@@ -212,7 +212,8 @@ class Blender:
         items = []
         for w in need:
             tail, at = _question(w.job)
-            items.append(QuestionItem(tail, at, w.kv, w.job.end, w.job.start, self._span_clusters(w.job)))
+            items.append(QuestionItem(tail, at, w.kv, w.job.end, w.job.start, self._span_clusters(w.job),
+                                      w.spec.relevance_layers))
         results = yield from question_passes(self.m, items, self.cluster_top)
         for w, rel in zip(need, results):
             w.prophet = rel
@@ -325,7 +326,6 @@ class Blender:
         job, spec, chunk_of, begins, seen = w.job, w.spec, w.chunk_of, w.begins, w.seen
         if job.ratio >= 1.0:  # every policy: ratio 1 is a full prefill of the span
             return torch.arange(chunk_of.numel())
-        n_chunks = len(begins)
         # Each tensor-parallel rank scores from its own heads: the scores are summed over ranks first,
         # so every rank picks the same tokens (vLLM's layers all-reduce over the picked tokens).
         dev = self._agree(deviation(seen["k"], seen["k_cached"], seen["v"], seen["v_cached"], spec.deviation)) \
@@ -342,16 +342,26 @@ class Blender:
         if spec.heads and self.head_tokens > 0:
             offsets, first = _chunk_offsets(job, chunk_of, begins)
             always = chunk_heads(offsets, first, self.head_tokens)
-        if spec.budget == "adaptive":
-            sizes = [int((chunk_of == c).sum()) for c in range(n_chunks)]
-            mass = self._agree(torch.tensor(self._outside_mass(job, seen["q"], kv_layer[0], chunk_of, begins))).tolist()
-            relevance = [float(rel[chunk_of == c].sum()) for c in range(n_chunks)] if rel is not None \
-                else [1.0] * n_chunks
-            return pick_tokens(scores, chunk_of, adaptive_budget(sizes, mass, relevance, job.ratio), always, offsets)
-        if spec.budget == "per_chunk":
-            return pick_tokens(scores, chunk_of, per_chunk_budget(chunk_of, n_chunks, job.ratio), always, offsets)
+        groups, budgets = self._budgets(w, rel, always, kv_layer)
+        return pick_tokens(scores, groups, budgets, always, offsets)
+
+    def _budgets(self, w: _Work, rel: torch.Tensor | None, always: torch.Tensor | None, kv_layer):
+        """(groups, budgets) for pick_tokens: one pooled budget of round(ratio x cached tokens), or the
+        policy's split of it over chunks (groups = chunk_of)."""
+        job, spec, chunk_of, n_chunks = w.job, w.spec, w.chunk_of, len(w.begins)
+        sizes = [int((chunk_of == c).sum()) for c in range(n_chunks)]
+        chunk_rel = [float(rel[chunk_of == c].sum()) for c in range(n_chunks)] if rel is not None else [1.0] * n_chunks
         pooled, budget = global_budget(chunk_of, job.ratio)
-        return pick_tokens(scores, pooled, budget, always, offsets)
+        if spec.budget == "adaptive":
+            mass = self._agree(torch.tensor(self._outside_mass(job, w.seen["q"], kv_layer[0], chunk_of, w.begins)))
+            return chunk_of, adaptive_budget(sizes, mass.tolist(), chunk_rel, job.ratio)
+        if spec.budget == "per_chunk":
+            return chunk_of, per_chunk_budget(chunk_of, n_chunks, job.ratio)
+        if spec.budget == "relevance":
+            heads = [int(always[chunk_of == c].sum()) if always is not None else 0 for c in range(n_chunks)]
+            if budget[0] > sum(heads):  # else the heads alone exceed it: the pooled pick takes them in order
+                return chunk_of, relevance_budget(sizes, chunk_rel, budget[0], heads)
+        return pooled, budget
 
     def _agree(self, scores: torch.Tensor) -> torch.Tensor:
         """fp32 scores summed over tensor-parallel ranks (the adapter's all_reduce), on the host."""

@@ -9,7 +9,8 @@ pass: one forward_layer call per layer over all of them, attention per question 
 
     QuestionItem(tail, at, kv, end, start, clusters=None)   one question and the KV it reads
     question_passes(model, items, top=8)   generator (yields after each layer) returning, per item,
-        fp32 [end - start]: the relevance of each span token; with clusters
+        fp32 [end - start]: the relevance of each span token (attention averaged over the item's
+        `layers`: all of them, the last half, or the most concentrated one); with clusters
         (kvplug/blend/clusters.py) the question attends to the cached chunks' key clusters and
         expands only its `top` clusters to tokens
     question_logits(model, items)          generator returning fp32 [items, vocab]: the logits after
@@ -27,6 +28,9 @@ from dataclasses import dataclass
 import torch
 
 
+LAYERS = ("all", "late", "peak")  # every layer; the last half (A3); the one where it is most concentrated
+
+
 @dataclass
 class QuestionItem:
     tail: list[int]  # the question's tokens
@@ -35,6 +39,7 @@ class QuestionItem:
     end: int
     start: int  # relevance is returned for positions [start, end)
     clusters: object = None  # SpanClusters for a long span, else None: every token attended to
+    layers: str = "all"  # which layers' attention counts: one of LAYERS
 
 
 def question_attention(q: torch.Tensor, k_span: torch.Tensor, v_span: torch.Tensor, k_own: torch.Tensor,
@@ -62,8 +67,20 @@ def question_passes(m, items: list[QuestionItem], top: int = 8):
     """Every item's question at positions at.. through every layer of adapter `m` over its kv;
     returns (as the generator's value) each one's mean attention on positions [start, end)."""
     totals, sizes, _ = yield from _questions(m, items, top, weigh=True)
-    return [(total / (m.num_layers * m.num_heads * n))[it.start:it.end].cpu()
+    return [_by_layers(total[:, it.start:it.end] / (m.num_heads * n), it.layers).cpu()
             for it, n, total in zip(items, sizes, totals)]
+
+
+def _by_layers(per_layer: torch.Tensor, layers: str) -> torch.Tensor:
+    """[span] relevance from [L, span] per-layer attention: the mean over every layer, over the last
+    half, or the single layer whose attention over the span is most concentrated (lowest entropy)."""
+    if layers == "all":
+        return per_layer.mean(0)
+    if layers == "late":
+        return per_layer[per_layer.shape[0] // 2:].mean(0)
+    p = per_layer / per_layer.sum(-1, keepdim=True).clamp(min=1e-30)
+    entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)
+    return per_layer[int(entropy.argmin())]
 
 
 def question_logits(m, items: list[QuestionItem]):
@@ -84,7 +101,8 @@ def _questions(m, items: list[QuestionItem], top: int, weigh: bool):
     pos = torch.cat([torch.arange(it.at, it.at + len(it.tail)) for it in items]).to(m.device)
     ids = torch.tensor([t for it in items for t in it.tail], dtype=torch.long, device=m.device)
     hidden, residual = m.embed(ids), None
-    totals = [torch.zeros(it.end, dtype=torch.float32, device=m.device) for it in items]
+    totals = [torch.zeros((m.num_layers, it.end), dtype=torch.float32, device=m.device) if weigh else None
+              for it in items]
     for i in range(m.num_layers):
         def attend(q, k, v, i=i):
             q, k = q.view(-1, m.num_heads, m.head_dim), k.view(-1, m.num_kv_heads, m.head_dim)
@@ -97,7 +115,7 @@ def _questions(m, items: list[QuestionItem], top: int, weigh: bool):
                 else:
                     out, w = clustered_attention(qs, i, it.clusters, layer, ks, vs, m.scale, top)
                 if weigh:
-                    total.add_(w.to(total.device))
+                    total[i].add_(w.to(total.device))
                 outs.append(out)
                 row += n
             return torch.cat(outs)

@@ -78,7 +78,7 @@ def essays(smollm):
 
     model, tok = smollm
     out = []
-    for tokens, chunks, end in essay_prompts(tok, n_prompts=3, docs=3, doc_tokens=70):
+    for tokens, chunks, end in essay_prompts(tok, n_prompts=3, docs=3, doc_tokens=50):
         store = DictStore()
         for b_, e_, key in chunks:
             if key is not None:

@@ -430,3 +430,13 @@ def test_a_batch_of_jobs_writes_what_each_job_writes_alone_bit_for_bit(policy):
         assert alone.cache[i].keys() == batched.cache[i].keys()
         for slot, (k, v) in alone.cache[i].items():
             assert torch.equal(k, batched.cache[i][slot][0]) and torch.equal(v, batched.cache[i][slot][1]), (i, slot)
+
+
+def test_relevance_budgets_follow_the_question_after_the_heads_and_add_up():
+    from kvplug.blend.selection import relevance_budget
+
+    # 30 tokens: 3 reserved heads, the other 27 split 1:2:0 by relevance, no chunk above its size
+    assert relevance_budget([20, 40, 10], [0.1, 0.2, 0.0], 30, [0, 2, 1]) == [9, 20, 1]
+    assert relevance_budget([5, 40, 10], [0.5, 0.5, 0.0], 30, [0, 0, 0]) == [5, 25, 0]  # capped chunk 0
+    assert sum(relevance_budget([9, 9, 9], [1.0, 1.0, 1.0], 10)) == 10  # largest remainders: exactly 10
+    assert relevance_budget([9, 9], [0.0, 0.0], 5, [1, 1]) == [1, 1]  # nobody read: the heads only
