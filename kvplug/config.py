@@ -113,6 +113,10 @@ class BlendConfig:
     it is faster than prefilling it; the rest vLLM prefills. With it, cached chunks after one no
     tier holds are blended too (the missing one recomputed in the same pass) where that pays.
     false: claim every cached chunk up to the first missing one, whatever it costs."""
+    blend_async: bool = False
+    """Blends go through vLLM's asynchronous load path: a claimed request waits while every other
+    request's steps go on, and its blend runs (batched) in a later step on every rank, then the
+    request resumes. false: blends run before the forward pass of the step that claims them."""
     blend_audit_rate: float = 0.01
     """Share (0 to 1) of blended requests the quality guard audits: their span is also computed
     exactly (scratch memory, never the engine's cache) and the question's next-token distribution

@@ -231,10 +231,13 @@ class SchedulerHalf:
             self._claims[request.request_id] = claim
         if claim is None or not claim.tiers:
             return len(tiers) * self.bs, self._async(slow)
-        return claim.end - num_computed, self._async(slow + [t for t in claim.tiers.values() if t != CPU])
+        return claim.end - num_computed, self._async(slow + [t for t in claim.tiers.values() if t != CPU], blend=True)
 
-    def _async(self, slow_tiers: list[str]) -> bool:
-        return self.cfg.tiers.async_loads and bool(slow_tiers)
+    def _async(self, slow_tiers: list[str], blend: bool = False) -> bool:
+        """Whether the request's KV arrives through vLLM's asynchronous path: disk / remote reads with
+        async_loads, and every blend with blend_async (the blend then runs in a later step, from
+        blend_now, while the request waits and other requests' steps go on)."""
+        return (self.cfg.tiers.async_loads and bool(slow_tiers)) or (blend and self.cfg.blend.blend_async)
 
     def _claim(self, st: _Request, start: int) -> _Claim:
         """The blend span from `start`: it ends after a cached chunk (vLLM computes at least the
@@ -314,7 +317,7 @@ class SchedulerHalf:
         if num_external <= 0:  # vLLM took nothing
             return
         slow = [t for t in tiers[:n_load] if t != CPU] + ([t for t in claim.tiers.values() if t != CPU] if claim else [])
-        async_load = self._async(slow)
+        async_load = self._async(slow, blend=claim is not None)
         if async_load:
             self._meta.async_reqs.append(st.req_id)
             self._loading.add(st.req_id)

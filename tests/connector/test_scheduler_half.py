@@ -313,3 +313,17 @@ def test_a_fixed_share_of_requests_is_audited_and_tenants_are_bounded_labels():
     assert 0.005 < share < 0.015 and all(_samples(r, 1.0) for r in ids[:50]) and not any(_samples(r, 0.0) for r in ids)
     s = half(blend=True, namespaces={"team-a": {"cpu_bytes": 1e5}})
     assert (s._tenant("team-a"), s._tenant(""), s._tenant("some-user-1234")) == ("team-a", "", "other")
+
+
+def test_blend_async_sends_even_a_cpu_tier_blend_through_the_asynchronous_path():
+    for blend_async in (False, True):
+        s = half(blend=True, blend_async=blend_async)
+        run_prefill(s, Request("w", blend_prompt(doc(1), doc(3))), list(range(1, 10)))
+        b = Request("b", blend_prompt(doc(3), doc(1)), kv_transfer_params={"recompute_ratio": 0.2})
+        n, is_async = s.num_matched(b, 0)
+        assert n == 104 and is_async is blend_async
+        s.after_alloc(b, list(range(20, 30)), n)
+        meta = s.build_meta(step_new(b, list(range(20, 30)), n, 0 if blend_async else len(b.prompt_token_ids) - n))
+        assert (meta.async_reqs == ["b"]) is blend_async and len(meta.blends) == 1
+        s.on_worker_meta(KVPlugWorkerMeta(fetched={"b": 1}))
+        assert s.build_meta(step_cached(Request("x", [1]), 1, 1)).blend_now == ["b"]

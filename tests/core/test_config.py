@@ -122,7 +122,7 @@ def test_blend_defaults_and_round_trip():
     assert b.blend_cost_gate is True and (b.blend_audit_rate, b.blend_max_kl) == (0.01, 0.0)
     extra = {"blend": True, "chunk_separator": "\n\n", "recompute_ratio": 1, "recompute_policy": "adaptive",
              "blend_check_layer": 0, "blend_chunk_head_tokens": 8, "blend_min_chunk_tokens": 1,
-             "blend_cost_gate": False, "blend_audit_rate": 0.5, "blend_max_kl": 0.05}
+             "blend_cost_gate": False, "blend_audit_rate": 0.5, "blend_max_kl": 0.05, "blend_async": True}
     cfg = KVPlugConfig.from_dict(extra)
     assert cfg.blend.enabled is True and cfg.blend.recompute_ratio == 1.0
     assert isinstance(cfg.blend.recompute_ratio, float) and cfg.blend.blend_chunk_head_tokens == 8
