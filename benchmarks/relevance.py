@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -25,6 +26,18 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 RESULTS = HERE / "results"
 CHUNK = 512
+
+
+def relevance_error(exact, approx, frac: float) -> dict[str, float]:
+    """How well approx ranks like exact: recall of exact's top `frac` tokens among approx's, and
+    the L1 distance of the two as distributions."""
+    k = max(1, round(frac * exact.numel()))
+    top_e = set(torch.topk(exact, k).indices.tolist())
+    top_a = set(torch.topk(approx, k).indices.tolist())
+    l1 = float((exact / exact.sum() - approx / approx.sum().clamp(min=1e-30)).abs().sum())
+    return {"recall": len(top_e & top_a) / k, "l1": l1, "k": k, "tokens": exact.numel(),
+            "log2_tokens": math.log2(max(exact.numel(), 1))}
+
 
 
 def build_span(m, blender, tok, n_tokens: int, corpus_words: list[str]):
@@ -52,7 +65,7 @@ def build_span(m, blender, tok, n_tokens: int, corpus_words: list[str]):
 
 
 def measure(m, tok, kv, clusters, end, tail, repeats: int) -> dict:
-    from kvplug.blend.clusters import SpanClusters, relevance_error
+    from kvplug.blend.clusters import SpanClusters
     from kvplug.blend.relevance import QuestionItem, drain, question_passes
 
     def question_pass(m, tail, kv, end, start, clusters=None, top=8):

@@ -117,6 +117,15 @@ class KVPlugConnector(KVConnectorBase_V1):
         # An asynchronous load still in flight writes these blocks: vLLM frees them once it lands.
         return self._scheduler.finished(request), None
 
+    # ---- start-up -----------------------------------------------------------------------
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config) -> bool:
+        # vLLM asks this while it builds its config (in the front end, with CUDA graphs on): the
+        # first time it hands kvplug its config, so a bad key fails there, before any model
+        # loads. (Elsewhere the plugin's check before load_model catches it: plugin.check_config.)
+        KVPlugConfig.from_dict(extra_config)
+        return False  # nothing is done layer by layer inside the forward pass
+
     # ---- stats plumbing -----------------------------------------------------------------
     @classmethod
     def build_kv_connector_stats(cls, data=None):

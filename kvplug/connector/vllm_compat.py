@@ -13,7 +13,11 @@ turns blending off with one warning naming the vLLM version instead of failing e
 
     SUPPORTED_VLLM                      the vLLM versions this module was written against
     register_connector(name, module, cls)   KVConnectorFactory registration (idempotent)
-    capture_loaded_models(on_load)      wrap the model runners' load_model so on_load(model) runs
+    capture_loaded_models(on_load, before_load=None)   wrap the model runners' load_model:
+                                        before_load(vllm_config) runs first (it may raise: no weight
+                                        is read then), on_load(model) after
+    connector_extra_config(vllm_config, name)   the kv_connector_extra_config when `name` is the
+                                        configured connector, else None
     transfer_config(vllm_config) -> TransferConfig   kv_connector_extra_config and the kv_role
     recompute_failed_loads(vllm_config) a unit that cannot be read is recomputed, never a failed request
     engine_config(vllm_config) -> EngineConfig   model, dtypes, parallelism, tokenizer
@@ -64,8 +68,9 @@ def register_connector(name: str, module: str, cls: str) -> None:
         KVConnectorFactory.register_connector(name, module, cls)
 
 
-def capture_loaded_models(on_load) -> None:
-    """A KV connector gets no model handle: record the model each runner loads."""
+def capture_loaded_models(on_load, before_load=None) -> None:
+    """A KV connector gets no model handle: record the model each runner loads. before_load gets
+    the runner's VllmConfig before any weight is read (the connector is built only after)."""
     runners = []
     for module, name in (("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
                          ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner")):
@@ -77,12 +82,14 @@ def capture_loaded_models(on_load) -> None:
         load = cls.__dict__.get("load_model")
         if load is None or getattr(load, "_kvplug_wrapped", False):
             continue
-        setattr(cls, "load_model", _recording(load, on_load))
+        setattr(cls, "load_model", _recording(load, on_load, before_load))
 
 
-def _recording(load, on_load):
+def _recording(load, on_load, before_load=None):
     @functools.wraps(load)
     def load_model(self, *args, **kwargs):
+        if before_load is not None:
+            before_load(getattr(self, "vllm_config", None))
         out = load(self, *args, **kwargs)
         on_load(getattr(self, "model", None))
         return out
@@ -103,6 +110,13 @@ def transfer_config(vllm_config) -> TransferConfig:
     ktc = vllm_config.kv_transfer_config
     return TransferConfig(dict(ktc.kv_connector_extra_config or {}), bool(ktc.is_kv_consumer),
                           bool(ktc.is_kv_producer))
+
+
+def connector_extra_config(vllm_config, name: str) -> dict | None:
+    ktc = getattr(vllm_config, "kv_transfer_config", None)
+    if ktc is None or getattr(ktc, "kv_connector", None) != name:
+        return None
+    return dict(ktc.kv_connector_extra_config or {})
 
 
 def recompute_failed_loads(vllm_config) -> None:
