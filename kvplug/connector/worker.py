@@ -135,7 +135,7 @@ class WorkerHalf:
             logger.warning("kvplug: blending is off: %s", self._blend_off)
             return
         b, clusters = self.cfg.blend, self.facts.cluster_tokens
-        self.blender = Blender(adapter, None, check_layer=b.blend_check_layer, head_tokens=b.blend_chunk_head_tokens,
+        self.blender = Blender(adapter, check_layer=b.blend_check_layer, head_tokens=b.blend_chunk_head_tokens,
                                cluster_tokens=clusters, cluster_min_tokens=b.blend_cluster_min_tokens)
         self.chunk_layout = (f"{CHUNK_PREFIX}{str(adapter.dtype).removeprefix('torch.')}|L{adapter.num_layers}"
                              f"KV{adapter.num_kv_heads}D{adapter.head_dim}|keys-at-0|c{clusters}")

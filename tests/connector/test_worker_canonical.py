@@ -165,7 +165,7 @@ def test_a_chunk_is_read_back_from_the_paged_cache_and_blended_into_other_blocks
     caches = engine(seed=6, dtype=torch.float32)  # the toy model is fp32
     w = worker(caches, disk=tmp_path / "disk", facts_=F32)
     toy = PagedToy(caches)
-    w.blender, w.chunk_layout = Blender(toy, {}), "chunk-test"
+    w.blender, w.chunk_layout = Blender(toy), "chunk-test"
     w._loader.chunk_layout = w.chunk_layout
     n, begin = 40, 8
     src_slots = torch.arange(begin, begin + n) + BS  # blocks 1..3 hold positions begin.. of a request

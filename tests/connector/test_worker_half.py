@@ -84,7 +84,7 @@ def test_a_step_with_a_failed_load_saves_nothing(tmp_path):
 
 def with_blender(w):
     toy = Toy()
-    w.blender = Blender(toy, {})
+    w.blender = Blender(toy)
     w.chunk_layout = w._loader.chunk_layout = "chunk-test"
     return toy
 
