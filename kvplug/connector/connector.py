@@ -126,6 +126,13 @@ class KVPlugConnector(KVConnectorBase_V1):
         KVPlugConfig.from_dict(extra_config)
         return False  # nothing is done layer by layer inside the forward pass
 
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config) -> bool:
+        # vLLM >= 0.33 asks before sleep mode frees and remaps the KV caches. kvplug keeps views
+        # of the registered caches (block IO, blender, the CPU tier's transfers): it cannot follow
+        # a remap, so an engine with sleep mode refuses it at start-up.
+        return False
+
     # ---- stats plumbing -----------------------------------------------------------------
     @classmethod
     def build_kv_connector_stats(cls, data=None):

