@@ -51,7 +51,8 @@ FIELDS = {
 # Every tier's own, besides its spec's COUNTERS.
 TIER_FIELDS = {
     "hit_tokens": "tokens loaded from the {tier} tier instead of recomputed (a failed read counts in load_errors)",
-    "evictions": "units evicted (deleted) from the {tier} tier by the eviction policy",
+    "evictions": "units evicted (deleted) from the {tier} tier by the eviction policy (none where the store "
+                 "keeps its own capacity)",
 }
 
 
