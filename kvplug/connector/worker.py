@@ -23,9 +23,9 @@
     close()                  drain writes, stop the background loader
 
 Units live in CPU rows (kvplug/tiers/cpu.py: a prefix block in one row, a chunk across as many as
-its bytes need) and in the configured tiers' stores (kvplug/tiers/tier.py), by tier name. A chunk's payload is
-its KV [layers, 2, tokens, kv_heads, head_dim] in the model dtype, keys rotated to 0..n-1. A block's
-payload is the engine's bytes (opaque path) or its tokens in that same canonical layout (canonical
+its bytes need) and in the configured tiers' stores (kvplug/tiers/tier.py), by tier name. A chunk's
+payload is its KV [layers, 2, tokens, kv_heads, head_dim] in the model dtype, keys rotated to
+0..n-1. A block's payload is the engine's bytes (opaque path) or its tokens in that same canonical layout (canonical
 path); the two have different layout tags, so one path's unit is a miss for the other.
 On CUDA a save returns before its rows are filled: puts of those rows to disk or remote wait in
 BlockPath until they are (at the latest when the next step starts).

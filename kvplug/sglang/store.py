@@ -53,8 +53,9 @@ class PageStore:
         self._lock = threading.Lock()  # the index: SGLang calls from its prefetch, I/O and backup threads
         self._count_lock = threading.Lock()
         self.specs = {s.name: s for s in configured_tiers(cfg.kvplug.tiers)}  # disk and/or remote
-        stores = {name: spec.store(_UNBOUND, rank) for name, spec in self.specs.items()}
-        self.disk, self.remote = stores.get("disk"), stores.get("remote")
+        self.stores = {name: spec.store(_UNBOUND, rank) for name, spec in self.specs.items()}
+        # The disk is L3 (accounted here), the remote store behind it: their roles are SGLang's.
+        self.disk, self.remote = self.stores.get("disk"), self.stores.get("remote")
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -239,22 +240,19 @@ class PageStore:
     def take_stats(self) -> dict[str, int]:
         with self._count_lock:
             out, self.counts = dict(self.counts), Counter()
-        for name, tier in (("disk", self.disk), ("remote", self.remote)):
-            if tier is not None:
-                out.update({f"{name}_{k}": v for k, v in tier.take_stats().items()})
+        for name, tier in self.stores.items():
+            out.update({f"{name}_{k}": v for k, v in tier.take_stats().items()})
         if self.index is not None:
             out.update(disk_units=len(self.index), disk_used_bytes=self.index.used)
         return out
 
     def flush(self) -> None:
-        for tier in (self.disk, self.remote):
-            if tier is not None:
-                tier.flush()
+        for tier in self.stores.values():
+            tier.flush()
 
     def close(self) -> None:
-        for tier in (self.disk, self.remote):
-            if tier is not None:
-                tier.close()
+        for tier in self.stores.values():
+            tier.close()
 
 
 def _byte_chunks(payloads: list[torch.Tensor], limit: int):

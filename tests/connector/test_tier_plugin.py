@@ -94,7 +94,8 @@ def test_units_in_the_tier_at_start_up_are_found_through_the_workers_handshake()
 
 
 def test_bad_tier_names_and_options_fail_with_the_registered_names():
-    with pytest.raises(ValueError, match="'nosuch' is not a registered tier; registered tiers are disk, remote, memtest"):
+    with pytest.raises(ValueError, match="'nosuch' is not a registered tier; registered tiers are disk, remote, "
+                                         "memtest"):
         KVPlugConfig.from_dict({"tiers": {"nosuch": {}}})
     with pytest.raises(ValueError, match="tiers.memtest: unknown option 'size'; allowed: bytes, drop_writes"):
         KVPlugConfig.from_dict({"tiers": {"memtest": {"size": 1}}})
