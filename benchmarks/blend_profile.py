@@ -81,8 +81,10 @@ def run(args) -> dict:
     model = resolve_model(args.model, args.data_dir)
     tok = AutoTokenizer.from_pretrained(model)
     docs = make_docs(tok, args.docs, args.doc_tokens, args.seed)
-    extra = {"cpu_bytes": 2e9, "blend": True, "recompute_policy": args.policy, "recompute_ratio": args.ratio,
-             "blend_cost_gate": False}
+    extra = {"cpu_bytes": 2e9, "blend": True, "recompute_policy": args.policy, "recompute_ratio": args.ratio}
+    from kvplug.config import BLEND_USER_KEYS  # an older checkout (the "before" column) lacks these keys
+
+    extra.update({k: v for k, v in (("blend_cost_gate", False), ("blend_audit_rate", 0.0)) if k in BLEND_USER_KEYS})
     llm = LLM(model=model, enforce_eager=True, max_model_len=8192, dtype=args.dtype, seed=0, enable_prefix_caching=True,
               disable_log_stats=False, kv_transfer_config={"kv_connector": "KVPlugConnector", "kv_role": "kv_both",
                                                            "kv_connector_extra_config": extra})

@@ -49,6 +49,10 @@ class TierConfig:
     and restarts see it at once. `on_evict`: written only when the CPU tier evicts it."""
     disk_fsync: bool = False
     """fsync each disk file before it becomes visible (survives power loss, costs throughput)."""
+    disk_rescan_s: float = 2.0
+    """Seconds between looks at disk_path for units other engines sharing it wrote or deleted
+    (a background thread lists the folders that changed; lookups never touch the file system).
+    0: only this engine's own units and those found at start-up are known."""
     remote_url: str | None = None
     """Redis-protocol store shared across machines (redis://, rediss://, unix://, redis+cluster://;
     Valkey works too). None disables the remote tier. Every saved block is written to it."""
@@ -63,6 +67,9 @@ class TierConfig:
     """Load units found on disk or in the remote store in the background: the request waits
     (vLLM's async-load path) while every other request's step goes on. false: every load is
     done before the step's forward pass, as CPU-tier loads always are."""
+    tiers: dict = field(default_factory=dict)
+    """More tiers, by registered name, each with its options: {"<name>": {...}} (kvplug/tiers/tier.py;
+    the built-in disk and remote tiers are configured by the keys above). Looked up after them."""
 
 
 @dataclass(frozen=True)
@@ -172,8 +179,9 @@ class KVPlugConfig:
                 f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; "
                 f"allowed keys are {', '.join(sorted(known | caller_keys))}"
             )
-        tier_args = {k: extra[k] for k in _field_names(TierConfig) if k in extra}
-        tiers = TierConfig(**{k: _coerce(TierConfig, k, v) for k, v in tier_args.items()})
+        tier_args = {k: extra[k] for k in _field_names(TierConfig) - {"tiers"} if k in extra}
+        tiers = TierConfig(**{k: _coerce(TierConfig, k, v) for k, v in tier_args.items()},
+                           tiers=_parse_tier_options(extra.get("tiers")))
         _validate_tiers(tiers)
         blend = BlendConfig(**{f: _coerce(BlendConfig, f, extra[k], name=k)
                                for k, f in BLEND_USER_KEYS.items() if k in extra})
@@ -211,6 +219,14 @@ def _parse_quota_value(key: str, value: Any) -> int | float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= sys.float_info.max:
         raise ValueError(f"{key}={value!r}: must be a positive number of seconds")
     return float(value)
+
+
+def _parse_tier_options(value: Any) -> dict[str, dict]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ValueError(f"tiers={value!r}: must map a registered tier name -> its options {{...}}")
+    return {str(k): dict(v) for k, v in value.items()}
 
 
 def _field_names(cls) -> set[str]:
@@ -263,12 +279,16 @@ def _validate_tiers(t: TierConfig) -> None:
         if t.disk_bytes <= 0:
             raise ValueError(f"disk_bytes={t.disk_bytes}: must be > 0 when disk_path is set")
         _check_dir_usable(t.disk_path)
-    if t.cpu_bytes == 0 and t.disk_path is None and t.remote_url is None:
-        raise ValueError("cpu_bytes=0 and no disk_path or remote_url: at least one tier must be enabled")
+    if t.cpu_bytes == 0 and t.disk_path is None and t.remote_url is None and not t.tiers:
+        raise ValueError("cpu_bytes=0 and no disk_path, remote_url or tiers: at least one tier must be enabled")
     if t.remote_url is not None:
         _check_remote_url(t.remote_url)
     if not t.remote_namespace:
         raise ValueError("remote_namespace='': must be a non-empty string")
+    if t.tiers:
+        from kvplug.tiers.tier import configured_tiers  # the specs check their own options
+
+        configured_tiers(t)
 
 
 def request_blend(b: BlendConfig, params: Any) -> tuple[BlendConfig | None, list | None]:

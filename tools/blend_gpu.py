@@ -5,7 +5,7 @@ Llama-3.1-8B (32 layers, 32 query / 8 KV heads, head dim 128, hidden 4096, MLP 1
     python tools/blend_gpu.py [--dry-run] [--json PATH] [--budget-s S] [--layers N]
 
 A prompt is documents of 4K or 16K tokens in 512-token chunks, then a 32-token question. Each
-chunk's KV was computed alone at positions 0..511 (Blender.compute_chunk) and is on the GPU, as
+chunk's KV was computed alone at positions 0..511 (LlamaToy.reference_kv) and is on the GPU, as
 the worker holds it after a load (the tier's load time is not counted); with the product's
 defaults the 16K span also gets its chunks' key clusters (blend_cluster_min_tokens 16384).
     full prefill   every token of the prompt through the model's layers (tools/blend_check.py's
@@ -119,7 +119,7 @@ class EconRun:
         if args.dry_run:  # tiny chunks: clusters of 4 tokens, the long prompt takes the cluster path
             blend = replace(blend, blend_cluster_tokens=4, blend_cluster_min_tokens=max(self.cfg["prompts"]))
         self.blend = blend
-        self.blender = Blender(self.toy, {}, check_layer=blend.blend_check_layer,
+        self.blender = Blender(self.toy, check_layer=blend.blend_check_layer,
                                head_tokens=blend.blend_chunk_head_tokens, cluster_tokens=blend.blend_cluster_tokens,
                                cluster_min_tokens=blend.blend_cluster_min_tokens)
         note = [] if layers == shape.layers else [
@@ -188,7 +188,7 @@ class EconRun:
         kv, clusters = {}, {}
         clustered = self.blend.blend_cluster_tokens and n_docs >= self.blend.blend_cluster_min_tokens
         for b, e, key in chunks:
-            kv[key] = self.blender.compute_chunk(tokens[b:e])
+            kv[key] = self.toy.reference_kv(tokens[b:e])
             if clustered:
                 clusters[key] = cluster_chunk(kv[key], self.blend.blend_cluster_tokens)
         return kv, (clusters or None)

@@ -1,6 +1,6 @@
 """Blending: the KV of prompt spans built from cached chunks, recomputing only what matters.
 
-    Blender(adapter, store, check_layer, head_tokens, cluster_tokens, cluster_min_tokens, cluster_top)
+    Blender(adapter, check_layer, head_tokens, cluster_tokens, cluster_min_tokens, cluster_top)
     Blender.run(job) -> BlendReport              one job (run_batch of one)
     Blender.check(job)                           ValueError naming what is wrong with a job
     Blender.run_batch(jobs) -> [BlendReport]     every job of a step in one recompute: one pass per
@@ -12,9 +12,9 @@
     Blender.fmt                                  the stored form of a chunk (chunk_format.py)
 
 How a job is blended (CacheBlend's frame; which tokens are recomputed is the policy's, selection.py):
-1. Every cached chunk overlapping [0, end) comes from job.chunk_kv (the worker loaded them) or the
-   store; chunks with key None (too short to cache, or no tier holds them) are recomputed in every
-   layer. A chunk with a key that is not there is an error: the worker hands over what it loaded.
+1. Every cached chunk overlapping [0, end) comes from job.chunk_kv (the worker loaded them); chunks
+   with key None (too short to cache, or no tier holds them) are recomputed in every layer. A chunk
+   with a key that is not there is an error: the worker hands over what it loaded.
 2. Cached keys are re-rotated from their positions inside the chunk to their positions in the
    prompt, so the concatenation is a complete, approximate KV for [0, end).
 3. The policy picks the tokens to recompute, within round(ratio x cached tokens): from the
@@ -70,7 +70,7 @@ class BlendJob:
     block_table: torch.Tensor | None = None
     tail: list[int] = field(default_factory=list)  # the question (relevance)
     tail_at: int | None = None  # position of tail[0] (>= end; None: end, right after the span)
-    chunk_kv: Mapping[bytes, torch.Tensor] | None = None  # cached chunks' KV; None: from the blender's store
+    chunk_kv: Mapping[bytes, torch.Tensor] | None = None  # cached chunks' KV, by key (None: none)
     prefix_slots: torch.Tensor | None = None  # int64 [start]: where the engine holds [0, start); None: slots 0..
     chunk_clusters: Mapping | None = None  # cached chunks' key clusters (kvplug/blend/clusters.py), by key
     audit: bool = False  # also compute the span exactly (scratch memory) and compare the question's logits
@@ -115,11 +115,11 @@ class _Work:
 
 
 class Blender:
-    def __init__(self, adapter: ModelAdapter, store=None, check_layer: int = 1, head_tokens: int = 0,
+    def __init__(self, adapter: ModelAdapter, check_layer: int = 1, head_tokens: int = 0,
                  cluster_tokens: int = 0, cluster_min_tokens: int = 0, cluster_top: int = 8):
         """cluster_tokens: tokens per key cluster stored with each chunk (0: none); spans of at
         least cluster_min_tokens (0: never) run the relevance pass through the clusters."""
-        self.m, self.store = adapter, store
+        self.m = adapter
         self.check_layer = min(max(check_layer, 0), adapter.num_layers - 1)
         self.head_tokens = head_tokens
         self.cluster_tokens, self.cluster_min_tokens, self.cluster_top = cluster_tokens, cluster_min_tokens, cluster_top
@@ -410,7 +410,7 @@ class Blender:
         report = BlendReport(tokens=job.end - job.start)
         pieces, old_pos, new_pos, begins = [], [], [], []
         chunk_of = torch.full((job.end - job.start,), -1, dtype=torch.long)
-        source = job.chunk_kv if job.chunk_kv is not None else self.store
+        source = job.chunk_kv or {}
         for begin, stop, key in job.chunks:
             if begin >= job.end or stop <= job.start:
                 continue
@@ -471,21 +471,6 @@ class Blender:
         inv_freq, style = self.m.rope
         rerotate_keys(out[:, 0], pos.to(out.device), to.to(out.device), inv_freq.to(out.device), style, out=out[:, 0])
         return list(out.cpu().split([s.numel() for s, _ in chunks], dim=2))
-
-    @torch.inference_mode()
-    def compute_chunk(self, tokens: list[int]) -> torch.Tensor:
-        """The chunk's KV with nothing before it, at positions 0..n-1: [L, 2, n, KV, D]."""
-        m = self.m
-        n = len(tokens)
-        out = torch.empty((m.num_layers, 2, n, m.num_kv_heads, m.head_dim), dtype=m.dtype, device=m.device)
-        pos = torch.arange(n, device=m.device)
-        hidden, residual = m.embed(torch.tensor(tokens, dtype=torch.long, device=m.device)), None
-        for i in range(m.num_layers):
-            def attend(q, k, v, layer=out[i]):
-                layer[0], layer[1] = k.view(n, m.num_kv_heads, m.head_dim), v.view(n, m.num_kv_heads, m.head_dim)
-                return self._attention(q.view(n, m.num_heads, m.head_dim), layer[0], layer[1], pos)
-            hidden, residual = m.forward_layer(i, pos, hidden, residual, attend)
-        return out
 
     # ---- attention ---------------------------------------------------------------------------
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,6 @@ tokens (for all queries of that KV head), whose exact attention gives their rele
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -168,14 +167,3 @@ def _causal_own(q, k, v, scale):
     lse = torch.logsumexp(s, -1)  # [H, T]
     out = torch.einsum("hts,shd->thd", (s - lse.unsqueeze(-1)).exp(), vv)
     return out, lse.transpose(0, 1)
-
-
-def relevance_error(exact: torch.Tensor, approx: torch.Tensor, frac: float) -> dict[str, float]:
-    """How well approx ranks like exact: recall of exact's top `frac` tokens among approx's, and
-    the L1 distance of the two as distributions."""
-    k = max(1, round(frac * exact.numel()))
-    top_e = set(torch.topk(exact, k).indices.tolist())
-    top_a = set(torch.topk(approx, k).indices.tolist())
-    l1 = float((exact / exact.sum() - approx / approx.sum().clamp(min=1e-30)).abs().sum())
-    return {"recall": len(top_e & top_a) / k, "l1": l1, "k": k, "tokens": exact.numel(),
-            "log2_tokens": math.log2(max(exact.numel(), 1))}

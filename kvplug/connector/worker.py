@@ -2,11 +2,14 @@
 
     register(kv_caches)      choose the block path from the caches (tiers/block_io.py: canonical
                              tokens through PagedBlockIO on CUDA, opaque engine blocks elsewhere), one
-                             log line; allocate the CPU tier's rows; build the blender (and run
-                             vLLM-internals' self-test) when blending is on
+                             log line; allocate the CPU tier's rows; open the configured tiers' stores
+                             and find what they hold of this rank's layouts; build the blender (and
+                             run vLLM-internals' self-test) when blending is on
+    handshake()              what register found in the tiers, for the scheduler (KVPlugHandshake)
     begin_step(meta)         the step's metadata is bound: its forward pass starts being timed
-    load(meta)               disk ops, then loads and blends: synchronous ones before the forward
-                             pass, asynchronous ones (disk/remote reads) started in the background;
+    load(meta)               tier ops, then loads and blends: synchronous ones before the forward
+                             pass, asynchronous ones (reads of tiers that load asynchronously) started
+                             in the background; each job's Outcome applied here (kvplug/connector/loads.py);
                              every blend ready in the step (synchronous, and asynchronous ones the
                              scheduler names in blend_now) runs as one batch (Blender.run_batch)
     finished_loads()         ids of asynchronous requests whose KV is now in place (get_finished);
@@ -15,14 +18,14 @@
     save(meta)               after the forward pass: finished blocks and new chunks out to the tiers
                              (every chunk of the step in one read of the paged cache)
     take_load_errors()       engine block ids whose load or blend failed (vLLM recomputes them)
-    take_worker_meta()       units to forget and save again; blending turned off
+    take_worker_meta()       units to forget and save again; units a tier lost; blending turned off
     take_stats()             counters since the last call
     close()                  drain writes, stop the background loader
 
 Units live in CPU rows (kvplug/tiers/cpu.py: a prefix block in one row, a chunk across as many as
-its bytes need), disk files and remote values, all through the same stores. A chunk's payload is
-its KV [layers, 2, tokens, kv_heads, head_dim] in the model dtype, keys rotated to 0..n-1. A block's
-payload is the engine's bytes (opaque path) or its tokens in that same canonical layout (canonical
+its bytes need) and in the configured tiers' stores (kvplug/tiers/tier.py), by tier name. A chunk's
+payload is its KV [layers, 2, tokens, kv_heads, head_dim] in the model dtype, keys rotated to
+0..n-1. A block's payload is the engine's bytes (opaque path) or its tokens in that same canonical layout (canonical
 path); the two have different layout tags, so one path's unit is a miss for the other.
 On CUDA a save returns before its rows are filled: puts of those rows to disk or remote wait in
 BlockPath until they are (at the latest when the next step starts).
@@ -32,19 +35,18 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from pathlib import Path
 
 import torch
 
 from kvplug.config import KVPlugConfig
 from kvplug.connector import vllm_compat
 from kvplug.connector.engine_facts import EngineFacts
-from kvplug.connector.loads import AsyncLoader, LoadJob
-from kvplug.connector.metadata import KVPlugMetadata, KVPlugWorkerMeta
-from kvplug.connector.stats import PER_RANK, KVPlugStats
+from kvplug.connector.loads import AsyncLoader, LoadJob, Outcome
+from kvplug.connector.metadata import KVPlugHandshake, KVPlugMetadata, KVPlugWorkerMeta
+from kvplug.connector.stats import KVPlugStats, per_rank
 from kvplug.tiers.block_io import BlockPath, choose_block_io
 from kvplug.tiers.cpu import UnitRows
-from kvplug.tiers.disk import DiskStore
+from kvplug.tiers.tier import Unit, configured_tiers
 from kvplug.tiers.unit_kinds import CHUNK_PREFIX
 
 logger = logging.getLogger("kvplug")
@@ -64,8 +66,9 @@ class WorkerHalf:
         self.io_kind = ""  # "canonical" | "opaque" once registered
         self.blocks: BlockPath | None = None
         self.rows: UnitRows | None = None
-        self.disk: DiskStore | None = None
-        self.remote = None  # RemoteStore when remote_url is configured
+        self.specs = {s.name: s for s in configured_tiers(cfg.tiers)}
+        self.stores: dict = {}  # tier name -> its worker-side store (kvplug/tiers/tier.py Tier)
+        self._handshake = KVPlugHandshake(tp_rank)
         self._errors: set[int] = set()
         self._redo: list[tuple[str, bytes]] = []
         self._stats: dict[str, float] = {}
@@ -97,20 +100,27 @@ class WorkerHalf:
         self.blocks = BlockPath(io, n_rows, self.layout)
         self.rows = self.blocks.rows
         logger.info("kvplug: KV path %s: %s; %s", self.io_kind, _PATHS[self.io_kind], why)
-        t = self.cfg.tiers
-        if t.disk_path:
-            self.disk = DiskStore(Path(t.disk_path), self.layout, rank=self.tp_rank, fsync=t.disk_fsync)
-        if t.remote_url:
-            from kvplug.tiers.remote import RemoteStore, redact  # redis is only needed when configured
-
-            self.remote = RemoteStore(t.remote_url, self.layout, rank=self.tp_rank, namespace=t.remote_namespace,
-                                      ttl_s=t.remote_ttl_s, timeout_s=t.remote_timeout_ms / 1000)
-        self._loader = AsyncLoader({"disk": self.disk, "remote": self.remote})
+        self.stores = {name: spec.store(self.layout, self.tp_rank) for name, spec in self.specs.items()}
+        self._loader = AsyncLoader(self.stores)
         if self.cfg.blend.enabled:
             self._make_blender(kv_caches)
-        logger.info("kvplug: %d layers, %d B per block, CPU tier %d rows (%.2f GB), disk tier %s, remote %s",
+        self._restore()
+        logger.info("kvplug: %d layers, %d B per block, CPU tier %d rows (%.2f GB), tiers: %s",
                     len(self.caches), io.row_bytes, n_rows, n_rows * io.row_bytes / 1e9,
-                    t.disk_path or "off", redact(t.remote_url) if t.remote_url else "off")
+                    ", ".join(self.stores) or "none beyond CPU")
+
+    def _restore(self) -> None:
+        """What each tier holds of this rank's layouts (blocks and, when blending, chunks), found
+        once here for the scheduler (handshake); bad units found on the way count as corrupt."""
+        layouts = [self.layout] + ([self.chunk_layout] if self.blender is not None else [])
+        for name, spec in self.specs.items():
+            found = spec.restore(self.stores[name], layouts)
+            self._handshake.restored[name] = found
+            if found.corrupt:
+                self._count(**{f"{name}_corrupt": found.corrupt})
+
+    def handshake(self) -> KVPlugHandshake:
+        return self._handshake
 
     # ---- blending -----------------------------------------------------------------------
     def _make_blender(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -130,7 +140,7 @@ class WorkerHalf:
             logger.warning("kvplug: blending is off: %s", self._blend_off)
             return
         b, clusters = self.cfg.blend, self.facts.cluster_tokens
-        self.blender = Blender(adapter, None, check_layer=b.blend_check_layer, head_tokens=b.blend_chunk_head_tokens,
+        self.blender = Blender(adapter, check_layer=b.blend_check_layer, head_tokens=b.blend_chunk_head_tokens,
                                cluster_tokens=clusters, cluster_min_tokens=b.blend_cluster_min_tokens)
         self.chunk_layout = (f"{CHUNK_PREFIX}{str(adapter.dtype).removeprefix('torch.')}|L{adapter.num_layers}"
                              f"KV{adapter.num_kv_heads}D{adapter.head_dim}|keys-at-0|c{clusters}")
@@ -145,16 +155,15 @@ class WorkerHalf:
             return
         start, blends_before = time.perf_counter(), self._blend_s
         self.blocks.settle()  # last step's deferred puts reach the stores before this step reads them
-        self._disk_ops(meta.disk_ops)
+        self._tier_ops(meta.tier_ops)
         ready = []
-        for job in LoadJob.split(meta, self):
-            job.read_rows(self)  # CPU rows now, in the step they were planned for: later steps reuse them
+        for job in LoadJob.split(meta):
+            self._apply(job, job.read_rows(self.rows))  # now: later steps reuse the rows
             if job.req_id in meta.async_reqs:
-                job.fetch = self._loader.submit(job.remote_reads())
+                job.fetch = self._loader.submit(job.tier_reads())
                 self._jobs[job.req_id] = job
             else:
-                job.fetched = self._loader.read_now(job.remote_reads())
-                self._install(job)
+                self._apply(job, job.install(self._loader.read_now(job.tier_reads()), self.rows.row_bytes))
                 if job.blend is not None:
                     ready.append(job)
         now = [self._fetched.pop(r) for r in meta.blend_now if r in self._fetched]
@@ -164,15 +173,18 @@ class WorkerHalf:
             self._count(load_seconds=time.perf_counter() - start - (self._blend_s - blends_before))
         self._step_kvplug_s += time.perf_counter() - start
 
-    def _disk_ops(self, ops) -> None:
+    def _tier_ops(self, ops) -> None:
         """Demotions and deletes, before the loads and saves of this step may reuse a demoted row."""
-        for key, rows in ops:
+        for tier, key, rows in ops:
+            store = self.stores.get(tier)
+            if store is None:
+                continue
             if not rows:
-                self.disk.delete(key)
+                store.delete_many([key])
             else:
                 unit = self.rows.read(key, rows)
                 if unit is not None:
-                    self.disk.put(key, unit.payload, unit.layout)
+                    store.put_many([unit])
 
     def finished_loads(self) -> set[str]:
         """Install the asynchronous loads whose reads have landed; those with a blend wait for the
@@ -180,8 +192,7 @@ class WorkerHalf:
         self.blocks.settle_done()
         for req in [r for r, job in self._jobs.items() if job.fetch.done()]:
             job = self._jobs.pop(req)
-            job.fetched = job.fetch.result()
-            self._install(job)
+            self._apply(job, job.install(job.fetch.result(), self.rows.row_bytes))
             if job.blend is None:
                 self._done.add(req)
             else:
@@ -189,10 +200,28 @@ class WorkerHalf:
         done, self._done = self._done, set()
         return done
 
-    def _install(self, job: LoadJob) -> None:
-        """Fetched blocks into the engine's cache (and promoted into rows), chunks into memory."""
-        for key, block in job.install(self):
+    def _apply(self, job: LoadJob, out: Outcome) -> None:
+        """A job's Outcome: blocks into the engine's cache (and promoted into rows), chunks
+        unpacked for its blend, failures and counts."""
+        self.blocks.load([r for r, _ in out.row_blocks], [b for _, b in out.row_blocks])
+        for rows in out.forget_rows:
+            self.rows.forget(rows)
+        self.blocks.load_payloads([p for p, _ in out.payload_blocks], [b for _, b in out.payload_blocks])
+        for key, rows, payload, kind in out.promote:
+            self.rows.store(key, rows, payload, self.layout if kind == "block" else self.chunk_layout)
+        failed, nbytes = list(out.failed), out.load_bytes
+        for ref, payload in out.chunks:
+            if self.blender is None:
+                failed.append((ref.key, -1))
+                continue
+            n = ref.end - ref.begin
+            job.take_chunk_kv(ref.key, self.blender.fmt.kv(payload, n), self.blender.fmt.clusters(payload, n))
+            nbytes += ref.nbytes
+        for key, block in failed:
+            job.chunk_failures += block < 0
             self._fail(job.req_id, key, block)
+        bs = self.facts.block_size
+        self._count(load_bytes=nbytes, **{f"{t}_hit_tokens": n * bs for t, n in out.hit_blocks.items()})
 
     def _blend_jobs(self, jobs: list[LoadJob]) -> None:
         """Every blend ready in this step as one batch; a job that cannot run fails alone, a
@@ -289,19 +318,19 @@ class WorkerHalf:
         those rows are filled (at once on CPU)."""
         to_rows = [s for s in saves if s.rows]
         fence = self.blocks.save([s.key for s in to_rows], [s.block for s in to_rows], [s.rows[0] for s in to_rows])
-        direct = [s for s in saves if not s.rows and (s.to_disk or s.to_remote)]
+        direct = [s for s in saves if not s.rows and s.tiers]
         staged, staging = self.blocks.save_staged([s.block for s in direct])
 
         def put_staged():
             for i, s in enumerate(direct):
-                self._put(s.key, staging.row(i), self.layout, s.to_disk, s.to_remote, s.ttl_s)
+                self._put(s.key, staging.row(i), self.layout, s.tiers, s.ttl_s)
         if direct:
             self.blocks.later(staged, None, put_staged)
         for s in to_rows:
-            if s.to_disk or s.to_remote:
+            if s.tiers:
                 # The row can be reused by a later step before the write ends: write a copy.
                 self.blocks.later(fence, s.rows, lambda s=s: self._put(
-                    s.key, self.rows.copy_row(s.rows[0]), self.layout, s.to_disk, s.to_remote, s.ttl_s))
+                    s.key, self.rows.copy_row(s.rows[0]), self.layout, s.tiers, s.ttl_s))
         return len(saves) * self.rows.row_bytes
 
     def _save_chunks(self, saves) -> int:
@@ -323,18 +352,16 @@ class WorkerHalf:
                 continue
             if s.rows:
                 self.rows.store(s.key, s.rows, payload, self.chunk_layout)
-            self._put(s.key, payload, self.chunk_layout, s.to_disk, s.to_remote, s.ttl_s)
+            self._put(s.key, payload, self.chunk_layout, s.tiers, s.ttl_s)
             total += s.nbytes
         self._count(saved_chunks=len(saves))
         return total
 
-    def _put(self, key: bytes, payload: torch.Tensor, layout: str, to_disk: bool, to_remote: bool,
-             ttl: float = 0.0) -> None:
+    def _put(self, key: bytes, payload: torch.Tensor, layout: str, tiers, ttl: float = 0.0) -> None:
         """Queue asynchronous writes; the stores only read `payload`, which nobody modifies."""
-        if to_disk and self.disk is not None:
-            self.disk.put(key, payload, layout)
-        if to_remote and self.remote is not None:
-            self.remote.put(key, payload, ttl_s=ttl or None, layout=layout)
+        for tier in tiers:
+            if tier in self.stores:
+                self.stores[tier].put_many([Unit(key, payload, layout, ttl or None)])
 
     # ---- reporting ----------------------------------------------------------------------
     def take_worker_meta(self) -> KVPlugWorkerMeta | None:
@@ -346,7 +373,8 @@ class WorkerHalf:
         timed, self._timed = self._timed, {"forward": [], "blends": []}
         kls, self._audit_kls = self._audit_kls, []
         picks, self._picks = self._picks, {}
-        meta = KVPlugWorkerMeta(redo, off, fetched, timed["forward"], timed["blends"], kls, picks)
+        lost = {name: keys for name, store in self.stores.items() if (keys := store.take_lost())}
+        meta = KVPlugWorkerMeta(redo, off, fetched, timed["forward"], timed["blends"], kls, picks, lost=lost)
         return None if meta.is_empty() else meta
 
     def take_load_errors(self) -> set[int]:
@@ -360,16 +388,10 @@ class WorkerHalf:
             self._stats[k] = self._stats.get(k, 0) + v
 
     def take_stats(self) -> KVPlugStats | None:
-        if self.disk is not None:
-            d = self.disk.stats.take()
-            self._count(disk_write_bytes=d.bytes_written, disk_read_bytes=d.bytes_read, disk_corrupt=d.corrupt,
-                        disk_write_errors=d.write_errors)
-        if self.remote is not None:
-            r = self.remote.stats.take()
-            self._count(remote_write_bytes=r.bytes_written, remote_read_bytes=r.bytes_read,
-                        remote_errors=r.timeouts + r.write_errors + r.dropped, remote_corrupt=r.corrupt)
+        for name, store in self.stores.items():
+            self._count(**{f"{name}_{k}": v for k, v in self.specs[name].counters(store.take_stats()).items()})
         if self.tp_rank:  # ranks run in lock-step: events are counted once, on rank 0
-            self._stats = {k: v for k, v in self._stats.items() if k in PER_RANK}
+            self._stats = {k: v for k, v in self._stats.items() if per_rank(k)}
             self._audits = []
         stats, self._stats = KVPlugStats.new(audits=self._audits, **self._stats), {}
         self._audits = []
@@ -380,7 +402,6 @@ class WorkerHalf:
             self._loader.close()
         if self.blocks is not None:
             self.blocks.drain()  # deferred puts reach the stores before they flush
-        for store in (self.disk, self.remote):
-            if store is not None:
-                store.flush()
-                store.close()
+        for store in self.stores.values():
+            store.flush()
+            store.close()

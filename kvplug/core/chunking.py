@@ -105,7 +105,11 @@ def content_spans(tokens: Sequence[int], *, window: int, min_tokens: int, target
     one. Token ids must be int64 values (ValueError otherwise).
     """
     _check_content_params(window, min_tokens, target_tokens, max_tokens)
-    if len(tokens) <= min_tokens:
+    try:
+        n = len(tokens)
+    except TypeError:  # None, a number: not a prompt (found by tests/test_fuzz_inputs.py)
+        raise ValueError(f"token ids must be a sequence of int64 values, got {type(tokens).__name__}") from None
+    if n <= min_tokens:
         return []
     threshold = (1 << window) // (target_tokens - min_tokens + 1)
     cands = _candidates(_token_array(tokens), window, threshold)

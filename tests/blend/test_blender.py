@@ -6,7 +6,8 @@ its KV with an explicit softmax over a causal mask, independently of the blender
 import pytest
 import torch
 
-from kvplug.blend.blender import BlendJob, Blender
+from kvplug.blend import blender as product
+from kvplug.blend.blender import BlendJob
 from kvplug.blend.selection import POLICIES, adaptive_budget, chunk_heads, global_budget, pick_tokens
 from kvplug.ops.rope import rerotate_keys_ref, rope_inv_freq
 
@@ -81,6 +82,36 @@ class Toy:
             p = s.masked_fill(~causal, float("-inf")).softmax(-1)
             x = x + torch.einsum("hqk,khd->qhd", p, vv).reshape(n, H * D) @ self.w[i]["o"]
         return torch.stack(out)
+
+
+class Blender(product.Blender):
+    """The product's Blender fed from a store, as these tests feed it: a job without chunk_kv gets
+    the store's chunks (the worker hands every job the chunks it loaded)."""
+
+    def __init__(self, adapter, store=None, **kwargs):
+        super().__init__(adapter, **kwargs)
+        self.store = store
+
+    def _gather(self, job):
+        if job.chunk_kv is None and self.store is not None:
+            job.chunk_kv = self.store.d if isinstance(self.store, DictStore) else self.store
+        return super()._gather(job)
+
+    @torch.inference_mode()
+    def compute_chunk(self, tokens: list[int]) -> torch.Tensor:
+        """The chunk's KV with nothing before it, at positions 0..n-1: [L, 2, n, KV, D], through the
+        adapter's layers and the blender's attention (what a store holds for these tests)."""
+        m = self.m
+        n = len(tokens)
+        out = torch.empty((m.num_layers, 2, n, m.num_kv_heads, m.head_dim), dtype=m.dtype, device=m.device)
+        pos = torch.arange(n, device=m.device)
+        hidden, residual = m.embed(torch.tensor(tokens, dtype=torch.long, device=m.device)), None
+        for i in range(m.num_layers):
+            def attend(q, k, v, layer=out[i]):
+                layer[0], layer[1] = k.view(n, m.num_kv_heads, m.head_dim), v.view(n, m.num_kv_heads, m.head_dim)
+                return self._attention(q.view(n, m.num_heads, m.head_dim), layer[0], layer[1], pos)
+            hidden, residual = m.forward_layer(i, pos, hidden, residual, attend)
+        return out
 
 
 class DictStore:

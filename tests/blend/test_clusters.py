@@ -71,8 +71,8 @@ def test_the_cluster_path_finds_the_exact_paths_top_token_on_a_planted_case():
     span = kc.SpanClusters.build([(b, clusters[key]) for b, _, key in chunks], end, *toy.rope)
     approx = question_pass(toy, tail, kv, end, 0, span, top=2)
     assert int(exact.argmax()) == marker == int(approx.argmax())
-    err = kc.relevance_error(exact, approx, 0.1)
-    assert err["recall"] >= 0.5
+    k = max(1, round(0.1 * exact.numel()))  # recall of exact's top 10% among approx's
+    assert len(set(exact.topk(k).indices.tolist()) & set(approx.topk(k).indices.tolist())) / k >= 0.5
 
 
 def test_blender_with_clusters_keeps_ratio_one_exact_and_picks_the_planted_token():

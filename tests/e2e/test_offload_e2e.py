@@ -22,6 +22,7 @@ from tiny_model import tiny_model_path  # noqa: E402
 pytestmark = pytest.mark.e2e
 DRIVER = Path(__file__).with_name("engine_driver.py")
 BLOCK = 128  # vLLM's CPU block size
+RESCAN_S = 0.5  # disk_rescan_s of the engine that finds another engine's units
 # No TRITON_INTERPRET for engines: it is for our kernel tests, not for vLLM.
 ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
        "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
@@ -215,7 +216,8 @@ def vllm_serve(model: str, log_path: Path, kv_config: dict | None = None, *args:
 def server(model, unit_bytes, tmp_path):
     disk = tmp_path / "shared-disk"
     cfg = {"kv_connector": "KVPlugConnector", "kv_role": "kv_both",
-           "kv_connector_extra_config": {"cpu_bytes": 4 * unit_bytes, "disk_path": str(disk), "disk_bytes": 1e9}}
+           "kv_connector_extra_config": {"cpu_bytes": 4 * unit_bytes, "disk_path": str(disk), "disk_bytes": 1e9,
+                                         "disk_rescan_s": RESCAN_S}}
     with vllm_serve(model, tmp_path / "serve.log", cfg) as url:
         yield {"url": url, "disk": disk}
 
@@ -237,6 +239,7 @@ def test_vllm_serve_reuses_kv_written_by_another_engine(model, n_blocks, unit_by
     deadline = time.time() + 30
     while len(list(server["disk"].rglob("*.kvp"))) < 3 and time.time() < deadline:
         time.sleep(0.5)
+    time.sleep(4 * RESCAN_S)  # the server's scheduler learns of them from its next look at the folder
 
     client = OpenAI(base_url=f"{server['url']}/v1", api_key="none")
     want, i = baseline["P1"]
