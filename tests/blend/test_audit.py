@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvplug.blend.blender import BlendJob, Blender
+from kvplug.blend.blender import BlendJob
 from kvplug.blend.guard import STEPS, QualityGuard
-from test_blender import DictStore, Toy, concat_reference, prompt, warm
+from test_blender import Blender, DictStore, Toy, concat_reference, prompt, warm
 
 ROOT = Path(__file__).resolve().parents[2]
 
