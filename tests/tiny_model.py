@@ -18,8 +18,9 @@ scaling), "mistral" (MistralForCausalLM, full attention: sliding_window None), "
 layers [sliding, full, sliding] with a 32-token window - shorter than the test prompts - and
 their own RoPE: base 1e4 on the sliding layers, base 1e6 with linear scaling x4 on the global one;
 query_pre_attn_scalar 48, not head_dim; embeddings scaled by sqrt(hidden); four norms per layer)
-and "phi3" (Phi3ForCausalLM: fused qkv and gate/up projections; vLLM runs it with its Llama
-layers, a family kvplug accepts through its start-up check only). q/k norm weights are drawn
+"phi3" (Phi3ForCausalLM: fused qkv and gate/up projections; vLLM runs it with its Llama
+layers, a family kvplug accepts through its start-up check only) and "gemma2" (Gemma2ForCausalLM:
+soft-capped attention logits, which blending refuses). q/k norm weights are drawn
 around 1, not 1, so a blender that skipped them would be far off. All share the tokenizer and the
 weight recipe; the other families' defaults differ only where vLLM needs it.
 
@@ -182,6 +183,7 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"num_layers": 3}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"hidden": 256}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {}),
 }
 GEMMA3_WINDOW = 32
 GEMMA3_LAYERS = ["sliding_attention", "full_attention", "sliding_attention"]
@@ -207,6 +209,9 @@ def _family_config(family: str, common: dict, head_dim: int):
                  "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                      "full_attention": {"rope_type": "linear", "factor": 4.0,
                                                         "rope_theta": 1000000.0}}}
+    elif family == "gemma2":  # vLLM's Gemma 2 has no lm_head of its own: tied embeddings
+        common = {**common, "tie_word_embeddings": True}
+        extra = {"head_dim": head_dim, "sliding_window": GEMMA3_WINDOW, "query_pre_attn_scalar": 48}
     else:
         extra = {"head_dim": head_dim}
     return getattr(transformers, config_name)(**common, **extra)

@@ -12,8 +12,14 @@ blending off with one warning naming the vLLM version instead of failing every r
     capture_loaded_models(on_load)      wrap the model runners' load_model so on_load(model) runs
     group_kernel_blocks(cache, num_blocks)  a layer's cache viewed block-major
     kv_write(attn, k, v, cache, slots)  the backend's own paged-cache write
-    is_cpu_backend(attn) / cpu_paged_metadata(attn, ...) / cpu_paged_attention(attn, ...)
+    is_cpu_backend(attn) / cpu_paged_metadata(attn, ..., window) / cpu_paged_attention(attn, ...)
     rope_frequencies(rotary_emb)        (inv_freq fp32, "neox"|"gptj"), or ValueError
+    TESTED_FAMILIES / architecture(model)   the families checked against transformers; a model's name
+    decoder_parts(model) -> (layers, embed)      the decoder layers and the embedding, or ValueError
+    layer_parts(arch, i, layer) -> (attn, rotary_emb, window)   layer i's attention module, RoPE module
+                                        and sliding window, or ValueError naming what the blender cannot run
+    check_layers(adapter, own_forward)  None when every layer re-rotates with its RoPE and (own_forward)
+                                        one layer of each kind matches vLLM's own forward, else why not
     layer_tag(vllm_config)              attention implementation and ISA (block interiors differ)
     PagedKVReader(attn, cache)          per-token K/V read back from paged caches of any layout
     self_test(adapter)                  None when the internals behave as expected, else why not
@@ -28,7 +34,14 @@ import torch
 logger = logging.getLogger("kvplug")
 
 SUPPORTED_VLLM = ">=0.32.0,<0.33"
-_ROPES = ("RotaryEmbedding", "Llama3RotaryEmbedding")
+_ROPES = ("RotaryEmbedding", "Llama3RotaryEmbedding", "LinearScalingRotaryEmbedding")
+# The families whose blends are checked tensor by tensor against transformers (tests/e2e/
+# test_blend_e2e.py): every other architecture must pass check_layers' comparison with vLLM's own
+# forward at start-up. What is family-specific is read per layer by layer_parts (Gemma 3: a RoPE
+# module and a sliding window per layer type; its scaled embedding is vLLM's embed_input_ids) or
+# refused there (Mistral's t_cond layers, soft caps, sinks, ALiBi, shared KV).
+TESTED_FAMILIES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                   "Gemma3ForCausalLM")
 
 
 def vllm_version() -> str:
@@ -97,12 +110,15 @@ def is_cpu_backend(attn) -> bool:
     return type(attn.impl).__name__ == "CPUAttentionBackendImpl" and hasattr(attn, "isa")
 
 
-def cpu_paged_metadata(attn, segments, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
+def cpu_paged_metadata(attn, segments, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                       window: int = -1):
     """CPU attention metadata for segments [(q_pos, block_table)], one per request (q_pos
     ascending; the batch's queries in segment order): one causal sequence per run of consecutive
     positions of a segment (its queries are the run, its keys everything of that request up to the
     run's end, through its own block table) - picked tokens cluster, so this is a few sequences
-    per request, not one per token."""
+    per request, not one per token. window: the sliding window every layer shares, else -1 (as
+    vLLM's own builder does for a group of mixed layers): the kernel masks each layer to its own
+    impl.sliding_window, this only shapes the work split."""
     from vllm import _custom_ops as ops
     from vllm import envs
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
@@ -125,7 +141,7 @@ def cpu_paged_metadata(attn, segments, num_heads: int, num_kv_heads: int, head_d
     n = int(starts[-1])
     sched = ops.cpu_attn_get_scheduler_metadata(
         num_reqs=seq_lens.numel(), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-        seq_lens=seq_lens, dtype=dtype, query_start_loc=starts, causal=True, sliding_window_size=-1,
+        seq_lens=seq_lens, dtype=dtype, query_start_loc=starts, causal=True, sliding_window_size=window,
         isa=attn.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=attn.impl.kv_cache_dtype)
     return CPUAttentionMetadata(
         num_actual_tokens=n, max_query_len=int(runs.max()), query_start_loc=starts,
@@ -142,14 +158,70 @@ def cpu_paged_attention(attn, q: torch.Tensor, cache: torch.Tensor, metadata) ->
 
 def rope_frequencies(rotary_emb) -> tuple[torch.Tensor, str]:
     """inv_freq and style of the model's RoPE. Re-rotation by a position delta is exact only when
-    the angle is position x frequency (no position-dependent scaling such as YaRN's)."""
+    the angle is position x frequency (no position-dependent scaling such as YaRN's). Linear
+    scaling divides positions by the factor (LinearScalingRotaryEmbedding's cache): the same as
+    dividing the frequencies."""
     kind = type(rotary_emb).__name__
     if kind not in _ROPES:
         raise ValueError(f"blend supports RoPE types {', '.join(_ROPES)}; this model uses {kind}")
     if rotary_emb.rotary_dim % 2:
         raise ValueError(f"rotary_dim={rotary_emb.rotary_dim} must be even")
     inv_freq = rotary_emb._compute_inv_freq(rotary_emb.base).float().cpu()
+    if kind == "LinearScalingRotaryEmbedding":
+        factors = list(rotary_emb.scaling_factors)
+        if len(factors) != 1:  # one per LoRA adapter: which one rotated a key depends on the request
+            raise ValueError(f"blend supports one linear RoPE scaling factor, this model has {factors}")
+        inv_freq = inv_freq / float(factors[0])
     return inv_freq, "neox" if rotary_emb.is_neox_style else "gptj"
+
+
+# ---- model families -------------------------------------------------------------------------
+def architecture(model) -> str:
+    """The architecture's name: the config's where vLLM serves it with a generic class."""
+    name = type(model).__name__
+    archs = getattr(getattr(model, "config", None), "architectures", None) or []
+    return name if not archs or archs[0] == name else f"{archs[0]} (vLLM's {name})"
+
+
+def decoder_parts(model):
+    """(decoder layers, embedding function) of a causal LM laid out as vLLM's own model classes
+    are (model.model.layers, model.model.embed_input_ids - which scales Gemma's embeddings)."""
+    arch = architecture(model)
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not len(layers):
+        raise ValueError(f"blend cannot run {arch}: its decoder layers are not at model.layers (set blend=false)")
+    if getattr(inner, "start_layer", 0) != 0 or getattr(inner, "end_layer", len(layers)) != len(layers):
+        raise ValueError("blend does not support pipeline parallelism")
+    embed = getattr(inner, "embed_input_ids", None) or getattr(inner, "embed_tokens", None)
+    if embed is None:
+        raise ValueError(f"blend cannot run {arch}: no embed_input_ids or embed_tokens")
+    return list(layers), embed
+
+
+def layer_parts(arch: str, i: int, layer):
+    """(attention module, RoPE module, sliding window or None) of decoder layer i, or ValueError
+    naming the feature the blender does not run."""
+    if getattr(layer, "ada_rms_norm_t_cond", None) is not None:
+        # Mistral's time-conditioned layers need a t_cond per forward pass; the blender has none.
+        raise ValueError(f"blend does not support {arch} layers conditioned on t_cond (ada_rms_norm_t_cond)")
+    self_attn = getattr(layer, "self_attn", None)
+    attn, rotary = getattr(self_attn, "attn", None), getattr(self_attn, "rotary_emb", None)
+    if attn is None or getattr(attn, "impl", None) is None or rotary is None:
+        raise ValueError(f"blend cannot run {arch}: layer {i} has no self_attn.attn with an attention backend and "
+                         f"self_attn.rotary_emb (set blend=false)")
+    impl, name = attn.impl, getattr(attn, "layer_name", i)
+    if str(getattr(attn, "attn_type", "decoder")) not in ("decoder", "AttentionType.DECODER"):
+        raise ValueError(f"blend supports causal decoder attention only; {arch} layer {name} is {attn.attn_type}")
+    found = [what for what, on in (("soft-capped attention logits", getattr(impl, "logits_soft_cap", 0)),
+                                   ("ALiBi", getattr(impl, "alibi_slopes", None) is not None),
+                                   ("attention sinks", getattr(impl, "sinks", None) is not None),
+                                   ("KV shared across layers", getattr(attn, "kv_sharing_target_layer_name", None)))
+             if on]
+    if found:
+        raise ValueError(f"blend does not support {' and '.join(found)} ({arch}, {name}; set blend=false)")
+    window = getattr(attn, "sliding_window", None)
+    return attn, rotary, (int(window) if window else None)
 
 
 # ---- reading K/V back out of a paged cache --------------------------------------------------
@@ -217,12 +289,12 @@ class PagedKVReader:
 
 # ---- self-test ------------------------------------------------------------------------------
 def self_test(adapter, tokens: int = 5) -> str | None:
-    """None if, on layer 0 of the loaded model, (1) K/V written through the adapter read back
+    """None if, on the loaded model, (1) K/V written through the adapter to layer 0 read back
     exactly, (2) on the canonical KV path, K/V written through the backend's own op read back
     exactly through kvplug's layout (so kvplug's writes land where the backend's attention reads),
-    and (3) a few tokens through the decoder layer with the engine's paged attention give the
-    output of the same layer with a plain softmax attention over the same K/V; else a one-line
-    reason. Uses the last block of the cache (restored afterwards)."""
+    and (3) check_layers passes (its comparison with vLLM's own forward where the engine's paged
+    kernel is reachable: the CPU backend); else a one-line reason. Uses the last block of the
+    caches (restored afterwards)."""
     try:
         return _self_test(adapter, tokens)
     except Exception as e:  # noqa: BLE001 - any failure means: do not blend on this vLLM
@@ -248,30 +320,98 @@ def _self_test(m, n: int) -> str | None:
             rk, rv = m.read_kv(0, slots)
             if not (torch.equal(rk, v) and torch.equal(rv, k)):
                 return "K/V written by the backend's do_kv_cache_update are not where kvplug's cache layout reads them"
-        if m.paged_plan is None:
-            return None
-        return _compare_layer(m, n, block, slots)
     finally:
         cache[block].copy_(saved)
+    return check_layers(m, own_forward=m.paged_plan is not None, tokens=n)
 
 
-def _compare_layer(m, n: int, block: int, slots: torch.Tensor) -> str | None:
-    ids = torch.arange(1, n + 1, device=m.device) * 7
+def check_layers(m, own_forward: bool, tokens: int = 5) -> str | None:
+    """None if (a) every decoder layer calls its attention once per forward_layer with keys that
+    re-rotate exactly with the adapter's rope_for(i) (the same hidden states at positions 0.. and
+    37..), and (b) with own_forward, for the first layer of each kind (window, RoPE), the layer's
+    output through the adapter - with the engine's paged kernel, and with a plain softmax over
+    the layer's window - equals vLLM's own forward of that layer (its Attention module under a
+    forward context of the same tokens); else a one-line reason."""
+    try:
+        with torch.inference_mode():
+            return _check_ropes(m, tokens) or (_compare_layers(m, tokens) if own_forward else None)
+    except Exception as e:  # noqa: BLE001 - a layer that cannot run this way cannot be blended
+        return f"{type(e).__name__}: {e}"
+
+
+def _tolerance(m, ref: torch.Tensor) -> float:
+    rel = 1e-3 if m.dtype == torch.float32 else 0.05
+    return rel * float(ref.abs().max()) + 1e-3
+
+
+def _check_ropes(m, n: int, shift: int = 37) -> str | None:
+    from kvplug.ops.rope import rerotate_keys_ref
+
+    hidden = m.embed(torch.arange(1, n + 1, device=m.device))
+    for i in range(m.num_layers):
+        keys = []
+        for p0 in (0, shift):
+            calls = []
+
+            def attend(q, k, v, calls=calls):
+                calls.append(k.view(n, m.num_kv_heads, m.head_dim).float())
+                return torch.zeros_like(q)
+            m.forward_layer(i, torch.arange(p0, p0 + n, device=m.device), hidden, None, attend)
+            if len(calls) != 1:
+                return f"decoder layer {i} called the blender's attention {len(calls)} times, not once"
+            keys.append(calls[0])
+        inv_freq, style = m.rope_for(i)
+        pos = torch.arange(n, device=m.device)
+        moved = rerotate_keys_ref(keys[0], pos, pos + shift, inv_freq.to(m.device), style)
+        err = float((moved - keys[1]).abs().max())
+        if err > _tolerance(m, keys[1]):
+            return f"layer {i}'s keys do not re-rotate with its RoPE ({err:.3g} off after {shift} positions)"
+    return None
+
+
+def _compare_layers(m, n: int) -> str | None:
+    from vllm.forward_context import ForwardContext, override_forward_context
+
+    from kvplug.blend.layer_kinds import LayerKinds
+
+    group = {i: g for g, (layers, _, _) in enumerate(LayerKinds.of(m).groups) for i in layers}
+    firsts = list({(m.window(i), group[i]): i for i in reversed(range(m.num_layers))}.values())
+    ids = torch.arange(1, n + 1, device=m.device)
     pos = torch.arange(n, device=m.device)
-    outs = []
-    for paged in (True, False):
-        def attend(q, k, v, paged=paged):
-            k, v = k.view(n, m.num_kv_heads, m.head_dim), v.view(n, m.num_kv_heads, m.head_dim)
-            q = q.view(n, m.num_heads, m.head_dim)
-            if paged:
-                m.write_kv(0, k, v, slots)
-                return m.paged_attention(0, q.reshape(n, -1), m.paged_plan([(pos, torch.tensor([block]))]))
-            qf, kf, vf = (t.float().transpose(0, 1) for t in (q, k, v))
-            o = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, is_causal=True, scale=m.scale,
-                                                                 enable_gqa=True)
-            return o.transpose(0, 1).to(q.dtype).reshape(n, -1)
-        hidden, residual = m.forward_layer(0, pos, m.embed(ids), None, attend)
-        outs.append((hidden + residual).float())
-    err = float((outs[0] - outs[1]).abs().max())
-    tol = 0.05 * float(outs[1].abs().max()) + 1e-3
-    return None if err <= tol else f"decoder layer 0 through the engine's kernel differs by {err:.3g} (> {tol:.3g})"
+    for i in firsts:
+        cache = m.cache(i)
+        block = cache.shape[0] - 1
+        slots = torch.arange(block * m.block_size, block * m.block_size + n, device=m.device)
+        plan = m.paged_plan([(pos.cpu(), torch.tensor([block]))])
+        saved = cache[block].clone()
+        try:
+            name = m.attn[i].layer_name
+            ctx = ForwardContext(no_compile_layers={name: m.attn[i]}, attn_metadata={name: plan},
+                                 slot_mapping={name: slots})
+            with override_forward_context(ctx):
+                own = sum(m.layers[i](pos, m.embed(ids), None)).float()
+            for how in ("paged", "softmax"):
+                out = sum(m.forward_layer(i, pos, m.embed(ids), None, _attend(m, i, how, plan, slots, pos))).float()
+                err = float((out - own).abs().max())
+                if err > _tolerance(m, own):
+                    return (f"decoder layer {i} through the blender's {how} attention differs from vLLM's own forward "
+                            f"by {err:.3g}")
+        finally:
+            cache[block].copy_(saved)
+    return None
+
+
+def _attend(m, i: int, how: str, plan, slots, pos):
+    def attend(q, k, v):
+        n = q.shape[0]
+        k, v = k.view(n, m.num_kv_heads, m.head_dim), v.view(n, m.num_kv_heads, m.head_dim)
+        if how == "paged":
+            m.write_kv(i, k, v, slots)
+            return m.paged_attention(i, q.reshape(n, -1), plan)
+        d = pos[:, None] - pos[None, :]
+        seen = (d >= 0) if m.window(i) is None else (d >= 0) & (d < m.window(i))
+        qf, kf, vf = (t.float().transpose(0, 1) for t in (q.view(n, m.num_heads, m.head_dim), k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, attn_mask=seen, scale=m.scale,
+                                                             enable_gqa=True)
+        return o.transpose(0, 1).to(q.dtype).reshape(n, -1)
+    return attend
