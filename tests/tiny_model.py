@@ -157,14 +157,14 @@ def _init_weights(model, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
-            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
                 # Qwen3/Gemma 3 per-head q/k norms: weights that differ per dim, so skipping
                 # or misplacing the norm changes q and k.
                 p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
             elif name.endswith(".bias"):
                 # Qwen2's q/k/v biases: std 0.5 against a projection output's ~1, so a
                 # blender that dropped or double-applied them would be far off.
