@@ -193,3 +193,18 @@ def test_partial_ratios_pick_within_budget_with_windowed_check_and_question_pass
     written, concat = toy.written_kv(), concat_reference(toy, tokens, chunks, end)
     changed = ((written[2] - concat[2]).abs().amax(dim=(0, 2, 3)) > 1e-4).nonzero().flatten().tolist()
     assert set(changed) <= set(report.picked)
+
+
+def test_a_fused_rerotating_write_is_not_used_when_layers_differ_in_rope():
+    """The GPU path's write_rerotated knows one RoPE: with two, the blender re-rotates per group
+    and writes plainly, and the result is still the per-layer re-rotated concatenation."""
+    toy = WindowedToy()
+
+    def fused(*args, **kwargs):
+        raise AssertionError("write_rerotated applies one RoPE to every layer")
+    toy.write_rerotated = fused
+    tokens, chunks, end = prompt()
+    blender = Blender(toy, DictStore())
+    warm(blender, tokens, chunks)
+    blender.run(job(tokens, chunks, end, 0.0))
+    torch.testing.assert_close(toy.written_kv(), concat_reference(toy, tokens, chunks, end), rtol=1e-4, atol=1e-4)
