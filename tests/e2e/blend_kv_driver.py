@@ -13,7 +13,9 @@ re-rotated to their new positions (kvplug.ops.rerotate_keys_ref) and concatenate
 order, each layer with the RoPE its config gives it (Gemma 3: per layer type, with its scaling).
 OUT: max abs differences per case, the KV scale, and which classes ran (vLLM's decoder layer,
 transformers' model) with the largest q/k/v bias of vLLM's layer 0 (0 for families without one),
-the sliding windows the blender saw per layer and the prompt's length.
+the sliding windows the blender saw per layer and the prompt's length, and what
+vllm_compat.check_layers (the start-up comparison with vLLM's own forward) says of the adapter as
+it is, with a wrong attention scale, and with a wrong sliding window on layer 0.
 """
 import json
 import os
@@ -31,7 +33,7 @@ def main(model_path: str, out_path: str) -> None:
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     from kvplug.blend.blender import BlendJob
-    from kvplug.connector.vllm_compat import TESTED_FAMILIES
+    from kvplug.connector.vllm_compat import TESTED_FAMILIES, check_layers
     from kvplug.core.chunking import chunk_key, chunk_spans
     from kvplug.ops.rope import rerotate_keys_ref, rope_inv_freq
 
@@ -107,7 +109,16 @@ def main(model_path: str, out_path: str) -> None:
     blended_zero, r0 = results[0.0]
     qkv = getattr(blender.m.layers[0].self_attn, "qkv_proj", None)
     bias = getattr(qkv, "bias", None)
+    m = blender.m
+    checks = {"as_is": check_layers(m, own_forward=True)}
+    m.scale, scale = m.scale * 1.5, m.scale
+    checks["wrong_scale"] = check_layers(m, own_forward=True)
+    m.scale, windows = scale, list(m._windows)
+    m._windows[0] = 2  # the check runs 5 tokens: a 2-token window changes layer 0's output
+    checks["wrong_window"] = check_layers(m, own_forward=True)
+    m._windows[:] = windows
     out = {
+        "check_layers": checks,
         "vllm_layer": type(blender.m.layers[0]).__name__, "hf_model": type(hf).__name__,
         "qkv_bias_max": float(bias.abs().max()) if bias is not None else 0.0,
         "tokens": end, "chunks": len(spans), "store_hits": len(chunk_kv),

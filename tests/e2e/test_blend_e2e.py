@@ -206,6 +206,11 @@ def test_blended_kv_equals_transformers_prefill_at_ratio_one_and_rerotated_chunk
     r = json.loads(out.read_text())
     assert (r["vllm_layer"], r["hf_model"]) == (layer, hf_model), r  # the family's own code ran on both sides
     assert r["tested_family"] == (family != "phi3"), r
+    # The start-up comparison with vLLM's own forward passes as is, and catches a wrong scale or window.
+    checks = r["check_layers"]
+    assert checks["as_is"] is None, checks
+    assert "softmax attention differs from vLLM's own forward" in checks["wrong_scale"], checks
+    assert checks["wrong_window"].startswith("decoder layer 0 through the blender's softmax attention"), checks
     if family == "qwen2":
         assert r["qkv_bias_max"] > 0.5, r  # the q/k/v biases are there, and large enough to matter
     if family == "gemma3":
