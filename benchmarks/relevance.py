@@ -60,8 +60,6 @@ def chunk_kv(m, blender, tokens: list[int]):
 def build_span(m, blender, tok, n_tokens: int, corpus_words: list[str]):
     import torch
 
-    from kvplug.ops.rope import rerotate_keys
-
     pieces, clusters, begin, t_cluster = [], [], 0, []
     words_per_chunk = 380
     for c in range(n_tokens // CHUNK):
@@ -74,8 +72,7 @@ def build_span(m, blender, tok, n_tokens: int, corpus_words: list[str]):
         clusters.append((begin, cluster_chunk(kv, 16)))
         t_cluster.append(time.perf_counter() - t)
         pos = torch.arange(kv.shape[2])
-        inv, style = m.rope
-        kv[:, 0] = rerotate_keys(kv[:, 0], pos, pos + begin, inv, style)
+        blender.kinds.rerotate(kv[:, 0], pos, pos + begin)
         pieces.append(kv)
         begin += kv.shape[2]
     return torch.cat(pieces, 2), clusters, begin, statistics.median(t_cluster)
@@ -83,12 +80,13 @@ def build_span(m, blender, tok, n_tokens: int, corpus_words: list[str]):
 
 def measure(m, tok, kv, clusters, end, tail, repeats: int) -> dict:
     from kvplug.blend.clusters import SpanClusters
+    from kvplug.blend.layer_kinds import LayerKinds
     from kvplug.blend.relevance import QuestionItem, drain, question_passes
 
     def question_pass(m, tail, kv, end, start, clusters=None, top=8):
         return drain(question_passes(m, [QuestionItem(tail, end, kv, end, start, clusters)], top))[0]
 
-    inv, style = m.rope
+    kinds = LayerKinds.of(m)
 
     def timed(fn):
         out, times = None, []
@@ -100,7 +98,7 @@ def measure(m, tok, kv, clusters, end, tail, repeats: int) -> dict:
 
     exact, t_exact = timed(lambda: question_pass(m, tail, kv, end, 0))
     approx, t_cluster = timed(lambda: question_pass(m, tail, kv, end, 0,
-                                                    SpanClusters.build(clusters, end, inv, style), top=8))
+                                                    SpanClusters.build(clusters, end, kinds), top=8))
     e15, e1 = relevance_error(exact, approx, 0.15), relevance_error(exact, approx, 0.01)
     return {"tokens": end, "recall_top15": e15["recall"], "recall_top1": e1["recall"], "l1": e15["l1"],
             "exact_s": t_exact, "clustered_s": t_cluster, "speedup": t_exact / t_cluster}

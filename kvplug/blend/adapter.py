@@ -20,11 +20,19 @@ modules; tests may implement it over a toy model.
         blended KV; without it no blend is audited)
     all_reduce(t fp32) -> fp32 host tensor   t summed over the tensor-parallel ranks (optional; absent:
         one rank): token scores from each rank's heads are agreed before any pick
+Optional, for models whose layers differ (kvplug/blend/layer_kinds.py reads them; without them
+every layer has `rope` and full causal attention):
+    rope_for(i) -> (inv_freq, style)    layer i's RoPE (Gemma 3: one base for sliding-window
+        layers, another for global ones); keys are re-rotated per group of layers sharing one
+    window(i) -> int | None             layer i's sliding window W (a query at p sees keys at
+        p-W+1..p), None for full attention; every attention the blender runs honours it, and
+        paged_attention must too (the engine's kernel does, per layer)
 Optional (the blender looks them up with getattr and falls back to write_kv / read_kv per layer;
 kvplug/blend/paged_cache.py provides them over vLLM's CUDA caches, one kernel launch each):
     write_kv_layers(kv [L', 2, T, KV, D], slots [T], first_layer=0)   layers first_layer.. at once
     write_rerotated(kv [L', 2, T, KV, D], old_pos [T], new_pos [T], slots [T], first_layer=0)
-        keys re-rotated from old_pos to new_pos with the model's RoPE as they are written
+        keys re-rotated from old_pos to new_pos with the model's RoPE as they are written (used
+        only when every layer has the same RoPE)
     read_kv_layers(slots [T], first_layer=0, num_layers=None) -> [L', 2, T, KV, D]
 """
 from __future__ import annotations

@@ -44,11 +44,11 @@ import torch.nn.functional as F
 from kvplug.blend.adapter import ModelAdapter
 from kvplug.blend.chunk_format import ChunkFormat
 from kvplug.blend.clusters import SpanClusters
+from kvplug.blend.layer_kinds import LayerKinds, window_mask
 from kvplug.blend.policies import Selection
 from kvplug.blend.relevance import QuestionItem, drain, question_logits, question_passes
 from kvplug.blend.selection import (POLICIES, adaptive_budget, chunk_heads, combine, deviation, global_budget,
                                    per_chunk_budget, pick_tokens, relevance_budget)
-from kvplug.ops.rope import rerotate_keys
 
 QUESTION_TOKENS = 256  # the relevance passes run at most the question's last 256 tokens
 _QUERY_BLOCK = 256  # queries per attention call: bounds the [H, q, k] score matrix
@@ -124,6 +124,7 @@ class Blender:
         self.head_tokens = head_tokens
         self.cluster_tokens, self.cluster_min_tokens, self.cluster_top = cluster_tokens, cluster_min_tokens, cluster_top
         self.fmt = ChunkFormat(adapter.num_layers, adapter.num_kv_heads, adapter.head_dim, adapter.dtype, cluster_tokens)
+        self.kinds = LayerKinds.of(adapter)  # each layer's RoPE and sliding window
 
     # ---- batches ---------------------------------------------------------------------------
     def run(self, job: BlendJob) -> BlendReport:
@@ -284,7 +285,7 @@ class Blender:
                               "k": k[row:row + n], "v": v[row:row + n], "q": q3[row:row + n]}
                 layer[0, rows], layer[1, rows] = k[row:row + n], v[row:row + n]
                 if plan is None and n:
-                    outs.append(self._attention(q3[row:row + n], layer[0], layer[1], rows))
+                    outs.append(self._attention(q3[row:row + n], layer[0], layer[1], rows, self.kinds.window(i)))
                 row += n
             if plan is None:
                 return torch.cat(outs)
@@ -314,7 +315,7 @@ class Blender:
         """The spans' cached KV, keys still at their chunk positions, written with the keys moved to
         their prompt positions: fused where the adapter can, else re-rotated and then written."""
         fused = getattr(self.m, "write_rerotated", None)
-        if fused is None:
+        if fused is None or len(self.kinds.groups) > 1:  # the fused write knows one RoPE
             self._write_spans([self._rotated(w.span, w.moves) for w in works], [w.job.slots for w in works])
             return
         fused(torch.cat([w.span for w in works], dim=2), torch.cat([w.moves[0] for w in works]),
@@ -353,7 +354,8 @@ class Blender:
         chunk_rel = [float(rel[chunk_of == c].sum()) for c in range(n_chunks)] if rel is not None else [1.0] * n_chunks
         pooled, budget = global_budget(chunk_of, job.ratio)
         if spec.budget == "adaptive":
-            mass = self._agree(torch.tensor(self._outside_mass(job, w.seen["q"], kv_layer[0], chunk_of, w.begins)))
+            mass = self._agree(torch.tensor(self._outside_mass(job, w.seen["q"], kv_layer[0], chunk_of, w.begins,
+                                                                self.kinds.window(w.select_at))))
             return chunk_of, adaptive_budget(sizes, mass.tolist(), chunk_rel, job.ratio)
         if spec.budget == "per_chunk":
             return chunk_of, per_chunk_budget(chunk_of, n_chunks, job.ratio)
@@ -370,7 +372,7 @@ class Blender:
         return (reduce(scores) if reduce is not None else scores).cpu()
 
     def _outside_mass(self, job: BlendJob, q: torch.Tensor, keys: torch.Tensor, chunk_of: torch.Tensor,
-                      begins: list[int]) -> list[float]:
+                      begins: list[int], window: int | None) -> list[float]:
         """Per cached chunk: the share of its tokens' attention (fresh queries, check layer) that
         goes to positions before the chunk. See selection.py for why this sets the budget."""
         out = []
@@ -380,17 +382,20 @@ class Blender:
                 continue
             rows = torch.nonzero(chunk_of == c).flatten()[::_MASS_STRIDE]
             pos = (rows + job.start).to(keys.device)
-            p = self._attention_weights(q[rows.to(q.device)], keys[:int(pos.max()) + 1], pos)
+            p = self._attention_weights(q[rows.to(q.device)], keys[:int(pos.max()) + 1], pos, window)
             out.append(float(p[..., :begin].sum(-1).mean()))
         return out
 
-    def _attention_weights(self, q: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-        """Causal softmax weights [H, T, K] (fp32) of queries q [T, H, D] at q_pos over keys [K, KV, D]."""
+    def _attention_weights(self, q: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor, window: int | None = None,
+                           k_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal (windowed) softmax weights [H, T, K] (fp32) of queries q [T, H, D] at q_pos over
+        keys [K, KV, D] at k_pos (None: 0..K-1)."""
         m = self.m
         k = keys.float().repeat_interleave(m.num_heads // m.num_kv_heads, dim=1)
         s = torch.einsum("thd,khd->htk", q.float(), k) * m.scale
-        future = torch.arange(k.shape[0], device=s.device)[None, None, :] > q_pos.to(s.device)[None, :, None]
-        return s.masked_fill(future, float("-inf")).softmax(-1)
+        k_pos = torch.arange(k.shape[0], device=s.device) if k_pos is None else k_pos.to(s.device)
+        seen = window_mask(q_pos.to(s.device), k_pos, window)
+        return s.masked_fill(~seen[None], float("-inf")).softmax(-1)
 
     def _span_clusters(self, job: BlendJob):
         if not (self.cluster_min_tokens and job.end - job.start >= self.cluster_min_tokens and job.chunk_clusters):
@@ -398,8 +403,7 @@ class Blender:
         inside = [(b, key) for b, e, key in job.chunks if key is not None and b >= job.start and e <= job.end]
         if not inside or any(key not in job.chunk_clusters for _, key in inside):
             return None
-        inv_freq, style = self.m.rope
-        return SpanClusters.build([(b, job.chunk_clusters[key]) for b, key in inside], job.end, inv_freq, style)
+        return SpanClusters.build([(b, job.chunk_clusters[key]) for b, key in inside], job.end, self.kinds)
 
     # ---- chunks ------------------------------------------------------------------------------
     def _gather(self, job: BlendJob) -> _Work:
@@ -434,9 +438,8 @@ class Blender:
         return _Work(job, POLICIES[job.policy], report, span, moves, chunk_of, begins)
 
     def _rotated(self, span: torch.Tensor, moves) -> torch.Tensor:
-        """span with its keys re-rotated (in place) from old_pos to new_pos."""
-        inv_freq, style = self.m.rope
-        rerotate_keys(span[:, 0], moves[0], moves[1], inv_freq.to(span.device), style, out=span[:, 0])
+        """span with its keys re-rotated (in place) from old_pos to new_pos, each layer with its RoPE."""
+        self.kinds.rerotate(span[:, 0], moves[0], moves[1])
         return span
 
     def _with_prefix(self, job: BlendJob, span: torch.Tensor) -> torch.Tensor:
@@ -468,27 +471,30 @@ class Blender:
         pos = torch.cat([torch.arange(b, b + s.numel()) for s, b in chunks])
         to = torch.cat([torch.arange(s.numel()) for s, _ in chunks])
         out = self._read_layers(slots)
-        inv_freq, style = self.m.rope
-        rerotate_keys(out[:, 0], pos.to(out.device), to.to(out.device), inv_freq.to(out.device), style, out=out[:, 0])
+        self.kinds.rerotate(out[:, 0], pos.to(out.device), to.to(out.device))
         return list(out.cpu().split([s.numel() for s, _ in chunks], dim=2))
 
     # ---- attention ---------------------------------------------------------------------------
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-        """Causal attention by position: query t sees keys 0..q_pos[t]. q [T, H, D], k/v [K, KV, D]
-        -> [T, H*D]. fp32 math (as the engine's kernels accumulate), blocks of queries."""
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                   window: int | None = None, k_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention by position: query t sees keys at q_pos[t]-window+1..q_pos[t] (every key
+        up to q_pos[t] when window is None). q [T, H, D], k/v [K, KV, D] at positions k_pos (None:
+        key j at position j) -> [T, H*D]. fp32 math (as the engine's kernels accumulate), blocks of
+        queries, each over the keys its window can reach."""
         m = self.m
         q_pos = q_pos.to(q.device)
-        kmax = int(q_pos.max()) + 1
+        positions = torch.arange(k.shape[0], device=q.device) if k_pos is None else k_pos.to(q.device)
         qf = q.float().transpose(0, 1).unsqueeze(0)
-        kf = k[:kmax].float().transpose(0, 1).unsqueeze(0)
-        vf = v[:kmax].float().transpose(0, 1).unsqueeze(0)
         out = torch.empty((q.shape[0], m.num_heads, m.head_dim), dtype=q.dtype, device=q.device)
         for i in range(0, q.shape[0], _QUERY_BLOCK):
             qp = q_pos[i:i + _QUERY_BLOCK]
-            top = int(qp.max()) + 1
-            mask = torch.arange(top, device=q.device)[None, :] <= qp[:, None]
-            o = F.scaled_dot_product_attention(qf[:, :, i:i + _QUERY_BLOCK], kf[:, :, :top], vf[:, :, :top],
-                                               attn_mask=mask, scale=m.scale, enable_gqa=True)
+            lo, hi = 0, k.shape[0]
+            if k_pos is None:  # keys by position: only those the block's queries can reach
+                lo, hi = max(0, int(qp.min()) - window + 1) if window else 0, int(qp.max()) + 1
+            mask = window_mask(qp, positions[lo:hi], window)
+            kf, vf = (t[lo:hi].float().transpose(0, 1).unsqueeze(0) for t in (k, v))
+            o = F.scaled_dot_product_attention(qf[:, :, i:i + _QUERY_BLOCK], kf, vf, attn_mask=mask, scale=m.scale,
+                                               enable_gqa=True)
             out[i:i + _QUERY_BLOCK] = o[0].transpose(0, 1)
         return out.reshape(q.shape[0], -1)
 
@@ -501,9 +507,10 @@ class _Question:
         m = blender.m
         self.b, self.job = blender, job
         tail, at = _question(job)
-        self.pos = torch.arange(at, at + len(tail), device=m.device)  # RoPE: its prompt positions
-        # the mask: its keys follow the span's end keys, whatever lies between in the prompt
-        self.rows = torch.arange(job.end, job.end + len(tail), device=m.device)
+        self.pos = torch.arange(at, at + len(tail), device=m.device)  # its prompt positions
+        # its keys follow the span's end keys, whatever lies between in the prompt (not run here)
+        self.k_pos = torch.cat([torch.arange(job.end, device=m.device), self.pos])
+        self.window = blender.kinds.window(min(blender.check_layer, m.num_layers - 1))
         self.hidden = m.embed(torch.tensor(tail, dtype=torch.long, device=m.device))
         self.residual = None
         self.q = self.k = None
@@ -514,12 +521,13 @@ class _Question:
         def attend(q, k, v):
             k, v = k.view(-1, m.num_kv_heads, m.head_dim), v.view(-1, m.num_kv_heads, m.head_dim)
             self.q, self.k = q.view(-1, m.num_heads, m.head_dim), torch.cat([kv_layer[0], k])
-            return self.b._attention(self.q, self.k, torch.cat([kv_layer[1], v]), self.rows)
+            return self.b._attention(self.q, self.k, torch.cat([kv_layer[1], v]), self.pos, self.b.kinds.window(i),
+                                     self.k_pos)
         self.hidden, self.residual = m.forward_layer(i, self.pos, self.hidden, self.residual, attend)
 
     def token_relevance(self) -> torch.Tensor:
         """fp32 [span]: the question's mean attention on each span token at the check layer."""
-        p = self.b._attention_weights(self.q, self.k, self.rows).mean(dim=(0, 1))  # [keys]
+        p = self.b._attention_weights(self.q, self.k, self.pos, self.window, self.k_pos).mean(dim=(0, 1))  # [keys]
         return p[self.job.start:self.job.end].cpu()
 
 

@@ -12,20 +12,24 @@ pass: one forward_layer call per layer over all of them, attention per question 
         fp32 [end - start]: the relevance of each span token (attention averaged over the item's
         `layers`: all of them, the last half, or the most concentrated one); with clusters
         (kvplug/blend/clusters.py) the question attends to the cached chunks' key clusters and
-        expands only its `top` clusters to tokens
+        expands only its `top` clusters to tokens; a sliding-window layer (the adapter's window(i),
+        kvplug/blend/layer_kinds.py) attends exactly to the keys in its window, clusters or not
     question_logits(model, items)          generator returning fp32 [items, vocab]: the logits after
         each question's last token over its kv (the blend audit compares exact and blended KV)
     drain(steps) -> value                  a generator of steps run to its end
-    question_attention(q, k_span, v_span, k_own, v_own, scale) -> (out, weights)
-        one layer: q [T, H, D] over the span's K/V [S, KV, D] and the question's own [T, KV, D]
-        (causal); out [T, H*D] in q's dtype, weights fp32 [S] summed over heads and queries.
-        Grouped heads are batched per KV head, so no key is copied per query head.
+    question_attention(q, k_span, v_span, k_own, v_own, scale, window=None, at=0) -> (out, weights)
+        one layer: q [T, H, D] at positions at.. over the span's K/V [S, KV, D] (positions 0..S-1)
+        and the question's own [T, KV, D] (causal; with a window W, only keys less than W
+        positions back); out [T, H*D] in q's dtype, weights fp32 [S] summed over heads and
+        queries. Grouped heads are batched per KV head, so no key is copied per query head.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from kvplug.blend.layer_kinds import LayerKinds, window_mask
 
 
 LAYERS = ("all", "late", "peak")  # every layer; the last half (A3); the one where it is most concentrated
@@ -43,24 +47,34 @@ class QuestionItem:
 
 
 def question_attention(q: torch.Tensor, k_span: torch.Tensor, v_span: torch.Tensor, k_own: torch.Tensor,
-                       v_own: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       v_own: torch.Tensor, scale: float, window: int | None = None,
+                       at: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     T, H, D = q.shape
-    KV = k_span.shape[1]
+    S, KV = k_span.shape[0], k_span.shape[1]
     g = H // KV
+    lo = 0 if window is None else min(S, max(0, at - window + 1))  # span keys no query's window reaches
+    k_span, v_span = k_span[lo:], v_span[lo:]
     qg = q.view(T, KV, g, D).permute(1, 2, 0, 3).reshape(KV, g * T, D)  # [KV, gT, D], row = (head in group, t)
-    s_span = torch.matmul(qg, k_span.permute(1, 2, 0)).float() * scale  # [KV, gT, S]
+    s_span = torch.matmul(qg, k_span.permute(1, 2, 0)).float() * scale  # [KV, gT, S - lo]
     s_own = torch.matmul(qg, k_own.permute(1, 2, 0)).float() * scale  # [KV, gT, T]
     t = torch.arange(T, device=q.device)
-    future = (t[None, :] > t[:, None]).repeat(g, 1)  # [gT, T]: query t sees own keys <= t
-    s_own = s_own.masked_fill(future, float("-inf"))
-    top = torch.maximum(s_span.amax(-1, keepdim=True), s_own.amax(-1, keepdim=True))
+    s_own = s_own.masked_fill(~window_mask(t, t, window).repeat(g, 1), float("-inf"))  # own keys <= t
+    if window is not None:
+        seen = window_mask(t + at, torch.arange(lo, S, device=q.device), window).repeat(g, 1)
+        s_span = s_span.masked_fill(~seen, float("-inf"))
+    top = s_own.amax(-1, keepdim=True)  # finite: a query always sees its own key
+    if s_span.shape[-1]:
+        top = torch.maximum(top, s_span.amax(-1, keepdim=True))
     p_span, p_own = (s_span - top).exp(), (s_own - top).exp()
     z = p_span.sum(-1, keepdim=True) + p_own.sum(-1, keepdim=True)
     p_span, p_own = p_span / z, p_own / z
     out = torch.matmul(p_span.to(v_span.dtype), v_span.permute(1, 0, 2)).float() + \
         torch.matmul(p_own.to(v_own.dtype), v_own.permute(1, 0, 2)).float()  # [KV, gT, D]
     out = out.view(KV, g, T, D).permute(2, 0, 1, 3).reshape(T, H * D)
-    return out.to(q.dtype), p_span.sum(dim=(0, 1))
+    weights = p_span.sum(dim=(0, 1))
+    if lo:
+        weights = torch.cat([torch.zeros(lo, dtype=weights.dtype, device=weights.device), weights])
+    return out.to(q.dtype), weights
 
 
 def question_passes(m, items: list[QuestionItem], top: int = 8):
@@ -103,15 +117,18 @@ def _questions(m, items: list[QuestionItem], top: int, weigh: bool):
     hidden, residual = m.embed(ids), None
     totals = [torch.zeros((m.num_layers, it.end), dtype=torch.float32, device=m.device) if weigh else None
               for it in items]
+    kinds = LayerKinds.of(m)
     for i in range(m.num_layers):
-        def attend(q, k, v, i=i):
+        window = kinds.window(i)
+
+        def attend(q, k, v, i=i, window=window):
             q, k = q.view(-1, m.num_heads, m.head_dim), k.view(-1, m.num_kv_heads, m.head_dim)
             v = v.view(-1, m.num_kv_heads, m.head_dim)
             outs, row = [], 0
             for it, n, total in zip(items, sizes, totals):
                 qs, ks, vs, layer = q[row:row + n], k[row:row + n], v[row:row + n], it.kv[i]
-                if it.clusters is None or not weigh:
-                    out, w = question_attention(qs, layer[0], layer[1], ks, vs, m.scale)
+                if it.clusters is None or window is not None or not weigh:  # a window reaches few keys: exactly
+                    out, w = question_attention(qs, layer[0], layer[1], ks, vs, m.scale, window, it.at)
                 else:
                     out, w = clustered_attention(qs, i, it.clusters, layer, ks, vs, m.scale, top)
                 if weigh:

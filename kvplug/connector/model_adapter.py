@@ -1,13 +1,16 @@
 """The blender's view of a vLLM model (kvplug/blend/adapter.py), over vLLM's own modules.
 
-A decoder layer is run as vLLM runs it (norms, projections, RoPE, MLP: its code, its weights),
-except that its attention module is swapped for the blender's for the length of the call, so no
-forward context or attention metadata is needed and nothing in vLLM is patched. Every vLLM
-internal it relies on (the layers, their attention modules and rotary embeddings, the swap, the
-cache's block dimension) is reached through vllm_compat.
+A decoder layer is run as vLLM runs it (norms, q/k norms, projections, RoPE, MLP: its code, its
+weights), except that its attention module is swapped for the blender's for the length of the
+call, so no forward context or attention metadata is needed and nothing in vLLM is patched. What
+differs between families - where the parts are, each layer's RoPE module and sliding window, what
+is refused - and every vLLM internal it relies on are in vllm_compat.
 
     VLLMModelAdapter(model, kv_caches, block_size, kv_io="opaque")   or ValueError naming what is
-        not supported. kv_io is the worker's KV path (kvplug/tiers/block_io.py):
+        not supported: a family of vllm_compat.TESTED_FAMILIES, or any other whose layers pass
+        vllm_compat.check_layers against vLLM's own forward (on the CPU backend, where the engine's
+        kernel is reachable); every other architecture is refused, named, at start-up.
+        kv_io is the worker's KV path (kvplug/tiers/block_io.py):
         "opaque": write_kv through the backend's do_kv_cache_update, read_kv / read_kv_layers through
             the probed PagedKVReader (the CPU backend: its block interior may be ISA-packed)
         "canonical": vLLM's CUDA layouts through PagedKV (kvplug/blend/paged_cache.py), with the
@@ -16,6 +19,7 @@ cache's block dimension) is reached through vllm_compat.
         own kernel over its paged cache (CPU backend), a sequence per run of positions of each
         request; paged_plan is None on other backends, where the blender uses torch SDPA over its
         own copy of the KV
+    rope / rope_for(i) / window(i)   layer 0's and layer i's (inv_freq, style), layer i's sliding window
     write_kv(i, k, v, slots) / read_kv(i, slots) -> (k, v)   per-token K/V of layer i in and out
     logits(hidden, residual)        the model's final norm and LM head (the blend audit)
     all_reduce(t)                   t summed over the tensor-parallel ranks (agreed token picks)
@@ -30,13 +34,6 @@ from torch import nn
 from kvplug.blend.paged_cache import PagedCacheKV
 from kvplug.connector import vllm_compat as compat
 
-# Families whose decoder layers are (positions, hidden, residual) -> (hidden, residual) and
-# whose attention calls self.attn(q, k, v) with rotated q and k (checked against vLLM's
-# transformers for each family in tests/e2e/test_blend_e2e.py). In vLLM 0.32 Mistral has its own
-# MistralDecoderLayer (a LlamaDecoderLayer with an optional time-conditioned norm, refused below)
-# and Qwen2 its own layer with q/k/v biases inside qkv_proj.
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
 
 class _AttentionHook(nn.Module):
     def __init__(self, attend):
@@ -50,16 +47,14 @@ class _AttentionHook(nn.Module):
 class VLLMModelAdapter:
     def __init__(self, model: nn.Module, kv_caches: dict[str, torch.Tensor], block_size: int, kv_io: str = "opaque"):
         self._model = model
-        stack = compat.decoder_stack(model, SUPPORTED)
-        self.layers, self._embed = stack.layers, stack.embed
-        facts = [compat.layer_attention(layer) for layer in self.layers]
-        self.attn = [f.attn for f in facts]
+        stack = compat.decoder_stack(model)
+        self.arch, self.layers, self._embed = stack.arch, stack.layers, stack.embed
         weight = next(model.parameters())
         self.dtype, self.device = weight.dtype, weight.device
-        for a in self.attn:
-            why = compat.unsupported_attention(a, self.dtype)
-            if why is not None:
-                raise ValueError(why)
+        facts = [compat.layer_attention(self.arch, i, layer, self.dtype) for i, layer in enumerate(self.layers)]
+        self.attn = [f.attn for f in facts]
+        self._ropes = [compat.rope_frequencies(f.rotary) for f in facts]
+        self._windows = [f.window for f in facts]
         first = facts[0]
         self.num_layers = len(self.layers)
         self.num_heads, self.num_kv_heads = first.num_heads, first.num_kv_heads
@@ -70,10 +65,27 @@ class VLLMModelAdapter:
         if kernel_block != block_size:
             raise ValueError(f"blend needs the cache's kernel block size ({kernel_block}) to equal vLLM's block "
                              f"size ({block_size})")
-        self._rope = compat.rope_frequencies(first.rotary)
+        if any(f.scale != self.scale for f in facts):
+            raise ValueError(f"blend needs one attention scale for every layer of {self.arch}")
+        self._rope = self._ropes[0]
         cpu = compat.is_cpu_backend(self.attn[0])
         self._kv_path(kv_io, cpu)
         self.paged_plan = self._cpu_plan if cpu else None
+        shared = set(self._windows)  # the CPU plan's window: one all layers share, else -1
+        self._plan_window = (shared.pop() or -1) if len(shared) == 1 else -1
+        if self.arch not in compat.TESTED_FAMILIES:  # also a tested name served by a generic vLLM class
+            self._prove()
+
+    def _prove(self) -> None:
+        """A family no test covers is blended only where its layers are shown, at start-up, to
+        run through the adapter as vLLM's own forward runs them."""
+        if self.paged_plan is None:
+            why = "its layers can be checked against vLLM's own forward on the CPU backend only"
+        else:
+            why = compat.check_layers(self, own_forward=True)
+        if why is not None:
+            raise ValueError(f"blend does not support {self.arch}: it is not among the tested families "
+                             f"({', '.join(compat.TESTED_FAMILIES)}) and {why} (set blend=false)")
 
     def _kv_path(self, kv_io: str, cpu: bool) -> None:
         """canonical: PagedKV over the caches, the all-layer methods bound; opaque: the backend's
@@ -82,7 +94,7 @@ class VLLMModelAdapter:
         if kv_io == "canonical":
             if cpu:
                 raise ValueError("kv_io='canonical' on vLLM's CPU backend: its blocks may be ISA-packed (use 'opaque')")
-            self._paged = PagedCacheKV(self._caches, self._rope)
+            self._paged = PagedCacheKV(self._caches, self._rope)  # its fused re-rotation: one-RoPE models only
             self._paged.bind(self)
         elif kv_io == "opaque":
             self._reader = compat.PagedKVReader(self.attn[0], self._caches[0], self.num_kv_heads, self.head_dim,
@@ -94,6 +106,12 @@ class VLLMModelAdapter:
     @property
     def rope(self) -> tuple[torch.Tensor, str]:
         return self._rope
+
+    def rope_for(self, i: int) -> tuple[torch.Tensor, str]:
+        return self._ropes[i]
+
+    def window(self, i: int) -> int | None:
+        return self._windows[i]
 
     def cache(self, i: int) -> torch.Tensor:
         return self._caches[i]
@@ -136,4 +154,4 @@ class VLLMModelAdapter:
 
     def _cpu_plan(self, segments):
         return compat.cpu_paged_metadata(self.attn[0], segments, self.num_heads, self.num_kv_heads, self.head_dim,
-                                         self.dtype)
+                                         self.dtype, self._plan_window)

@@ -107,9 +107,9 @@ class Blender(product.Blender):
         pos = torch.arange(n, device=m.device)
         hidden, residual = m.embed(torch.tensor(tokens, dtype=torch.long, device=m.device)), None
         for i in range(m.num_layers):
-            def attend(q, k, v, layer=out[i]):
+            def attend(q, k, v, layer=out[i], window=self.kinds.window(i)):
                 layer[0], layer[1] = k.view(n, m.num_kv_heads, m.head_dim), v.view(n, m.num_kv_heads, m.head_dim)
-                return self._attention(q.view(n, m.num_heads, m.head_dim), layer[0], layer[1], pos)
+                return self._attention(q.view(n, m.num_heads, m.head_dim), layer[0], layer[1], pos, window)
             hidden, residual = m.forward_layer(i, pos, hidden, residual, attend)
         return out
 
