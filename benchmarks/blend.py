@@ -206,6 +206,9 @@ def main(argv=None) -> int:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env = serving.same_cpu_threads_env({**env, "VLLM_CPU_KVCACHE_SPACE": "2"}, args.reserved_cpus)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+    # On a shared 2-core machine one step of a 3K-token prefill has taken more than vLLM's default
+    # 300 s, and vLLM then kills the engine: hours of phases lost for a slow step.
+    env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
     vllm_spec, blend_spec = engine_specs(args, families, configs)
     engines = run_engines(args, vllm_spec, blend_spec, env)
     phases = {ph["name"]: ph for e in engines.values() for ph in e["phases"]}
