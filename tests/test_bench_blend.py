@@ -383,3 +383,26 @@ def test_report_prints_tables_and_the_headline(qs, capsys):
                      "errors": {}})
     out = capsys.readouterr().out
     assert "query_0.15" in out and "default_kl" in out and "ratio0_ttft_ratio" in out
+
+
+def test_resume_runs_the_warmup_and_the_unfinished_phases_only(monkeypatch, tmp_path):
+    spec = {"requests": [{"id": "a"}], "phases": [
+        {"name": n, "warmup": n == "warmup", "requests": "all"}
+        for n in ("warmup", "full_prefill_kvplug", "concat", "ratio_1", "full_prefill_kvplug_after")]}
+    done = [("warmup", True), ("full_prefill_kvplug", False), ("concat", False)]
+    prior = {"engine_start_s": 1.0, "phases": [{"name": n, "warmup": w} for n, w in done]}
+    seen = {}
+
+    def fake_spawn(name, rest, work, env, timeout_s):
+        seen.update(name=name, phases=[p["name"] for p in rest["phases"]], requests=rest["requests"])
+        return {"engine_start_s": 2.0, "complete": True,
+                "phases": [{"name": p["name"], "warmup": p["warmup"]} for p in rest["phases"]]}
+
+    monkeypatch.setattr(blend, "spawn_engine", fake_spawn)
+    merged = blend.resume_engine("blend", spec, prior, tmp_path, {}, 10)
+    assert seen == {"name": "blend.resume", "phases": ["warmup", "ratio_1", "full_prefill_kvplug_after"],
+                    "requests": spec["requests"]}
+    assert [p["name"] for p in merged["phases"]] == ["warmup", "full_prefill_kvplug", "concat", "ratio_1",
+                                                     "full_prefill_kvplug_after"]
+    assert [r["first_phase"] for r in merged["engine_runs"]] == ["warmup", "ratio_1"] and merged["complete"]
+    assert (tmp_path / "blend.out.json").exists()
