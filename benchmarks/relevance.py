@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -27,35 +28,65 @@ RESULTS = HERE / "results"
 CHUNK = 512
 
 
-def build_span(m, blender, tok, n_tokens: int, corpus_words: list[str]):
+def relevance_error(exact, approx, frac: float) -> dict[str, float]:
+    """How well approx ranks like exact: recall of exact's top `frac` tokens among approx's, and
+    the L1 distance of the two as distributions."""
+    k = max(1, round(frac * exact.numel()))
+    top_e = set(exact.topk(k).indices.tolist())
+    top_a = set(approx.topk(k).indices.tolist())
+    l1 = float((exact / exact.sum() - approx / approx.sum().clamp(min=1e-30)).abs().sum())
+    return {"recall": len(top_e & top_a) / k, "l1": l1, "k": k, "tokens": exact.numel(),
+            "log2_tokens": math.log2(max(exact.numel(), 1))}
+
+
+def chunk_kv(m, blender, tokens: list[int]):
+    """A chunk's KV with nothing before it, at positions 0..n-1 [L, 2, n, KV, D]: the model's layers
+    with the blender's attention (what a tier would hold for the chunk)."""
     import torch
 
-    from kvplug.ops.rope import rerotate_keys
+    n = len(tokens)
+    out = torch.empty((m.num_layers, 2, n, m.num_kv_heads, m.head_dim), dtype=m.dtype, device=m.device)
+    pos = torch.arange(n, device=m.device)
+    hidden, residual = m.embed(torch.tensor(tokens, dtype=torch.long, device=m.device)), None
+    with torch.inference_mode():
+        for i in range(m.num_layers):
+            def attend(q, k, v, layer=out[i]):
+                layer[0], layer[1] = k.view(n, m.num_kv_heads, m.head_dim), v.view(n, m.num_kv_heads, m.head_dim)
+                return blender._attention(q.view(n, m.num_heads, m.head_dim), layer[0], layer[1], pos)
+            hidden, residual = m.forward_layer(i, pos, hidden, residual, attend)
+    return out
+
+
+def build_span(m, blender, tok, n_tokens: int, corpus_words: list[str]):
+    import torch
 
     pieces, clusters, begin, t_cluster = [], [], 0, []
     words_per_chunk = 380
     for c in range(n_tokens // CHUNK):
         text = " ".join(corpus_words[c * words_per_chunk:(c + 1) * words_per_chunk])
         ids = tok.encode(text, add_special_tokens=False)[:CHUNK]
-        kv = blender.compute_chunk(ids)
+        kv = chunk_kv(m, blender, ids)
         t = time.perf_counter()
         from kvplug.blend.clusters import cluster_chunk
 
         clusters.append((begin, cluster_chunk(kv, 16)))
         t_cluster.append(time.perf_counter() - t)
         pos = torch.arange(kv.shape[2])
-        inv, style = m.rope
-        kv[:, 0] = rerotate_keys(kv[:, 0], pos, pos + begin, inv, style)
+        blender.kinds.rerotate(kv[:, 0], pos, pos + begin)
         pieces.append(kv)
         begin += kv.shape[2]
     return torch.cat(pieces, 2), clusters, begin, statistics.median(t_cluster)
 
 
 def measure(m, tok, kv, clusters, end, tail, repeats: int) -> dict:
-    from kvplug.blend.clusters import SpanClusters, relevance_error
-    from kvplug.blend.relevance import question_pass
+    from kvplug.blend.clusters import SpanClusters
+    from kvplug.blend.layer_kinds import LayerKinds
+    from kvplug.blend.relevance import QuestionItem, drain, question_passes
 
-    inv, style = m.rope
+    def question_pass(m, tail, kv, end, start, clusters=None, top=8):
+        return drain(question_passes(m, [QuestionItem(tail, end, kv, end, start, clusters)], top))[0]
+
+    kinds = LayerKinds.of(m)
 
     def timed(fn):
         out, times = None, []
@@ -67,7 +98,7 @@ def measure(m, tok, kv, clusters, end, tail, repeats: int) -> dict:
 
     exact, t_exact = timed(lambda: question_pass(m, tail, kv, end, 0))
     approx, t_cluster = timed(lambda: question_pass(m, tail, kv, end, 0,
-                                                    SpanClusters.build(clusters, end, inv, style), top=8))
+                                                    SpanClusters.build(clusters, end, kinds), top=8))
     e15, e1 = relevance_error(exact, approx, 0.15), relevance_error(exact, approx, 0.01)
     return {"tokens": end, "recall_top15": e15["recall"], "recall_top1": e1["recall"], "l1": e15["l1"],
             "exact_s": t_exact, "clustered_s": t_cluster, "speedup": t_exact / t_cluster}
@@ -103,7 +134,7 @@ def _main(argv) -> int:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     m = HFModelAdapter(model, 8)  # the blender writes nothing here: no cache needed
-    blender = Blender(m, {})
+    blender = Blender(m)
     words = load_corpus().words
     frame = mq.chat_frame(tok)
     tail = tok.encode(frame.render_tail("What does the author say about startups and growth?"),

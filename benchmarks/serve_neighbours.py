@@ -20,17 +20,21 @@ what the change gives the requests that need nothing slow.
              nb_sync against nb_after isolates the asynchronous loads (full mode only).
   nb_after   this tree with its defaults.
 The JSON records which kvplug each server imported (``kvplug_imported_from``).
-Every server has a CPU tier, a disk tier and the run's loopback redis-server, blends (fixed,
-0.15), and gives two tenants (cache_salt) quotas that keep their units where this case needs them:
+Every server has a CPU tier, a disk tier and the run's loopback redis-server, blends (nb_before:
+fixed, 0.15; this tree's servers: kvplug's default blend settings), and gives two tenants
+(cache_salt) quotas that keep their units where this case needs them:
   nb-disk    {"cpu_bytes": 0}: never in the CPU tier, so every load of its units comes from disk;
   nb-remote  {"cpu_bytes": 0, "disk_bytes": 0}: only in Redis.
 
 Contexts: --nb-docs documents of --doc-tokens tokens each, joined by the separator. No document
 appears in two contexts. There are --nb-hit-contexts hit contexts, one load context per load
-neighbour and one first-seen context per first-seen neighbour. Each server, in order:
-  warm-up    (untimed, 1 output token) every load context under its tenant, then every hit context.
-             The load contexts land on disk or in Redis and the hit contexts in the CPU tier;
-             vLLM's own cache (--vllm-kv-blocks, a few requests) ends up holding only recent hits.
+neighbour, one first-seen context per first-seen neighbour and one blend context per blended
+neighbour (BLEND_LEAD, then its documents: every document follows a separator, so its chunk is
+the same in any order). Each server, in order:
+  warm-up    (untimed, 1 output token) every load context under its tenant, every blend context
+             (its chunks are saved), then every hit context. The load contexts land on disk or in
+             Redis, the hit contexts and the blend contexts' chunks in the CPU tier; vLLM's own
+             cache (--vllm-kv-blocks, a few requests) ends up holding only recent hits.
   alone      --nb-hits hit requests (a hit context plus a new question; `"blend": false`, so a hit
              is a pure prefix hit with no blending work), cycling through the hit contexts, whose
              LRU order defeats vLLM's own prefix cache.
@@ -38,6 +42,10 @@ neighbour and one first-seen context per first-seen neighbour. Each server, in o
              (alternately disk and Redis; each load context once, with a new question).
   first_seen as many hit requests, with --nb-new first-seen neighbours: contexts of documents
              nobody has sent, blended (the old code prefills them in its own loop).
+  blends     as many hit requests, with --nb-blends blended neighbours: each blend context with
+             its documents in reverse order and a new question, so every chunk is cached but no
+             prefix beyond BLEND_LEAD is: the neighbours blend and nothing else (issue 17:
+             neighbours_hit_p50_ratio = the hits' p50 here / alone, on nb_after).
 Per server and phase the report gives the hits' TTFT p50/p90, the neighbours' TTFT, the phase's
 requests/s and kvplug's counters over the phase (cpu/disk/remote hit tokens show where the KV
 came from; vllm_prefix_hit_rate shows how much vLLM's own cache served). Side by side it gives
@@ -47,7 +55,8 @@ after / before.
     add_args(parser) / finish_args(args)     --neighbours, --nb-* and --before-rev (quick/full defaults)
     NB_CONFIGS, selected(args)               the registry and the configurations a run asks for
     spread(hits, neighbours)                 neighbours placed evenly among the hits, order kept
-    build_phases(sizes, documents, max_tokens, seed) -> {phase: [NbRequest]}   warm-up and the three phases
+    reordered(context)                       a blend context's documents in a new order
+    build_phases(sizes, documents, max_tokens, seed) -> {phase: [NbRequest]}   warm-up and the four phases
     phase_stats(reqs, results, wall_s, counters)   one phase's figures (hits and neighbours apart)
     run_case(cfgs, run) -> dict              every server in turn; the report's "neighbours" section
     print_section(section)                   the per-phase table and the side-by-side table
@@ -70,7 +79,8 @@ from workloads import SEPARATOR, Request  # noqa: E402
 from workloads.text import question  # noqa: E402
 
 BEFORE_REV = "2370964"  # the last commit before the restructure (ca00f90)
-PHASES = ("alone", "loads", "first_seen")
+PHASES = ("alone", "loads", "first_seen", "blends")
+BLEND_LEAD = "Read the documents below, then answer the question."  # shorter than a cached chunk
 NB_QUICK = ("nb_before", "nb_after")
 NB_FULL = ("nb_before", "nb_sync", "nb_after")
 # Per request: hits opt out of blending so that they are pure prefix hits; load neighbours sit
@@ -78,7 +88,7 @@ NB_FULL = ("nb_before", "nb_sync", "nb_after")
 BODIES = {"hit": {"kv_transfer_params": {"blend": False}},
           "disk": {"cache_salt": "nb-disk", "kv_transfer_params": {"blend": False}},
           "remote": {"cache_salt": "nb-remote", "kv_transfer_params": {"blend": False}},
-          "new": {}}
+          "new": {}, "blend": {}}
 QUOTAS = {"nb-disk": {"cpu_bytes": 0}, "nb-remote": {"cpu_bytes": 0, "disk_bytes": 0}}
 
 
@@ -90,10 +100,11 @@ class NbSizes:
     loads: int  # load neighbours (disk and Redis alternately) in the loads phase
     new: int  # first-seen neighbours in the first_seen phase
     docs: int  # documents per context
+    blends: int = 0  # blended neighbours (all chunks cached, new order) in the blends phase
 
 
-QUICK = NbSizes(hit_contexts=3, hits=8, loads=4, new=2, docs=6)
-FULL = NbSizes(hit_contexts=4, hits=16, loads=8, new=4, docs=6)
+QUICK = NbSizes(hit_contexts=3, hits=8, loads=4, new=2, docs=6, blends=2)
+FULL = NbSizes(hit_contexts=4, hits=16, loads=8, new=4, docs=6, blends=4)
 
 
 def add_args(p) -> None:
@@ -102,7 +113,7 @@ def add_args(p) -> None:
     p.add_argument("--before-rev", default=BEFORE_REV, help="kvplug revision nb_before runs (git archive)")
     for name, what in (("hit-contexts", "hit contexts"), ("hits", "hit requests per phase"),
                        ("loads", "load neighbours (disk/Redis alternately)"), ("new", "first-seen neighbours"),
-                       ("docs", "documents per context")):
+                       ("docs", "documents per context"), ("blends", "blended neighbours (cached chunks, new order)")):
         p.add_argument(f"--nb-{name}", type=int, default=None,
                        help=f"neighbours case: {what} (quick {getattr(QUICK, name.replace('-', '_'))}, "
                             f"else {getattr(FULL, name.replace('-', '_'))})")
@@ -110,7 +121,8 @@ def add_args(p) -> None:
 
 def finish_args(a) -> None:
     base = QUICK if a.quick else FULL
-    a.nb_sizes = NbSizes(**{f: getattr(a, f"nb_{f}") or getattr(base, f) for f in NbSizes.__dataclass_fields__})
+    a.nb_sizes = NbSizes(**{f: getattr(a, f"nb_{f}") if getattr(a, f"nb_{f}") is not None else getattr(base, f)
+                            for f in NbSizes.__dataclass_fields__})
     if a.neighbours is None:
         a.neighbours = ",".join(NB_QUICK if a.quick else NB_FULL)
 
@@ -140,14 +152,16 @@ def _common(p: NbPlan) -> dict:
     # A fresh Redis namespace per server start: every server begins with an empty store.
     return {"disk_path": f"{p.work_dir}/disk", "remote_url": p.remote_url,
             "remote_namespace": f"nb-{time.monotonic_ns()}", "remote_timeout_ms": 200, "blend": True,
-            "recompute_ratio": 0.15, "recompute_policy": "fixed", "namespaces": QUOTAS}
+            "namespaces": QUOTAS}
 
 
 def _before(p: NbPlan) -> dict:
-    # BEFORE_REV's keys: chunk KV had its own store and budgets beside the tiers.
+    # BEFORE_REV's keys: chunk KV had its own store and budgets beside the tiers (and its
+    # measurements ran the fixed policy at 0.15).
     ws = p.working_set_bytes
     return {**_common(p), "cpu_bytes": _mb(1.5 * ws), "blend_cpu_bytes": _mb(1.5 * ws),
-            "disk_bytes": _mb(4 * ws), "blend_disk_bytes": _mb(4 * ws)}
+            "disk_bytes": _mb(4 * ws), "blend_disk_bytes": _mb(4 * ws), "recompute_ratio": 0.15,
+            "recompute_policy": "fixed"}
 
 
 def _now(async_loads: bool) -> Callable[[NbPlan], dict]:
@@ -194,20 +208,28 @@ def spread(hits: list, neighbours: list) -> list:
 
 
 def contexts(sizes: NbSizes, documents: list[str]) -> dict[str, list[str]]:
-    """Hit, load and first-seen contexts, each of sizes.docs documents of its own."""
-    counts = {"hit": sizes.hit_contexts, "load": sizes.loads, "new": sizes.new}
+    """Hit, load, first-seen and blend contexts, each of sizes.docs documents of its own (a blend
+    context after BLEND_LEAD)."""
+    counts = {"hit": sizes.hit_contexts, "load": sizes.loads, "new": sizes.new, "blend": sizes.blends}
     need = sum(counts.values()) * sizes.docs
     if len(documents) < need:
         raise ValueError(f"{need} documents needed, {len(documents)} given")
     out, d = {}, 0
     for kind, n in counts.items():
-        out[kind] = [SEPARATOR.join(documents[d + i * sizes.docs:d + (i + 1) * sizes.docs]) for i in range(n)]
+        lead = [BLEND_LEAD] if kind == "blend" else []
+        out[kind] = [SEPARATOR.join(lead + documents[d + i * sizes.docs:d + (i + 1) * sizes.docs]) for i in range(n)]
         d += n * sizes.docs
     return out
 
 
+def reordered(context: str) -> str:
+    """A blend context with its documents in reverse order (BLEND_LEAD stays first)."""
+    lead, *docs = context.split(SEPARATOR)
+    return SEPARATOR.join([lead, *reversed(docs)])
+
+
 def build_phases(sizes: NbSizes, documents: list[str], max_tokens: int, seed: int) -> dict[str, list[NbRequest]]:
-    """The warm-up and the three phases (module docstring). Every prompt is distinct: question
+    """The warm-up and the phases (module docstring). Every prompt is distinct: question
     numbers run over the whole case."""
     ctx = contexts(sizes, documents)
     rng, counter = random.Random(f"neighbours-{seed}"), iter(range(1, 1 << 30))
@@ -222,10 +244,12 @@ def build_phases(sizes: NbSizes, documents: list[str], max_tokens: int, seed: in
     hits = lambda: [req("hit", i % sizes.hit_contexts, ctx["hit"][i % sizes.hit_contexts])  # noqa: E731
                     for i in range(sizes.hits)]
     warm = [req(load_kind(i), i, t, 1, 0) for i, t in enumerate(ctx["load"])]
+    warm += [req("blend", i, t, 1, 0) for i, t in enumerate(ctx["blend"])]
     warm += [req("hit", i, t, 1, 0) for i, t in enumerate(ctx["hit"])]
     return {"warm": warm, "alone": hits(),
             "loads": spread(hits(), [req(load_kind(i), i, t) for i, t in enumerate(ctx["load"])]),
-            "first_seen": spread(hits(), [req("new", i, t) for i, t in enumerate(ctx["new"])])}
+            "first_seen": spread(hits(), [req("new", i, t) for i, t in enumerate(ctx["new"])]),
+            "blends": spread(hits(), [req("blend", i, reordered(t)) for i, t in enumerate(ctx["blend"])])}
 
 
 # ---------------------------------------------------------------- one phase
@@ -245,7 +269,8 @@ def phase_stats(reqs: list[NbRequest], results: list, wall_s: float, counters: d
             "hit_ttft_mean_s": h["ttft_mean_s"], "neighbours": len(nbs), "neighbour_ttft_p50_s": n["ttft_p50_s"],
             "neighbour_ttft_p90_s": n["ttft_p90_s"],
             **{k: int(kv.get(k, 0)) for k in ("lookup_tokens", "cpu_hit_tokens", "disk_hit_tokens", "remote_hit_tokens",
-                                              "blend_requests", "blend_chunk_misses", "load_errors")},
+                                              "blend_requests", "blend_chunk_hits", "blend_chunk_misses",
+                                              "load_errors")},
             "vllm_prefix_hit_rate": serving.ratio(prefix.get("hits", 0.0), prefix.get("queries", 0.0)),
             "counters": counters,
             "per_request": [{"kind": q.kind, "context": q.context, "start_s": r.start_s, "ttft_s": r.ttft_s,
@@ -259,7 +284,7 @@ def prepare(args, tok) -> tuple[dict, dict]:
 
     sizes = args.nb_sizes
     encode = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
-    n_docs = (sizes.hit_contexts + sizes.loads + sizes.new) * sizes.docs
+    n_docs = (sizes.hit_contexts + sizes.loads + sizes.new + sizes.blends) * sizes.docs
     phases = build_phases(sizes, make_documents(n_docs, args.doc_tokens, args.seed, encode, load_corpus()),
                           args.max_tokens, args.seed)
     ctx = {f"{q.kind}-{q.context}": q.request.prompt.rsplit(SEPARATOR, 1)[0] for ph in phases.values() for q in ph}
@@ -357,7 +382,7 @@ def run_case(cfgs: list[NbConfig], run: NbRun, phases: dict, info: dict) -> dict
 TABLE_COLUMNS = ["config", "phase", "hits", "hit_ttft_p50_s", "hit_ttft_p90_s", "neighbours", "neighbour_ttft_p50_s",
                  "requests_per_s", "cpu_hit_tokens", "disk_hit_tokens", "remote_hit_tokens", "vllm_prefix_hit_rate",
                  "errors"]
-ROW_KEYS = TABLE_COLUMNS[2:] + ["blend_requests", "load_errors"]  # plus the ratios to the alone phase
+ROW_KEYS = TABLE_COLUMNS[2:] + ["blend_requests", "blend_chunk_hits", "blend_chunk_misses", "load_errors"]
 SIDE_METRICS = ("hit_ttft_p50_s", "hit_ttft_p90_s", "hit_p50_vs_alone", "hit_p90_vs_alone")
 
 

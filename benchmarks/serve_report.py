@@ -5,7 +5,7 @@
     load_previous(path) -> dict | None  an earlier report, if there is a readable one
     vs_previous(configs, workload, previous, path)   requests/s and vs-vLLM ratios now / then
     print_report(report)               every table: configurations, hits, blending, previous, policies,
-                                       neighbours
+                                       neighbours, the retrieval trace, the headline
 
 The oracle ("kvplug_oracle") is the trace with every context stored beforehand: its requests/s
 is what a perfect cache could do on this trace, so share_of_oracle says how much of that a
@@ -56,9 +56,9 @@ DEFINITIONS = {
              "blend_s_per_request = blend_seconds / blend_requests"}
 
 
-def with_oracle_share(configs: dict[str, dict]) -> dict[str, dict]:
+def with_oracle_share(configs: dict[str, dict], oracle_name: str = ORACLE) -> dict[str, dict]:
     """share_of_oracle on every row: NaN when the oracle did not run."""
-    oracle = configs.get(ORACLE, {}).get("requests_per_s", math.nan)
+    oracle = configs.get(oracle_name, {}).get("requests_per_s", math.nan)
     return {n: {**s, "share_of_oracle": serving.ratio(s["requests_per_s"], oracle)
                 if not math.isnan(oracle) else math.nan} for n, s in configs.items()}
 
@@ -121,7 +121,8 @@ def build(args, runs, workload, plan, per_tok, serve_args, wall_s, load, expecte
         "blend": {n: {k: r["stats"][k] for k in BLEND_SUMMARY_KEYS}
                   for n, r in runs.items() if (r["extra_config"] or {}).get("blend")},
         "config_details": {n: {k: r.get(k) for k in ("description", "extra_config", "server_start_s", "warm_up",
-                                                      "omp_core_ids", "load", "counters")} for n, r in runs.items()},
+                                                      "omp_core_ids", "vllm_kv_cache_tokens", "load", "counters")}
+                           for n, r in runs.items()},
         "requests": {n: r["requests"] for n, r in runs.items()},
         "definitions": DEFINITIONS,
         "notes": ["disk tier: the OS page cache was not dropped, so disk hits may be served from RAM",
@@ -140,7 +141,18 @@ def print_previous(prev: dict) -> None:
     serving.print_table(list(prev["configs"].values()), PREVIOUS_COLUMNS)
 
 
+def print_headline(report: dict) -> None:
+    notes = report.get("headline_notes") or {}
+    print("\nheadline (definitions in the JSON: definitions.headline)")
+    serving.print_table([{"figure": k, "value": v, "note": notes.get(k, "")} for k, v in report["headline"].items()],
+                        ["figure", "value", "note"])
+
+
 def print_report(report: dict) -> None:
+    if report.get("demo"):
+        import serve_retrieval
+        serve_retrieval.print_demo(report["retrieval"])
+        return
     rows = list(report["configs"].values())
     if rows:
         print(f"\nconfigurations ({report['workload']['requests']} requests, concurrency "
@@ -159,8 +171,18 @@ def print_report(report: dict) -> None:
     if report.get("neighbours"):
         import serve_neighbours
         serve_neighbours.print_section(report["neighbours"])
+    if report.get("retrieval"):
+        import serve_retrieval
+        serve_retrieval.print_section(report["retrieval"])
+    if report.get("headline"):
+        print_headline(report)
     cores = {n: d["omp_core_ids"] for n, d in report["config_details"].items()}
+    cores.update({n: d["omp_core_ids"] for n, d in (report.get("retrieval") or {}).get("config_details", {}).items()})
     cores.update({n: c.get("omp_core_ids") for n, c in (report.get("neighbours") or {}).get("configs", {}).items()})
     if len(set(cores.values())) > 1:
         print(f"WARNING: configurations computed on different cores: {cores}")
+    details = {**report["config_details"], **(report.get("retrieval") or {}).get("config_details", {})}
+    kv = {n: d.get("vllm_kv_cache_tokens") for n, d in details.items()}
+    if len(set(kv.values()) - {None}) > 1:
+        print(f"WARNING: vLLM's own KV cache differs between configurations (tokens): {kv}")
     print(f"load average: {report['load_average']}")

@@ -8,7 +8,7 @@
   counters, summed over their label sets.
 - ``percentile(values, q)`` / ``summarize(values)``: linear-interpolation percentiles.
 - ``print_table(rows, columns)`` / ``format_table(rows, columns)``: plain-text table.
-- ``free_port()``, ``machine_info()``.
+- ``free_port()``, ``machine_info()``, ``omp_binding(log)``, ``kv_cache_tokens(log)``.
 
 Invariants: the server binds 127.0.0.1 only; a server that dies or does not become healthy
 raises ``ServerError`` carrying the tail of its log; the process is always terminated (then
@@ -120,18 +120,19 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 30) -> None:
 @contextlib.contextmanager
 def start_server(model: str, extra_config: dict | None, env: dict | None, port: int | None,
                  log_path: str | os.PathLike, extra_args: Sequence[str] = (),
-                 timeout_s: float = 600, cwd: str | os.PathLike | None = None) -> Iterator[str]:
+                 timeout_s: float = 600, cwd: str | os.PathLike | None = None, pin_cpus: bool = True) -> Iterator[str]:
     """Run ``vllm serve`` for the duration of the block; yields its base URL.
 
     ``extra_config`` None means vLLM alone (no connector); otherwise it is kvplug's
     ``kv_connector_extra_config``. ``env`` None inherits os.environ (minus TRITON_INTERPRET,
     which is for kernel tests, never for engines). ``cwd``: the server's working directory;
     it is first on the server's sys.path, so a repository checkout there shadows PYTHONPATH.
+    ``pin_cpus`` False leaves vLLM's own CPU reservation (see same_cpu_threads_env).
     """
     port = port or free_port()
     env = dict(os.environ if env is None else env)
     env.pop("TRITON_INTERPRET", None)
-    if "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env:
+    if "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env and pin_cpus:
         env = same_cpu_threads_env(env)  # every configuration computes on the same cores
     env.setdefault("PYTHONUNBUFFERED", "1")
     log_path = Path(log_path)
@@ -288,6 +289,15 @@ def omp_binding(log_text: str) -> str | None:
 
     found = re.findall(r"core ids=(\[[\d, ]*\])", log_text)
     return found[-1] if found else None
+
+
+def kv_cache_tokens(log_text: str) -> int | None:
+    """vLLM's own KV cache size in tokens as its start-up log states it ("KV cache size: 8,192
+    tokens"), or None: every configuration of a comparison must get the same."""
+    import re
+
+    found = re.findall(r"KV cache size: ([\d,]+) tokens", log_text)
+    return int(found[-1].replace(",", "")) if found else None
 
 
 def same_cpu_threads_env(env: dict, reserved_cpus: int = 1) -> dict:

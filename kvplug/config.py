@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvplug.blend.policies import POLICIES as _RECOMPUTE
+from kvplug.core.chunking import CHUNKING_MODES, MAX_WINDOW
 from kvplug.tiers.policies import POLICIES as _EVICTION
 
 # The names come from the registries, so a new policy needs no second list here.
@@ -49,6 +50,10 @@ class TierConfig:
     and restarts see it at once. `on_evict`: written only when the CPU tier evicts it."""
     disk_fsync: bool = False
     """fsync each disk file before it becomes visible (survives power loss, costs throughput)."""
+    disk_rescan_s: float = 2.0
+    """Seconds between looks at disk_path for units other engines sharing it wrote or deleted
+    (a background thread lists the folders that changed; lookups never touch the file system).
+    0: only this engine's own units and those found at start-up are known."""
     disk_codec: str = "none"
     """KV compression of units in the disk tier: none, int8 or int4 (KIVI-style group quantization,
     kvplug/tiers/codec.py); disk_bytes then holds about 1.9x (int8) or 3.2x (int4) the KV."""
@@ -68,6 +73,9 @@ class TierConfig:
     """Load units found on disk or in the remote store in the background: the request waits
     (vLLM's async-load path) while every other request's step goes on. false: every load is
     done before the step's forward pass, as CPU-tier loads always are."""
+    tiers: dict = field(default_factory=dict)
+    """More tiers, by registered name, each with its options: {"<name>": {...}} (kvplug/tiers/tier.py;
+    the built-in disk and remote tiers are configured by the keys above). Looked up after them."""
 
 
 @dataclass(frozen=True)
@@ -77,9 +85,21 @@ class BlendConfig:
     enabled: bool = False
     """Blend cached chunk KV into prompts at any position, recomputing a fraction of its tokens
     (CacheBlend); user key `blend`."""
+    chunking: str = "separator"
+    """How prompts are cut into chunks: `separator` (where chunk_separator occurs) or `content`
+    (content-defined cuts from a rolling hash of the tokens: no separator needed)."""
     chunk_separator: str = " # # "
     """Prompts are split into chunks where this text occurs; the part after the last one is the
-    question and is always computed."""
+    question and is always computed (chunking `separator`)."""
+    content_chunk_window: int = 16
+    """Tokens the rolling hash of `content` chunking looks at (1 to 64): a passage's cuts past
+    its first this many tokens depend only on its own tokens."""
+    content_chunk_min_tokens: int = 32
+    """`content` chunks have at least this many tokens (no cut closer to the previous one)."""
+    content_chunk_target_tokens: int = 64
+    """Expected length of a `content` chunk in tokens (more than content_chunk_min_tokens)."""
+    content_chunk_max_tokens: int = 256
+    """`content` chunks have at most this many tokens (a cut is forced past it)."""
     recompute_ratio: float = 0.15
     """Fraction (0 to 1) of each blended request's cached-chunk tokens whose KV is recomputed."""
     recompute_policy: str = "query"
@@ -100,6 +120,24 @@ class BlendConfig:
     key clusters instead of every token (faster, approximate; measured in the README); 0: never."""
     blend_min_chunk_tokens: int = 16
     """Chunks shorter than this many tokens are not cached on their own (always recomputed)."""
+    blend_cost_gate: bool = True
+    """Blend a run of cached chunks only where the engine's own measurements (its forward passes'
+    time per token, its blends' time per job, span token and recomputed token) predict blending
+    it is faster than prefilling it; the rest vLLM prefills. With it, cached chunks after one no
+    tier holds are blended too (the missing one recomputed in the same pass) where that pays.
+    false: claim every cached chunk up to the first missing one, whatever it costs."""
+    blend_async: bool = False
+    """Blends go through vLLM's asynchronous load path: a claimed request waits while every other
+    request's steps go on, and its blend runs (batched) in a later step on every rank, then the
+    request resumes. false: blends run before the forward pass of the step that claims them."""
+    blend_audit_rate: float = 0.01
+    """Share (0 to 1) of blended requests the quality guard audits: their span is also computed
+    exactly (scratch memory, never the engine's cache) and the question's next-token distribution
+    compared under exact and blended KV; KL and top-1 agreement go to /metrics. 0: no audits."""
+    blend_max_kl: float = 0.0
+    """Quality guard controller (0: off): while the mean audited KL (nats) of the last few audits is
+    above this, the engine's recompute ratio floor rises one step (0.15, 0.3, 0.5, 0.75, 1.0);
+    below a quarter of it, it falls back. Needs blend_audit_rate > 0."""
 
 
 # User key in kv_connector_extra_config -> BlendConfig field.
@@ -147,8 +185,9 @@ class KVPlugConfig:
                 f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; "
                 f"allowed keys are {', '.join(sorted(known | caller_keys))}"
             )
-        tier_args = {k: extra[k] for k in _field_names(TierConfig) if k in extra}
-        tiers = TierConfig(**{k: _coerce(TierConfig, k, v) for k, v in tier_args.items()})
+        tier_args = {k: extra[k] for k in _field_names(TierConfig) - {"tiers"} if k in extra}
+        tiers = TierConfig(**{k: _coerce(TierConfig, k, v) for k, v in tier_args.items()},
+                           tiers=_parse_tier_options(extra.get("tiers")))
         _validate_tiers(tiers)
         blend = BlendConfig(**{f: _coerce(BlendConfig, f, extra[k], name=k)
                                for k, f in BLEND_USER_KEYS.items() if k in extra})
@@ -186,6 +225,14 @@ def _parse_quota_value(key: str, value: Any) -> int | float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= sys.float_info.max:
         raise ValueError(f"{key}={value!r}: must be a positive number of seconds")
     return float(value)
+
+
+def _parse_tier_options(value: Any) -> dict[str, dict]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ValueError(f"tiers={value!r}: must map a registered tier name -> its options {{...}}")
+    return {str(k): dict(v) for k, v in value.items()}
 
 
 def _field_names(cls) -> set[str]:
@@ -241,12 +288,16 @@ def _validate_tiers(t: TierConfig) -> None:
         if t.disk_bytes <= 0:
             raise ValueError(f"disk_bytes={t.disk_bytes}: must be > 0 when disk_path is set")
         _check_dir_usable(t.disk_path)
-    if t.cpu_bytes == 0 and t.disk_path is None and t.remote_url is None:
-        raise ValueError("cpu_bytes=0 and no disk_path or remote_url: at least one tier must be enabled")
+    if t.cpu_bytes == 0 and t.disk_path is None and t.remote_url is None and not t.tiers:
+        raise ValueError("cpu_bytes=0 and no disk_path, remote_url or tiers: at least one tier must be enabled")
     if t.remote_url is not None:
         _check_remote_url(t.remote_url)
     if not t.remote_namespace:
         raise ValueError("remote_namespace='': must be a non-empty string")
+    if t.tiers:
+        from kvplug.tiers.tier import configured_tiers  # the specs check their own options
+
+        configured_tiers(t)
 
 
 def request_blend(b: BlendConfig, params: Any) -> tuple[BlendConfig | None, list | None]:
@@ -284,6 +335,7 @@ def _check_recompute(b: BlendConfig, prefix: str = "") -> None:
 def _validate_blend(b: BlendConfig, t: TierConfig) -> None:
     if not isinstance(b.chunk_separator, str) or not b.chunk_separator:
         raise ValueError(f"chunk_separator={b.chunk_separator!r}: must be a non-empty string")
+    _check_chunking(b)
     _check_recompute(b)
     if b.blend_check_layer < 0:
         raise ValueError(f"blend_check_layer={b.blend_check_layer!r}: must be an integer >= 0")
@@ -295,8 +347,32 @@ def _validate_blend(b: BlendConfig, t: TierConfig) -> None:
         raise ValueError(f"blend_cluster_tokens={b.blend_cluster_tokens!r}: must be an integer from 0 to 4096")
     if b.blend_cluster_min_tokens < 0:
         raise ValueError(f"blend_cluster_min_tokens={b.blend_cluster_min_tokens!r}: must be an integer >= 0")
+    if not 0.0 <= b.blend_audit_rate <= 1.0:
+        raise ValueError(f"blend_audit_rate={b.blend_audit_rate!r}: must be a number from 0 to 1")
+    if b.blend_max_kl and not b.blend_audit_rate:
+        raise ValueError("blend_max_kl > 0 needs blend_audit_rate > 0 (the guard acts on audited blends)")
     if b.blend_cluster_min_tokens and not b.blend_cluster_tokens:
         raise ValueError("blend_cluster_min_tokens > 0 needs blend_cluster_tokens > 0 (no clusters are stored)")
+
+
+def _check_chunking(b: BlendConfig) -> None:
+    if b.chunking not in CHUNKING_MODES:
+        raise ValueError(f"chunking={b.chunking!r}: allowed values are {', '.join(CHUNKING_MODES)}")
+    if not 1 <= b.content_chunk_window <= MAX_WINDOW:
+        raise ValueError(f"content_chunk_window={b.content_chunk_window!r}: "
+                         f"must be an integer from 1 to {MAX_WINDOW}")
+    if b.content_chunk_min_tokens < 1:
+        raise ValueError(f"content_chunk_min_tokens={b.content_chunk_min_tokens!r}: must be an integer >= 1")
+    if b.content_chunk_target_tokens <= b.content_chunk_min_tokens:
+        raise ValueError(f"content_chunk_target_tokens={b.content_chunk_target_tokens!r}: must be more than "
+                         f"content_chunk_min_tokens ({b.content_chunk_min_tokens})")
+    if b.content_chunk_max_tokens < b.content_chunk_target_tokens:
+        raise ValueError(f"content_chunk_max_tokens={b.content_chunk_max_tokens!r}: must be at least "
+                         f"content_chunk_target_tokens ({b.content_chunk_target_tokens})")
+    gap, w = b.content_chunk_target_tokens - b.content_chunk_min_tokens, b.content_chunk_window
+    if gap >= 1 << w:  # the hash has `window` bits: a candidate at most every 2**window positions
+        raise ValueError(f"content_chunk_target_tokens - content_chunk_min_tokens = {gap}: a content_chunk_window "
+                         f"of {w} allows at most {(1 << w) - 1}; widen the window")
 
 
 def check_blend_for_model(b: BlendConfig, num_layers: int) -> None:

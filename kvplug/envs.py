@@ -6,7 +6,6 @@ behaviour the scheduler and the workers must agree on (that goes in KVPlugConfig
 | variable                  | meaning                                                       |
 |---------------------------|---------------------------------------------------------------|
 | KVPLUG_<OP>_BACKEND       | force one implementation of op <OP>: cuda, triton or torch     |
-| KVPLUG_LOG_LEVEL          | log level of the `kvplug` logger (default INFO)               |
 | TRITON_INTERPRET          | read, not set: 1 lets Triton kernels run on CPU tensors        |
 """
 import os
@@ -23,10 +22,6 @@ def op_backend(op: str) -> str | None:
     if value not in BACKENDS:
         raise ValueError(f"{name}={value!r}: allowed values are auto, {', '.join(BACKENDS)}")
     return value
-
-
-def log_level() -> str:
-    return os.environ.get("KVPLUG_LOG_LEVEL", "INFO").upper()
 
 
 def triton_interpret() -> bool:

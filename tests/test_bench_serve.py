@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import serve  # noqa: E402
+import serve_configs  # noqa: E402
 import serve_neighbours  # noqa: E402
 import serve_report  # noqa: E402
 from workloads import SEPARATOR  # noqa: E402
@@ -94,7 +95,7 @@ def test_register_rejects_duplicates_and_bad_groups():
 
 
 def test_blend_entry_is_one_register_call(monkeypatch):
-    monkeypatch.setattr(serve, "CONFIGS", dict(serve.CONFIGS))
+    monkeypatch.setattr(serve_configs, "CONFIGS", dict(serve.CONFIGS))
     serve.register(serve.ServeConfig("kvplug_blend_0.15", "main",
                                      lambda p: {"cpu_bytes": 1, "blend": True, "recompute_ratio": 0.15}, "blend"))
     args = serve.parse_args(["--configs", "vllm,kvplug_blend_0.15", "--policies", ""])
@@ -111,10 +112,13 @@ def test_selected_requires_vllm_and_known_names():
 def test_quick_and_full_defaults():
     quick = serve.parse_args(["--quick"])
     names = [c.name for c in serve.selected(quick)]
-    # 12 servers: the main group without the remote tier (with the oracle), three eviction
-    # policies, and the neighbours case before and after
-    assert names == ["vllm", "kvplug_cpu", "kvplug_cpu_disk", "kvplug_blend", "kvplug_blend_adaptive",
-                     "kvplug_blend_query", "kvplug_oracle", "evict_lru", "evict_s3fifo", "evict_cost_aware"]
+    # 14 servers: the main group without the remote tier and the forced-policy blend rows (with
+    # the oracle), three eviction policies, the retrieval trace's four, and the neighbours case
+    # before and after
+    ret = ["ret_vllm", "ret_kvplug_cpu", "ret_kvplug_blend", "ret_kvplug_blend_oracle"]
+    assert names == ["vllm", "kvplug_cpu", "kvplug_cpu_disk", "kvplug_blend_default", "kvplug_oracle",
+                     "evict_lru", "evict_s3fifo", "evict_cost_aware"] + ret
+    assert (quick.ret_requests, quick.fresh_requests, quick.bench_serve_requests) == (8, 2, 0)
     assert [c.name for c in serve_neighbours.selected(quick)] == ["nb_before", "nb_after"]
     assert quick.nb_sizes == serve_neighbours.QUICK
     assert (quick.requests, quick.evict_requests, quick.evict_cpu_frac) == (16, 16, 0.5)
@@ -122,7 +126,11 @@ def test_quick_and_full_defaults():
     full = serve.parse_args([])
     names = [c.name for c in serve.selected(full)]
     assert names == ["vllm", "kvplug_cpu", "kvplug_cpu_disk", "kvplug_cpu_remote", "kvplug_blend",
-                     "kvplug_blend_adaptive", "kvplug_blend_query", "kvplug_oracle"] + [f"evict_{p}" for p in serve.POLICIES]
+                     "kvplug_blend_adaptive", "kvplug_blend_query", "kvplug_blend_default", "kvplug_oracle",
+                     "kvplug_blend_oracle"] + [f"evict_{p}" for p in serve.POLICIES] + ret
+    assert (full.ret_requests, full.fresh_requests, full.bench_serve_requests) == (48, 6, 8)
+    assert (full.dtype, full.concurrency, full.ret_docs, full.ret_doc_min_tokens, full.ret_doc_max_tokens) == \
+        ("bfloat16", 4, 200, 256, 768)
     assert [c.name for c in serve_neighbours.selected(full)] == ["nb_before", "nb_sync", "nb_after"]
     assert full.nb_sizes == serve_neighbours.FULL and full.before_rev == serve_neighbours.BEFORE_REV
     assert (full.requests, full.evict_requests, full.evict_cpu_frac) == (64, 64, 0.35)
@@ -333,25 +341,27 @@ def test_spread_keeps_order_and_spaces_neighbours():
     assert all(g == 0 for g in gaps) and out[0].startswith("h") and out[-1].startswith("h")
 
 
-def _phases(sizes=serve_neighbours.NbSizes(hit_contexts=3, hits=6, loads=4, new=2, docs=2)):
-    docs = [f"document {i} " + "word " * 20 for i in range((sizes.hit_contexts + sizes.loads + sizes.new) * sizes.docs)]
+def _phases(sizes=serve_neighbours.NbSizes(hit_contexts=3, hits=6, loads=4, new=2, docs=2, blends=1)):
+    n = (sizes.hit_contexts + sizes.loads + sizes.new + sizes.blends) * sizes.docs
+    docs = [f"document {i} " + "word " * 20 for i in range(n)]
     return sizes, docs, serve_neighbours.build_phases(sizes, docs, max_tokens=8, seed=0)
 
 
 def test_neighbour_phases_requests_kinds_and_bodies():
     sizes, docs, ph = _phases()
-    assert list(ph) == ["warm", "alone", "loads", "first_seen"]
+    assert list(ph) == ["warm", "alone", "loads", "first_seen", "blends"]
     kinds = lambda reqs: [q.kind for q in reqs]  # noqa: E731
     # warm-up: the load contexts first (they must leave vLLM's own cache), then the hit contexts
-    assert kinds(ph["warm"]) == ["disk", "remote", "disk", "remote", "hit", "hit", "hit"]
+    assert kinds(ph["warm"]) == ["disk", "remote", "disk", "remote", "blend", "hit", "hit", "hit"]
     assert all(q.request.max_tokens == 1 for q in ph["warm"])
     assert kinds(ph["alone"]) == ["hit"] * 6 and [q.context for q in ph["alone"]] == [0, 1, 2, 0, 1, 2]
     assert sorted(kinds(ph["loads"])) == ["disk", "disk"] + ["hit"] * 6 + ["remote", "remote"]
     assert sorted(kinds(ph["first_seen"])) == ["hit"] * 6 + ["new", "new"]
+    assert sorted(kinds(ph["blends"])) == ["blend"] + ["hit"] * 6
     for q in (q for reqs in ph.values() for q in reqs):
         assert q.body == serve_neighbours.BODIES[q.kind]
     assert serve_neighbours.BODIES["hit"]["kv_transfer_params"] == {"blend": False}  # pure prefix hits
-    assert serve_neighbours.BODIES["new"] == {}  # blended: the engine's default
+    assert serve_neighbours.BODIES["new"] == serve_neighbours.BODIES["blend"] == {}  # blended: the engine's default
     prompts = [q.request.prompt for reqs in ph.values() for q in reqs]
     assert len(set(prompts)) == len(prompts)
 
@@ -364,7 +374,12 @@ def test_neighbour_contexts_share_no_document():
     assert ctx(ph["loads"], "disk") | ctx(ph["loads"], "remote") == ctx(ph["warm"], "disk") | ctx(ph["warm"], "remote")
     new = ctx(ph["first_seen"], "new")
     assert len(new) == 2 and not new & warm_ctx
-    used = [d for c in warm_ctx | new for d in c.split(SEPARATOR)]
+    blend_warm, blend_phase = ctx(ph["warm"], "blend"), ctx(ph["blends"], "blend")
+    assert len(blend_warm) == len(blend_phase) == 1 and not blend_warm & blend_phase  # a new order
+    (w,), (b,) = blend_warm, blend_phase
+    lead, *warm_docs = w.split(SEPARATOR)
+    assert lead == serve_neighbours.BLEND_LEAD and b.split(SEPARATOR) == [lead, *reversed(warm_docs)]
+    used = [d for c in warm_ctx | new for d in c.split(SEPARATOR)] + warm_docs
     assert len(used) == len(set(used)) == len(docs)  # every document in exactly one context
     with pytest.raises(ValueError, match="documents needed"):
         serve_neighbours.contexts(sizes, docs[:-1])

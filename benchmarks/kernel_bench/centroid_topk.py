@@ -1,7 +1,7 @@
 """Cases for centroid_topk (see kernel_bench's contract): Llama-3-8B query heads (32 q, 8 kv,
 head 128) against fp32 key centroids of a T-token context clustered 16 tokens per centroid.
-Decode (Q=1) is bound by reading the centroids: rate in bytes. A prefill chunk (Q=512) is
-bound by the dot products: rate in FLOPs (2 * Q * Hq * C * D).
+Decode (Q=1) is bound by reading the centroids: rate in bytes, against a copy of the centroids.
+A prefill chunk (Q=512) is bound by the dot products: rate in FLOPs (2 * Q * Hq * C * D).
 
 --check compares the returned scores (rtol 1e-5) and the full-score value of every returned
 index, so near-tie orders of equal scores pass (CentroidTopkCheck).
@@ -29,12 +29,12 @@ class CentroidTopkCheck:
         self.scores, self.indices, self.full = scores, indices, full
 
     def __eq__(self, want) -> bool:
-        full = self.full().cpu()
+        full = self.full()
         atol = 1e-5 * max(1.0, float(full.abs().max())) if full.numel() else 0.0
-        picked = torch.gather(full, 2, self.indices.cpu())
+        picked = torch.gather(full, 2, self.indices)
         return (self.indices.shape == want.indices.shape
-                and torch.allclose(self.scores.cpu(), want.scores.cpu(), rtol=1e-5, atol=atol)
-                and torch.allclose(picked, want.scores.cpu(), rtol=1e-5, atol=atol))
+                and torch.allclose(self.scores, want.scores, rtol=1e-5, atol=atol)
+                and torch.allclose(picked, want.scores, rtol=1e-5, atol=atol))
 
     def __repr__(self) -> str:
         return f"CentroidTopkCheck(indices {tuple(self.indices.shape)})"
@@ -52,7 +52,8 @@ def _case(Q: int, T: int, Hq: int, Hkv: int, D: int, k: int, dtype=torch.bfloat1
         return torch.einsum("qhd,hcd->qhc", q.float(), cc) / math.sqrt(D)
 
     kk = min(k, C)
-    rates = ({"bytes": q.numel() * q.element_size() + c.numel() * 4 + 12 * Q * Hq * kk} if Q == 1
+    rates = ({"bytes": q.numel() * q.element_size() + c.numel() * 4 + 12 * Q * Hq * kk,
+              "copies": [(torch.empty_like(c), c)]} if Q == 1
              else {"flops": 2 * Q * Hq * C * D})
     yield Case("centroid_topk", f"Q{Q} C{C} Hq{Hq}/{Hkv} D{D} k{kk}", **rates,
                ref=lambda: CentroidTopkCheck(*centroid_topk_ref(q, c, k), full),

@@ -1,6 +1,7 @@
 """Cases for deviation_topk (see kernel_bench's contract): CacheBlend's check layer of a
 Llama-3-8B prompt, K and V [T, 8, 128] bf16 fresh vs cached, top 15% of tokens.
-bytes: the four inputs read once + fp32 scores + int64 indices written.
+bytes: the four inputs read once + fp32 scores + int64 indices written; the ceiling is a copy of
+the four inputs.
 
 Top-k of fp32 scores summed in different orders may order near-equal tokens differently,
 so outputs are wrapped in TopkCheck, which --check compares by the reference's scores of
@@ -27,12 +28,12 @@ class TopkCheck:
         self.scores, self.indices = scores, indices
 
     def __eq__(self, want) -> bool:
-        ref = want.scores.float().cpu()
-        mine = ref[self.indices.cpu()].sort().values
-        theirs = ref[want.indices.cpu()].sort().values
+        ref = want.scores.float()
+        mine = ref[self.indices].sort().values
+        theirs = ref[want.indices].sort().values
         atol = 1e-5 * float(ref.abs().max()) if ref.numel() else 0.0
         return (self.indices.shape == want.indices.shape
-                and torch.allclose(self.scores.float().cpu(), ref, rtol=1e-5, atol=atol)
+                and torch.allclose(self.scores.float(), ref, rtol=1e-5, atol=atol)
                 and torch.allclose(mine, theirs, rtol=1e-5, atol=atol))
 
     def __repr__(self) -> str:
@@ -48,6 +49,7 @@ def _case(T: int, H: int, D: int, ratio: float = 0.15, dtype=torch.bfloat16):
     k = max(1, int(ratio * T))
     nbytes = 4 * kf.numel() * kf.element_size() + 4 * T + 8 * k
     yield Case("deviation_topk", f"T{T} H{H} D{D} k{k} {str(dtype).split('.')[-1]}", bytes=nbytes,
+               copies=[(torch.empty_like(t), t) for t in (kf, kc, vf, vc)],
                ref=lambda: TopkCheck(*deviation_topk_ref(kf, kc, k, vf, vc)),
                fns={b: (lambda b=b: TopkCheck(*deviation_topk(kf, kc, k, vf, vc, backend=b))) for b in BACKENDS})
 

@@ -3,7 +3,9 @@
 Caches are vLLM 0.32's default CUDA layout (LBNHC: per layer [B, H, N, 2D] over one buffer,
 block_size 16) bf16, slots a random permutation of the whole cache (so each token's row lands
 in a random block, as after real allocation). Bytes counted: the chunk once, the cache rows
-once, plus slots/positions. LMCache's multi_layer_kv_transfer runs beside gather and scatter
+once, plus slots/positions; the ceiling is a copy of the chunk into a buffer of its size. --check
+refills the op's destination (gather's out, the caches) with the same noise before each run.
+LMCache's multi_layer_kv_transfer runs beside gather and scatter
 where `lmcache` imports (kernel_bench/_lmcache.py), on its own copy of the caches in its layout.
 """
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 
 import kernel_bench._lmcache as lmcache
-from kernel_bench import Case, device
+from kernel_bench import Case, device, refill
 from kvplug.ops.gather_scatter import (gather_chunks, gather_chunks_ref, rerotate_and_scatter,
                                        rerotate_and_scatter_ref, scatter_chunks, scatter_chunks_ref)
 from kvplug.ops.kv_layout import make_vllm_caches, vllm_kv_views
@@ -44,16 +46,19 @@ def _cases_for(L: int, T: int, H: int = 8, D: int = 128, bs: int = 16, dtype=tor
     name = f"L{L} T{T} H{H} D{D} bs{bs} {str(dtype).split('.')[-1]} LBNHC"
     ks = [k for k, _ in caches]
     peer, notes = lmcache.peer(caches, slots, chunk)
+    base = raw[0]._base
+    same = dict(bytes=moved, copies=[(out, chunk)])
 
-    yield Case("gather_chunks", name, ref=lambda: gather_chunks_ref(caches, slots), bytes=moved, notes=notes,
+    yield Case("gather_chunks", name, ref=lambda: gather_chunks_ref(caches, slots), **same, notes=notes,
+               reset=lambda: refill(out),
                fns={**{b: (lambda b=b: gather_chunks(caches, slots, out=out, backend=b)) for b in BACKENDS},
                     **peer.get("gather", {})})
     # Scatter outputs are the written K views (V is checked by gather's round trip and the tests).
-    yield Case("scatter_chunks", name, bytes=moved,
+    yield Case("scatter_chunks", name, **same, reset=lambda: refill(base),
                ref=lambda: (scatter_chunks_ref(chunk, caches, slots), ks)[1],
                fns={**{b: (lambda b=b: (scatter_chunks(chunk, caches, slots, backend=b), ks)[1]) for b in BACKENDS},
                     **peer.get("scatter", {})})
-    yield Case("rerotate_and_scatter", name, bytes=moved + 16 * T,
+    yield Case("rerotate_and_scatter", name, bytes=moved + 16 * T, copies=[(out, chunk)], reset=lambda: refill(base),
                ref=lambda: (rerotate_and_scatter_ref(chunk, old, new, inv_freq, "neox", caches, slots), ks)[1],
                fns={b: (lambda b=b: (rerotate_and_scatter(chunk, old, new, inv_freq, "neox", caches, slots,
                                                           backend=b), ks)[1]) for b in BACKENDS})

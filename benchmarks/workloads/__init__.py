@@ -4,10 +4,12 @@ Kinds (each a module with `generate(...) -> list[Request]`, sizes as arguments):
     rag      queries over a document pool, Zipf popularity, top-k chunks joined by SEPARATOR
     chat     multi-round sessions whose prompt grows by the previous answer and a new turn
     longdoc  N long documents x M questions, prompt = document + question
+    retrieval a system prompt, the top-k of 200 documents retrieved in score order, the question
 
     Request(prompt, session, round, doc_ids, max_tokens)   one request, a frozen dataclass
     generate(kind, **kwargs) -> list[Request]              dispatch to the kind's module
     write_jsonl(requests, path) / read_jsonl(path)         one JSON object per request
+    write_vllm_custom(requests, path)                      `vllm bench serve --dataset-name custom` JSONL
     main(argv)                                             `python -m benchmarks.workloads --kind rag ...`
 
 Same arguments and seed give identical requests (and byte-identical JSONL) on every machine.
@@ -36,7 +38,8 @@ def file_sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-KINDS = ("rag", "chat", "longdoc")
+KINDS = ("rag", "chat", "longdoc", "retrieval")
+FORMATS = ("jsonl", "vllm-custom")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,19 @@ def write_jsonl(requests: Iterable[Request], path: str | os.PathLike) -> int:
     return n
 
 
+def write_vllm_custom(requests: Iterable[Request], path: str | os.PathLike) -> int:
+    """Write the requests as vLLM 0.32's custom dataset (vllm/benchmarks/datasets/datasets.py,
+    CustomDataset): one {"prompt", "output_tokens"} object per line, in trace order. Replay it
+    unchanged with `vllm bench serve --dataset-name custom --dataset-path PATH --skip-chat-template
+    --disable-shuffle --ignore-eos` (without the last three it templates, shuffles and stops at EOS)."""
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for r in requests:
+            f.write(json.dumps({"prompt": r.prompt, "output_tokens": r.max_tokens}, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
 def read_jsonl(path: str | os.PathLike) -> list[Request]:
     with open(path, encoding="utf-8") as f:
         return [Request.from_json(json.loads(line)) for line in f if line.strip()]
@@ -94,13 +110,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="requests: rag queries (default 100); chat/longdoc: caps the total and sets "
                         "sessions/questions to ceil(n / rounds|docs)")
     p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--format", choices=FORMATS, default="jsonl",
+                   help="jsonl: one Request per line; vllm-custom: vllm bench serve's custom dataset")
     p.add_argument("--tokenizer", help="HF tokenizer folder for exact token sizes (default: words)")
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
-    p.add_argument("--docs", type=int, help="rag: pool size (50); longdoc: documents (4)")
+    p.add_argument("--docs", type=int, help="rag: pool size (50); longdoc: documents (4); retrieval: corpus (200)")
     p.add_argument("--doc-tokens", type=int, help="rag: chunk tokens (512); longdoc: tokens (4096)")
-    p.add_argument("--zipf-s", type=float, default=1.0, help="rag: Zipf exponent of popularity")
-    p.add_argument("--k-min", type=int, default=4, help="rag: fewest documents per query")
-    p.add_argument("--k-max", type=int, default=8, help="rag: most documents per query")
+    p.add_argument("--doc-min-tokens", type=int, default=256, help="retrieval: shortest document")
+    p.add_argument("--doc-max-tokens", type=int, default=768, help="retrieval: longest document")
+    p.add_argument("--zipf-s", type=float, default=None, help="rag/retrieval: Zipf exponent of popularity (1.0/1.2)")
+    p.add_argument("--k-min", type=int, default=4, help="rag/retrieval: fewest documents per query")
+    p.add_argument("--k-max", type=int, default=8, help="rag/retrieval: most documents per query")
+    p.add_argument("--noise", type=float, default=1.0, help="retrieval: scale of the per-question score noise")
+    p.add_argument("--join", default="separator", help="retrieval: separator (kvplug's ' # # ') or newlines")
+    p.add_argument("--order", default="score", help="retrieval: score (best first) or shuffled")
     p.add_argument("--queries-per-session", type=int, default=1, help="rag: queries per session")
     p.add_argument("--sessions", type=int, default=8, help="chat: sessions")
     p.add_argument("--rounds", type=int, default=6, help="chat: rounds per session")
@@ -114,9 +137,14 @@ def _kwargs(a: argparse.Namespace) -> dict:
     common = {"seed": a.seed, "max_tokens": a.max_tokens}
     if a.tokenizer:
         common["tokenizer"] = _hf_tokenizer(a.tokenizer)
+    if a.kind == "retrieval":
+        return {**common, "n": 48 if a.n is None else a.n, "n_docs": a.docs or 200,
+                "doc_min_tokens": a.doc_min_tokens, "doc_max_tokens": a.doc_max_tokens,
+                "zipf_s": 1.2 if a.zipf_s is None else a.zipf_s, "k_min": a.k_min, "k_max": a.k_max,
+                "noise": a.noise, "join": a.join, "order": a.order}
     if a.kind == "rag":
         return {**common, "n": 100 if a.n is None else a.n, "n_docs": a.docs or 50,
-                "chunk_tokens": a.doc_tokens or 512, "zipf_s": a.zipf_s, "k_min": a.k_min,
+                "chunk_tokens": a.doc_tokens or 512, "zipf_s": 1.0 if a.zipf_s is None else a.zipf_s, "k_min": a.k_min,
                 "k_max": a.k_max, "queries_per_session": a.queries_per_session}
     if a.kind == "chat":
         sessions = a.sessions if a.n is None else math.ceil(a.n / a.rounds)
@@ -137,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.n is not None:
         requests = requests[:a.n]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    n = write_jsonl(requests, a.out)
+    n = (write_vllm_custom if a.format == "vllm-custom" else write_jsonl)(requests, a.out)
     sessions = len({r.session for r in requests})
-    print(f"wrote {n} {a.kind} requests ({sessions} sessions) to {a.out}")
+    extra = ""
+    if a.kind == "retrieval":
+        from .retrieval import first_document_repeat_share, repeat_share
+        extra = (f"; repeat share of document occurrences {repeat_share(requests):.3f}, "
+                 f"first document repeated {first_document_repeat_share(requests):.3f}")
+    print(f"wrote {n} {a.kind} requests ({sessions} sessions) to {a.out} ({a.format}){extra}")
     return 0

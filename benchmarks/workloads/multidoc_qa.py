@@ -21,6 +21,7 @@ separator) holds the question. Two frames:
 
     build(n_questions, pool, docs_per_prompt, passage_tokens, seed, tokenizer=None, frame=None) -> QASet
     QASet.prompt(item) / QASet.chunks(item)   the prompt text / its chunks (head, passages, tail)
+    QASet.forced_answer(item)                 the gold answer as the prompt's continuation
     answer_correct(text, gold) -> bool        the first integer in the text equals the gold value
 """
 from __future__ import annotations
@@ -121,6 +122,11 @@ class FramedPrompts:
 
     def prompt(self, item: QAItem) -> str:
         return "".join(self.chunks(item))
+
+    def forced_answer(self, item) -> str:
+        """The gold answer as it continues the prompt (teacher forcing): after an answer prefix
+        ("... is") it starts with a space, after the assistant turn's header it does not."""
+        return (" " if item.answer_prefix else "") + item.answer
 
     def passage_chunk_prompt(self, doc: int, question: str = "Which document is this?") -> str:
         """A one-passage prompt (head, the passage, a neutral question): the warm-up request

@@ -16,13 +16,13 @@ tokens (for all queries of that KV head), whose exact attention gives their rele
     cluster_chunk(kv [L, 2, n, KV, D], tokens_per_cluster)   -> ChunkClusters (store time)
     sidecar_bytes(layers, kv_heads, head_dim, n, tokens_per_cluster, itemsize) -> int
     pack(clusters) -> uint8 / unpack(data, layers, kv_heads, head_dim, n, tokens_per_cluster, dtype)
-    SpanClusters.build(chunks, end, inv_freq, style)         the clusters of a span, re-rotated, with
-                                                             each token's cluster and the exact positions
+    SpanClusters.build(chunks, end, kinds)    the clusters of a span, re-rotated with each layer's RoPE
+                                              (kinds: kvplug/blend/layer_kinds.LayerKinds), with each
+                                              token's cluster and the exact positions
     clustered_attention(q, layer, span, kv_layer, k_own, v_own, scale, top)   one layer's (out, weights)
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +30,6 @@ import torch
 from kvplug.ops.centroid_topk import centroid_topk
 from kvplug.ops.kmeans import kmeans_keys
 from kvplug.ops.merge_clusters import merge_clusters
-from kvplug.ops.rope import rerotate_keys
 
 KMEANS_ITERS = 4
 
@@ -96,8 +95,7 @@ class SpanClusters:
     exact: torch.Tensor  # int64 [X]: positions < end attended to token by token (in no cluster)
 
     @classmethod
-    def build(cls, chunks: list[tuple[int, ChunkClusters]], end: int, inv_freq: torch.Tensor,
-              style: str) -> "SpanClusters":
+    def build(cls, chunks: list[tuple[int, ChunkClusters]], end: int, kinds) -> "SpanClusters":
         """chunks: (prompt position of the chunk's first token, its clusters), inside [0, end)."""
         cents, vals, logs, assigns, positions = [], [], [], [], []
         covered = torch.zeros(end, dtype=torch.bool)
@@ -105,10 +103,10 @@ class SpanClusters:
         for begin, c in chunks:
             L, KV, C, D = c.centroids.shape
             n = c.assign.shape[-1]
-            flat = c.centroids.permute(0, 2, 1, 3).reshape(L * C, KV, D)  # rotate as tokens at position 0
-            zero = torch.zeros(L * C, dtype=torch.long)
-            rot = rerotate_keys(flat, zero, zero + begin, inv_freq, style).view(L, C, KV, D).permute(0, 2, 1, 3)
-            cents.append(rot)
+            rot = c.centroids.permute(0, 2, 1, 3).contiguous()  # [L, C, KV, D]: rotate as tokens at position 0
+            zero = torch.zeros(C, dtype=torch.long, device=rot.device)
+            kinds.rerotate(rot, zero, zero + begin)
+            cents.append(rot.permute(0, 2, 1, 3))
             vals.append(c.values)
             logs.append(c.log_size.float())
             assigns.append(c.assign.long() + base)
@@ -168,14 +166,3 @@ def _causal_own(q, k, v, scale):
     lse = torch.logsumexp(s, -1)  # [H, T]
     out = torch.einsum("hts,shd->thd", (s - lse.unsqueeze(-1)).exp(), vv)
     return out, lse.transpose(0, 1)
-
-
-def relevance_error(exact: torch.Tensor, approx: torch.Tensor, frac: float) -> dict[str, float]:
-    """How well approx ranks like exact: recall of exact's top `frac` tokens among approx's, and
-    the L1 distance of the two as distributions."""
-    k = max(1, round(frac * exact.numel()))
-    top_e = set(torch.topk(exact, k).indices.tolist())
-    top_a = set(torch.topk(approx, k).indices.tolist())
-    l1 = float((exact / exact.sum() - approx / approx.sum().clamp(min=1e-30)).abs().sum())
-    return {"recall": len(top_e & top_a) / k, "l1": l1, "k": k, "tokens": exact.numel(),
-            "log2_tokens": math.log2(max(exact.numel(), 1))}

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 SCORES = ("deviation", "relevance", "mix")
 RELEVANCE = ("prophet", "check")
 DEVIATION = ("k", "v", "kv")
-BUDGETS = ("global", "per_chunk", "adaptive")
+BUDGETS = ("global", "per_chunk", "adaptive", "relevance")
+LAYERS = ("all", "late", "peak")  # kvplug/blend/relevance.py LAYERS
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,11 @@ class Selection:
     deviation: str = "kv"  # which deviation: one of DEVIATION
     budget: str = "global"  # one of BUDGETS
     mix_weight: float = 0.5  # score "mix": weight of relevance against deviation
+    relevance_layers: str = "all"  # which layers' question attention counts: one of LAYERS
 
     def __post_init__(self):
         for name, allowed in (("score", SCORES), ("relevance", RELEVANCE), ("deviation", DEVIATION),
-                              ("budget", BUDGETS)):
+                              ("budget", BUDGETS), ("relevance_layers", LAYERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Selection.{name}={getattr(self, name)!r}: allowed values are {', '.join(allowed)}")
         if not 0.0 <= self.mix_weight <= 1.0:
@@ -40,7 +42,7 @@ class Selection:
 
     @property
     def uses_relevance(self) -> bool:
-        return self.score in ("relevance", "mix") or self.budget == "adaptive"
+        return self.score in ("relevance", "mix") or self.budget in ("adaptive", "relevance")
 
     @property
     def runs_check_pass(self) -> bool:
@@ -54,4 +56,6 @@ POLICIES: dict[str, Selection] = {
     "epic": Selection(heads=True),
     "query": Selection(score="relevance", heads=True),
     "mixed": Selection(score="mix", heads=True),
+    "a3": Selection(score="relevance", heads=True, relevance_layers="late", budget="relevance"),
+    "critical": Selection(score="relevance", heads=True, relevance_layers="peak"),
 }

@@ -15,7 +15,7 @@ again through the model so that their KV sees the new context. Parts, one functi
                                                 (ProphetKV: a deviating token the question never
                                                 reads cannot change the answer)
     combine(relevance, deviation, weight)       both as rank percentiles, mixed
-    global_budget / per_chunk_budget / adaptive_budget   how the budget is split over chunks
+    global_budget / per_chunk_budget / adaptive_budget / relevance_budget   how the budget is split
     pick_tokens(scores, groups, budgets, always)         the tokens to recompute
 
 Named policies (`POLICIES`, the values of `recompute_policy`):
@@ -26,6 +26,10 @@ Named policies (`POLICIES`, the values of `recompute_policy`):
     query     chunk heads first, the rest by the question's attention (ProphetKV); nothing runs
               on all tokens, so it costs least (the default: best measured, README "Blending")
     mixed     chunk heads, then relevance and deviation mixed half and half
+    a3        A3 (Zhou et al. 2025): the question's attention in the last half of the layers, the
+              budget split over chunks by how much of it each chunk gets, chunk heads first
+    critical  QCFuse's "critical layer": the question's attention in the one layer where it is most
+              concentrated (lowest entropy over the span), chunk heads first
 Every policy spends at most round(ratio x cached tokens): ratio 0 recomputes nothing (the
 re-rotated concatenation), ratio 1 everything (a full prefill).
 
@@ -100,6 +104,32 @@ def adaptive_budget(chunk_sizes: list[int], outside_mass: list[float], relevance
     budget = ratio * sum(chunk_sizes)
     # floor (plus float slack), so the sum never exceeds the global round(ratio x tokens)
     return [min(n, int(budget * w / total + 1e-9)) for n, w in zip(chunk_sizes, weights)]
+
+
+def relevance_budget(chunk_sizes: list[int], relevance: list[float], budget: int,
+                     reserved: list[int] | None = None) -> list[int]:
+    """A3: `budget` tokens split over chunks in proportion to the question's attention on each, after
+    each chunk's `reserved` tokens (its heads): what a chunk's size caps goes to the others, and the
+    rounding is settled by the largest shares, so it adds up to the budget while any read chunk has
+    room. Chunks the question does not read get nothing beyond their reserve."""
+    out = list(reserved or [0] * len(chunk_sizes))
+    rest = budget - sum(out)
+    active = [c for c, r in enumerate(relevance) if r > 0 and out[c] < chunk_sizes[c]]
+    while rest > 0 and active:
+        total = sum(relevance[c] for c in active)
+        share = {c: rest * relevance[c] / total for c in active}
+        given = 0
+        for c in active:
+            g = min(int(share[c]), chunk_sizes[c] - out[c])
+            out[c] += g
+            given += g
+        if given == 0:  # only fractions left: one token each to the largest shares
+            for c in sorted(active, key=lambda c: -share[c])[:rest]:
+                out[c] += 1
+                given += 1
+        rest -= given
+        active = [c for c in active if out[c] < chunk_sizes[c]]
+    return out
 
 
 def pick_tokens(scores: torch.Tensor, groups: torch.Tensor, budgets: list[int],

@@ -4,7 +4,8 @@
     warm(args) -> WarmResult                           start the engine, prefill, wait for the disk
     report(result) -> str                              the table and summary line printed
 
-vLLM and torch are imported inside warm() only, so `kvplug --help` and `kvplug stats` stay fast.
+vLLM and torch are imported inside warm() only (the engine through kvplug's vllm_compat, the one
+module that reaches vLLM's objects), so `kvplug --help` and `kvplug stats` stay fast.
 A later query hits when it *begins* with a document's exact text: the disk tier stores whole
 KV blocks of prompt prefixes (keys chain over all tokens before them), so only full blocks of
 the document before the first token that differs are reusable.
@@ -24,7 +25,7 @@ from kvplug.cli.cache_dir import count_tmp, count_units
 from kvplug.cli.common import CliError, format_table
 
 COUNTER_PREFIX = "vllm:kvplug_"
-HIT_TIERS = ("cpu", "disk", "remote")  # <tier>_hit_tokens counters; absent ones count 0
+HIT_SUFFIX = "_hit_tokens"  # <tier>_hit_tokens, one counter per tier (cpu and every configured one)
 
 
 @dataclass
@@ -82,17 +83,17 @@ def _counters(llm) -> dict[str, float]:
 
 
 def _engine(args):
-    from vllm import LLM  # heavy: only here
+    from kvplug.connector.vllm_compat import offline_engine  # heavy: only here
 
     extra = {"cpu_bytes": int(args.cpu_bytes), "disk_path": str(args.disk_path),
              "disk_bytes": int(args.disk_bytes)}
     if args.blend:
         extra.update(blend=True, chunk_separator=args.chunk_separator)
     kwargs = {"max_model_len": args.max_model_len} if args.max_model_len else {}
-    return LLM(model=args.model, enforce_eager=not args.cuda_graphs, dtype=args.dtype,
-               disable_log_stats=False, kv_transfer_config={
-                   "kv_connector": "KVPlugConnector", "kv_role": "kv_both",
-                   "kv_connector_extra_config": extra}, **kwargs)
+    return offline_engine(model=args.model, enforce_eager=not args.cuda_graphs, dtype=args.dtype,
+                          disable_log_stats=False, kv_transfer_config={
+                              "kv_connector": "KVPlugConnector", "kv_role": "kv_both",
+                              "kv_connector_extra_config": extra}, **kwargs)
 
 
 def _prefill(llm, sp, path: Path, separator: str | None) -> DocResult:
@@ -113,7 +114,7 @@ def _prefill(llm, sp, path: Path, separator: str | None) -> DocResult:
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     res.stored_blocks = int(delta.get("saved_blocks", 0))
     res.stored_chunks = int(delta.get("saved_chunks", 0))
-    res.cached_tokens = int(sum(delta.get(f"{tier}_hit_tokens", 0) for tier in HIT_TIERS))
+    res.cached_tokens = int(sum(v for k, v in delta.items() if k.endswith(HIT_SUFFIX)))
     return res
 
 
@@ -138,11 +139,11 @@ def _wait_for_disk(result: WarmResult, timeout_s: float, quiet_s: float = 3.0) -
 def warm(args) -> WarmResult:
     files = find_documents(args.docs_dir, args.pattern)
     _check_model(args.model)
-    from vllm import SamplingParams
+    from kvplug.connector.vllm_compat import greedy
 
     result = WarmResult(disk_path=str(args.disk_path), units_before=count_units(args.disk_path))
     llm = _engine(args)
-    sp = SamplingParams(max_tokens=1, temperature=0.0)
+    sp = greedy(max_tokens=1)
     for path in files:
         result.docs.append(_prefill(llm, sp, path, args.chunk_separator if args.blend else None))
     _wait_for_disk(result, args.wait_s)

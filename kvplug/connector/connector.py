@@ -14,7 +14,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from kvplug.config import KVPlugConfig, check_blend_for_model
 from kvplug.connector import vllm_compat
 from kvplug.connector.engine_facts import EngineFacts
-from kvplug.connector.metadata import KVPlugMetadata
+from kvplug.connector.metadata import KVPlugHandshake, KVPlugMetadata
 from kvplug.connector.stats import KVPlugPromMetrics, KVPlugStats
 
 logger = logging.getLogger("kvplug")
@@ -23,8 +23,8 @@ logger = logging.getLogger("kvplug")
 class KVPlugConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
-        ktc = vllm_config.kv_transfer_config
-        self.cfg = KVPlugConfig.from_dict(ktc.kv_connector_extra_config)
+        transfer = vllm_compat.transfer_config(vllm_config)
+        self.cfg = KVPlugConfig.from_dict(transfer.extra)
         self.facts = EngineFacts.from_vllm(vllm_config, kv_cache_config, self.cfg)
         check_blend_for_model(self.cfg.blend, self.facts.num_layers)
         self._scheduler = self._worker = None
@@ -32,16 +32,13 @@ class KVPlugConnector(KVConnectorBase_V1):
             from kvplug.connector.scheduler import SchedulerHalf
 
             # A cache is best-effort: a unit that cannot be read is recomputed, never a failed request.
-            ktc.kv_load_failure_policy = "recompute"
-            self._scheduler = SchedulerHalf(self.cfg, self.facts, load=ktc.is_kv_consumer, save=ktc.is_kv_producer,
+            vllm_compat.recompute_failed_loads(vllm_config)
+            self._scheduler = SchedulerHalf(self.cfg, self.facts, load=transfer.load, save=transfer.save,
                                             separator=_separator_ids(vllm_config, self.cfg))
         else:
-            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-
             from kvplug.connector.worker import WorkerHalf
 
-            self._worker = WorkerHalf(self.cfg, self.facts, get_tensor_model_parallel_rank(),
-                                      vllm_compat.layer_tag(vllm_config))
+            self._worker = WorkerHalf(self.cfg, self.facts, vllm_compat.tp_rank(), vllm_compat.layer_tag(vllm_config))
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -50,6 +47,11 @@ class KVPlugConnector(KVConnectorBase_V1):
     # ---- worker -------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches) -> None:
         self._worker.register(kv_caches)
+
+    def bind_connector_metadata(self, connector_metadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self._worker is not None and isinstance(connector_metadata, KVPlugMetadata):
+            self._worker.begin_step(connector_metadata)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -74,6 +76,11 @@ class KVPlugConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors()
 
+    def get_handshake_metadata(self):
+        # What this rank found in the tiers at start-up: vLLM hands it to the scheduler's half
+        # (set_xfer_handshake_metadata) after every worker registered its caches, before serving.
+        return self._worker.handshake() if self._worker is not None else None
+
     def get_kv_connector_stats(self):
         half = self._worker or self._scheduler
         return half.take_stats()
@@ -81,8 +88,13 @@ class KVPlugConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.close()
+        if self._scheduler is not None:
+            self._scheduler.close()
 
     # ---- scheduler ----------------------------------------------------------------------
+    def set_xfer_handshake_metadata(self, metadata) -> None:
+        self._scheduler.restore([m for m in metadata.values() if isinstance(m, KVPlugHandshake)])
+
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         return self._scheduler.num_matched(request, num_computed_tokens)
 
@@ -105,6 +117,22 @@ class KVPlugConnector(KVConnectorBase_V1):
         # An asynchronous load still in flight writes these blocks: vLLM frees them once it lands.
         return self._scheduler.finished(request), None
 
+    # ---- start-up -----------------------------------------------------------------------
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config) -> bool:
+        # vLLM asks this while it builds its config (in the front end, with CUDA graphs on): the
+        # first time it hands kvplug its config, so a bad key fails there, before any model
+        # loads. (Elsewhere the plugin's check before load_model catches it: plugin.check_config.)
+        KVPlugConfig.from_dict(extra_config)
+        return False  # nothing is done layer by layer inside the forward pass
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config) -> bool:
+        # vLLM >= 0.33 asks before sleep mode frees and remaps the KV caches. kvplug keeps views
+        # of the registered caches (block IO, blender, the CPU tier's transfers): it cannot follow
+        # a remap, so an engine with sleep mode refuses it at start-up.
+        return False
+
     # ---- stats plumbing -----------------------------------------------------------------
     @classmethod
     def build_kv_connector_stats(cls, data=None):
@@ -123,7 +151,7 @@ def _separator_ids(vllm_config, cfg: KVPlugConfig) -> tuple[int, ...]:
 
     from kvplug.core.chunking import separator_ids
 
-    mc = vllm_config.model_config
+    mc = vllm_compat.engine_config(vllm_config)
     try:
         tok = AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision,
                                             trust_remote_code=mc.trust_remote_code)

@@ -1,7 +1,7 @@
 """What kvplug needs to know about the engine, read once from vLLM's config objects.
 
 Both halves compute these the same way, so the scheduler's slot numbers and the worker's
-host pool agree without talking to each other.
+host pool agree without talking to each other. vLLM's objects are read through vllm_compat.
 
     EngineFacts.from_vllm(vllm_config, kv_cache_config, cfg)   validated facts, or ValueError
     facts.chunk_bytes(tokens)              a stored chunk's payload bytes
@@ -9,14 +9,15 @@ host pool agree without talking to each other.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
-import vllm
-from vllm.platforms import current_platform
-from vllm.v1.kv_cache_interface import AttentionSpec
-
+from kvplug.blend.chunk_format import chunk_nbytes
 from kvplug.config import KVPlugConfig
+from kvplug.connector import vllm_compat as compat
 from kvplug.core.hashing import namespace_digest
+
+logger = logging.getLogger("kvplug")
 
 
 @dataclass(frozen=True)
@@ -27,25 +28,24 @@ class EngineFacts:
     layer_names: tuple[str, ...]
     num_blocks: int
     tp_size: int
-    chunk_token_bytes: int = 0  # one token's K and V of every layer in the canonical chunk layout (this rank)
     kv_heads: int = 0
     head_dim: int = 0
     itemsize: int = 2
-    cluster_tokens: int = 0  # tokens per key cluster stored with each chunk (blend_cluster_tokens; 0: none)
+    cluster_tokens: int = 0  # tokens per key cluster stored with each chunk (kept_cluster_tokens; 0: none)
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_names)
 
-    def chunk_bytes(self, tokens: int) -> int:
-        """A stored chunk's payload: its KV, then its key clusters (kvplug/blend/clusters.py), the
-        same count the worker's blender makes (Blender.chunk_bytes)."""
-        if not self.cluster_tokens:
-            return tokens * self.chunk_token_bytes
-        from kvplug.blend.clusters import sidecar_bytes
+    @property
+    def chunk_token_bytes(self) -> int:
+        """One token's K and V of every layer in the canonical chunk layout (this rank)."""
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * self.itemsize
 
-        return tokens * self.chunk_token_bytes + sidecar_bytes(self.num_layers, self.kv_heads, self.head_dim, tokens,
-                                                               self.cluster_tokens, self.itemsize)
+    def chunk_bytes(self, tokens: int) -> int:
+        """A stored chunk's payload: its KV, then its key clusters when kept (the count the worker's
+        ChunkFormat makes: kvplug/blend/chunk_format.py)."""
+        return chunk_nbytes(self.num_layers, self.kv_heads, self.head_dim, self.itemsize, self.cluster_tokens, tokens)
 
     def stored_bytes(self, nbytes: int, codec: str) -> int:
         """Payload bytes of a unit of `nbytes` as a tier stores it under `codec` (kvplug/tiers/codec.py,
@@ -71,40 +71,46 @@ class EngineFacts:
 
     @classmethod
     def from_vllm(cls, vllm_config, kv_cache_config, cfg: KVPlugConfig) -> "EngineFacts":
-        groups = kv_cache_config.kv_cache_groups
-        if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, AttentionSpec):
-            kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
-            raise ValueError(
-                f"KVPlugConnector supports models whose layers share one attention KV cache group; "
-                f"this model has {len(groups)} group(s) of {kinds}"
-            )
-        parallel = vllm_config.parallel_config
-        if parallel.pipeline_parallel_size > 1:
+        cache = compat.kv_cache_facts(kv_cache_config)
+        engine = compat.engine_config(vllm_config)
+        if engine.pp_size > 1:
             raise ValueError("KVPlugConnector does not support pipeline parallelism yet (pipeline_parallel_size > 1)")
-        spec = groups[0].kv_cache_spec
-        layer_names = tuple(groups[0].layer_names)
-        model = vllm_config.model_config
+        if engine.nnodes > 1 and cfg.tiers.disk_path:
+            # Each rank writes its own file of a unit and a unit is a hit only when every rank's file is
+            # there: ranks on other nodes must see the same folder.
+            logger.warning("kvplug: the engine spans %d nodes: disk_path=%s must be one shared file system mounted "
+                           "at the same path on every node, or no unit will ever be found on disk",
+                           engine.nnodes, cfg.tiers.disk_path)
         namespace = namespace_digest(
-            model=cfg.model_id or model.model,
-            revision=model.revision,
-            dtype=str(model.dtype),
-            kv_cache_dtype=vllm_config.cache_config.cache_dtype,
-            block_size=spec.block_size,
-            num_kv_heads=spec.num_kv_heads,
-            head_size=spec.head_size,
-            num_layers=len(layer_names),
-            tp_size=parallel.tensor_parallel_size,
-            device=current_platform.device_type,
-            vllm=vllm.__version__,
+            model=cfg.model_id or engine.model,
+            revision=engine.revision,
+            dtype=engine.dtype,
+            kv_cache_dtype=engine.kv_dtype,
+            block_size=cache.block_size,
+            num_kv_heads=cache.num_kv_heads,
+            head_size=cache.head_size,
+            num_layers=len(cache.layer_names),
+            tp_size=engine.tp_size,
+            device=compat.device_type(),
+            vllm=compat.vllm_version(),
         )
         return cls(
             namespace=namespace,
-            block_size=spec.block_size,
-            unit_bytes=spec.page_size_bytes * len(layer_names),
-            layer_names=layer_names,
-            num_blocks=kv_cache_config.num_blocks,
-            tp_size=parallel.tensor_parallel_size,
-            chunk_token_bytes=2 * len(layer_names) * spec.num_kv_heads * spec.head_size * spec.dtype.itemsize,
-            kv_heads=spec.num_kv_heads, head_dim=spec.head_size, itemsize=spec.dtype.itemsize,
-            cluster_tokens=cfg.blend.blend_cluster_tokens if cfg.blend.enabled else 0,
+            block_size=cache.block_size,
+            unit_bytes=cache.block_bytes * len(cache.layer_names),
+            layer_names=cache.layer_names,
+            num_blocks=cache.num_blocks,
+            tp_size=engine.tp_size,
+            kv_heads=cache.num_kv_heads, head_dim=cache.head_size, itemsize=cache.itemsize,
+            cluster_tokens=kept_cluster_tokens(cfg, engine.max_model_len),
         )
+
+
+def kept_cluster_tokens(cfg: KVPlugConfig, max_model_len: int) -> int:
+    """Tokens per key cluster stored with each chunk, or 0: clusters serve only spans of at least
+    blend_cluster_min_tokens, so an engine whose prompts cannot be that long keeps none (making
+    them is most of a chunk save's cost on CPU)."""
+    b = cfg.blend
+    if not b.enabled or not b.blend_cluster_min_tokens or max_model_len < b.blend_cluster_min_tokens:
+        return 0
+    return b.blend_cluster_tokens

@@ -8,10 +8,10 @@
                            tokens and scatters them back, so a stored block round-trips to engine bytes
     chunks                 canonical KV [L, 2, n, KV, D], then the key-cluster sidecar (kept as it is)
 
-    tier_codecs(tiers, io_kind, io, raw_caches, facts, layout) -> (disk UnitCodec | None,
-        remote UnitCodec | None, views): the stores' codecs over one shared {layout: view} (the
-        block rows' view under `layout`, when the backend has one)
-    add_chunk_view(views, layout, blender)     once the blender exists
+    tier_codecs(specs, io_kind, io, raw_caches, facts, layout) -> ({tier name: UnitCodec}, views):
+        the codecs of the configured tiers that have one, over one shared {layout: view} (the block
+        rows' view under `layout`, when the backend has one)
+    add_chunk_view(views, layout, fmt)         once the blender exists (its ChunkFormat)
     block_views(io_kind, io, raw_caches, facts, layout) -> (views, why-not or "")
 """
 from __future__ import annotations
@@ -61,25 +61,23 @@ def _opaque_view(io, raw_caches, facts) -> PermutedView:
     return PermutedView(facts.num_layers, facts.kv_heads, facts.head_dim, dtype, facts.block_size, k_index, v_index)
 
 
-def add_chunk_view(views: dict, layout: str, blender) -> None:
-    m = blender.m
-    token_bytes = 2 * m.num_layers * m.num_kv_heads * m.head_dim * m.dtype.itemsize
-    if m.dtype in _DTYPES:
-        views[layout] = TokensView(m.num_layers, m.num_kv_heads, m.head_dim, m.dtype,
-                                   tail_nbytes=lambda n: blender.chunk_bytes(n) - n * token_bytes)
+def add_chunk_view(views: dict, layout: str, fmt) -> None:
+    """Chunk units of `layout` in the ChunkFormat `fmt`: their KV, then the clusters' sidecar."""
+    token_bytes = 2 * fmt.layers * fmt.kv_heads * fmt.head_dim * fmt.dtype.itemsize
+    if fmt.dtype in _DTYPES:
+        views[layout] = TokensView(fmt.layers, fmt.kv_heads, fmt.head_dim, fmt.dtype,
+                                   tail_nbytes=lambda n: fmt.nbytes(n) - n * token_bytes)
 
 
-def tier_codecs(tiers, io_kind: str, io, raw_caches, facts, layout: str):
-    """(disk codec, remote codec, views); the views are probed only when a codec is on, and one warning
-    says so when blocks cannot be encoded."""
-    codecs = {key: make_codec(getattr(tiers, key)) if on else None
-              for key, on in (("disk_codec", tiers.disk_path), ("remote_codec", tiers.remote_url))}
-    views, why_not = block_views(io_kind, io, raw_caches, facts, layout) if any(codecs.values()) else ({}, "")
-    for key, codec in codecs.items():
-        if codec is not None and why_not:
-            logger.warning("kvplug: %s=%s: prefix blocks cannot be encoded on this backend (%s); only chunks are "
-                           "stored in that tier", key, codec.name, why_not)
-    on = [c for c in codecs.values() if c is not None]
-    shared = {c: UnitCodec(c, views, sharers=on.count(c)) for c in on}  # both tiers, one codec: encoded once
-    disk, remote = (None if c is None else shared[c] for c in codecs.values())
-    return disk, remote, views
+def tier_codecs(specs, io_kind: str, io, raw_caches, facts, layout: str):
+    """({tier name: UnitCodec}, views) for the tiers whose spec names a codec; the views are probed
+    only when a codec is on, and one warning says so when blocks cannot be encoded."""
+    codecs = {name: c for name, spec in specs.items() if (c := make_codec(spec.codec)) is not None}
+    views, why_not = block_views(io_kind, io, raw_caches, facts, layout) if codecs else ({}, "")
+    for name, codec in codecs.items():
+        if why_not:
+            logger.warning("kvplug: %s_codec=%s: prefix blocks cannot be encoded on this backend (%s); only chunks "
+                           "are stored in that tier", name, codec.name, why_not)
+    on = list(codecs.values())
+    shared = {c: UnitCodec(c, views, sharers=on.count(c)) for c in set(on)}  # tiers with one codec: encoded once
+    return {name: shared[c] for name, c in codecs.items()}, views

@@ -1,20 +1,28 @@
 """The blender's view of a vLLM model (kvplug/blend/adapter.py), over vLLM's own modules.
 
-A decoder layer is run as vLLM runs it (norms, projections, RoPE, MLP: its code, its weights),
-except that its attention module is swapped for the blender's for the length of the call, so no
-forward context or attention metadata is needed and nothing in vLLM is patched. The vLLM
-internals it relies on are in vllm_compat.
+A decoder layer is run as vLLM runs it (norms, q/k norms, projections, RoPE, MLP: its code, its
+weights), except that its attention module is swapped for the blender's for the length of the
+call, so no forward context or attention metadata is needed and nothing in vLLM is patched. What
+differs between families - where the parts are, each layer's RoPE module and sliding window, what
+is refused - and every vLLM internal it relies on are in vllm_compat.
 
     VLLMModelAdapter(model, kv_caches, block_size, kv_io="opaque")   or ValueError naming what is
-        not supported. kv_io is the worker's KV path (kvplug/tiers/block_io.py):
-        "opaque": write_kv through the backend's do_kv_cache_update, read_kv through the probed
-            PagedKVReader (the CPU backend: its block interior may be ISA-packed)
+        not supported: a family of vllm_compat.TESTED_FAMILIES, or any other whose layers pass
+        vllm_compat.check_layers against vLLM's own forward (on the CPU backend, where the engine's
+        kernel is reachable); every other architecture is refused, named, at start-up.
+        kv_io is the worker's KV path (kvplug/tiers/block_io.py):
+        "opaque": write_kv through the backend's do_kv_cache_update, read_kv / read_kv_layers through
+            the probed PagedKVReader (the CPU backend: its block interior may be ISA-packed)
         "canonical": vLLM's CUDA layouts through PagedKV (kvplug/blend/paged_cache.py), with the
             optional write_kv_layers / write_rerotated / read_kv_layers (one launch each)
-    paged_plan(q_pos, block_table) / paged_attention(i, q, plan)   attention through the engine's
-        own kernel over its paged cache (CPU backend); paged_plan is None on other backends, where
-        the blender uses torch SDPA over its own copy of the KV
+    paged_plan([(q_pos, block_table)]) / paged_attention(i, q, plan)   attention through the engine's
+        own kernel over its paged cache (CPU backend), a sequence per run of positions of each
+        request; paged_plan is None on other backends, where the blender uses torch SDPA over its
+        own copy of the KV
+    rope / rope_for(i) / window(i)   layer 0's and layer i's (inv_freq, style), layer i's sliding window
     write_kv(i, k, v, slots) / read_kv(i, slots) -> (k, v)   per-token K/V of layer i in and out
+    logits(hidden, residual)        the model's final norm and LM head (the blend audit)
+    all_reduce(t)                   t summed over the tensor-parallel ranks (agreed token picks)
     backend_write(i, k, v, slots)   the backend's own write op, whatever kv_io (for the self-test)
     cache(i)                        layer i's paged cache tensor
 """
@@ -25,13 +33,6 @@ from torch import nn
 
 from kvplug.blend.paged_cache import PagedCacheKV
 from kvplug.connector import vllm_compat as compat
-
-# Families whose decoder layers are (positions, hidden, residual) -> (hidden, residual) and
-# whose attention calls self.attn(q, k, v) with rotated q and k (checked against vLLM's
-# transformers for each family in tests/e2e/test_blend_e2e.py). In vLLM 0.32 Mistral has its own
-# MistralDecoderLayer (a LlamaDecoderLayer with an optional time-conditioned norm, refused below)
-# and Qwen2 its own layer with q/k/v biases inside qkv_proj.
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
 class _AttentionHook(nn.Module):
@@ -45,42 +46,46 @@ class _AttentionHook(nn.Module):
 
 class VLLMModelAdapter:
     def __init__(self, model: nn.Module, kv_caches: dict[str, torch.Tensor], block_size: int, kv_io: str = "opaque"):
-        arch = type(model).__name__
-        if arch not in SUPPORTED:
-            raise ValueError(f"blend supports {', '.join(SUPPORTED)}; this model is {arch} (set blend=false)")
-        inner = model.model
-        if getattr(inner, "start_layer", 0) != 0 or getattr(inner, "end_layer", len(inner.layers)) != len(inner.layers):
-            raise ValueError("blend does not support pipeline parallelism")
-        self.layers = list(inner.layers)
-        if any(getattr(layer, "ada_rms_norm_t_cond", None) is not None for layer in self.layers):
-            # Mistral's time-conditioned layers (ada_rms_norm_t_cond) need a t_cond per forward
-            # pass, which the blender does not have.
-            raise ValueError(f"blend does not support {arch} layers conditioned on t_cond (ada_rms_norm_t_cond)")
-        self._embed = inner.embed_input_ids if hasattr(inner, "embed_input_ids") else inner.embed_tokens
-        first = self.layers[0].self_attn
-        self.attn = [layer.self_attn.attn for layer in self.layers]
+        self._model = model
+        stack = compat.decoder_stack(model)
+        self.arch, self.layers, self._embed = stack.arch, stack.layers, stack.embed
         weight = next(model.parameters())
         self.dtype, self.device = weight.dtype, weight.device
-        for a in self.attn:
-            impl = a.impl
-            if getattr(impl, "sliding_window", -1) not in (None, -1) or getattr(impl, "logits_soft_cap", 0) or \
-                    getattr(impl, "alibi_slopes", None) is not None:
-                raise ValueError(f"blend does not support sliding-window, soft-capped or ALiBi attention ({a.layer_name})")
-            if getattr(impl, "kv_cache_dtype", "auto") not in ("auto", str(self.dtype).removeprefix("torch.")):
-                raise ValueError(f"blend needs an unquantized KV cache, got kv_cache_dtype={impl.kv_cache_dtype}")
+        facts = [compat.layer_attention(self.arch, i, layer, self.dtype) for i, layer in enumerate(self.layers)]
+        self.attn = [f.attn for f in facts]
+        self._ropes = [compat.rope_frequencies(f.rotary) for f in facts]
+        self._windows = [f.window for f in facts]
+        first = facts[0]
         self.num_layers = len(self.layers)
         self.num_heads, self.num_kv_heads = first.num_heads, first.num_kv_heads
-        self.head_dim, self.scale = first.head_dim, float(first.scaling)
+        self.head_dim, self.scale = first.head_dim, first.scale
         self.block_size = block_size
-        self._caches = [kv_caches[a.layer_name] for a in self.attn]
-        kernel_block = self._caches[0].shape[2]  # CPU [nb, KV, bs, 2D]; flash [2, nb, bs, ...]; flashinfer [nb, 2, bs, ...]
+        self._caches = [kv_caches[f.cache_name] for f in facts]
+        kernel_block = compat.kernel_block_size(self._caches[0])
         if kernel_block != block_size:
             raise ValueError(f"blend needs the cache's kernel block size ({kernel_block}) to equal vLLM's block "
                              f"size ({block_size})")
-        self._rope = compat.rope_frequencies(first.rotary_emb)
+        if any(f.scale != self.scale for f in facts):
+            raise ValueError(f"blend needs one attention scale for every layer of {self.arch}")
+        self._rope = self._ropes[0]
         cpu = compat.is_cpu_backend(self.attn[0])
         self._kv_path(kv_io, cpu)
         self.paged_plan = self._cpu_plan if cpu else None
+        shared = set(self._windows)  # the CPU plan's window: one all layers share, else -1
+        self._plan_window = (shared.pop() or -1) if len(shared) == 1 else -1
+        if self.arch not in compat.TESTED_FAMILIES:  # also a tested name served by a generic vLLM class
+            self._prove()
+
+    def _prove(self) -> None:
+        """A family no test covers is blended only where its layers are shown, at start-up, to
+        run through the adapter as vLLM's own forward runs them."""
+        if self.paged_plan is None:
+            why = "its layers can be checked against vLLM's own forward on the CPU backend only"
+        else:
+            why = compat.check_layers(self, own_forward=True)
+        if why is not None:
+            raise ValueError(f"blend does not support {self.arch}: it is not among the tested families "
+                             f"({', '.join(compat.TESTED_FAMILIES)}) and {why} (set blend=false)")
 
     def _kv_path(self, kv_io: str, cpu: bool) -> None:
         """canonical: PagedKV over the caches, the all-layer methods bound; opaque: the backend's
@@ -89,17 +94,24 @@ class VLLMModelAdapter:
         if kv_io == "canonical":
             if cpu:
                 raise ValueError("kv_io='canonical' on vLLM's CPU backend: its blocks may be ISA-packed (use 'opaque')")
-            self._paged = PagedCacheKV(self._caches, self._rope)
+            self._paged = PagedCacheKV(self._caches, self._rope)  # its fused re-rotation: one-RoPE models only
             self._paged.bind(self)
         elif kv_io == "opaque":
             self._reader = compat.PagedKVReader(self.attn[0], self._caches[0], self.num_kv_heads, self.head_dim,
                                                 self.block_size)
+            self.read_kv_layers = self._read_layers
         else:
             raise ValueError(f"kv_io={kv_io!r}: allowed values are opaque, canonical")
 
     @property
     def rope(self) -> tuple[torch.Tensor, str]:
         return self._rope
+
+    def rope_for(self, i: int) -> tuple[torch.Tensor, str]:
+        return self._ropes[i]
+
+    def window(self, i: int) -> int | None:
+        return self._windows[i]
 
     def cache(self, i: int) -> torch.Tensor:
         return self._caches[i]
@@ -108,13 +120,8 @@ class VLLMModelAdapter:
         return self._embed(token_ids)
 
     def forward_layer(self, i, positions, hidden, residual, attend):
-        self_attn = self.layers[i].self_attn
-        original = self_attn._modules["attn"]
-        self_attn._modules["attn"] = _AttentionHook(attend)
-        try:
+        with compat.attention_replaced(self.layers[i], _AttentionHook(attend)):
             return self.layers[i](positions, hidden, residual)
-        finally:
-            self_attn._modules["attn"] = original
 
     def write_kv(self, i, k, v, slots):
         if self._paged is not None:
@@ -130,11 +137,21 @@ class VLLMModelAdapter:
             return self._paged.read_kv(i, slots)
         return self._reader.read(self._caches[i], slots)
 
+    def _read_layers(self, slots, first_layer=0, num_layers=None):
+        last = self.num_layers if num_layers is None else first_layer + num_layers
+        return self._reader.read_layers(self._caches[first_layer:last], slots)
+
+    def all_reduce(self, t):
+        return compat.tp_all_reduce(t, self.device)
+
+    def logits(self, hidden, residual):
+        return compat.final_logits(self._model, hidden, residual)
+
     def paged_attention(self, i, q, plan):
         """q [T, H*D] at the plan's positions, against layer i's paged cache at positions <= each."""
         out = compat.cpu_paged_attention(self.attn[i], q.view(-1, self.num_heads, self.head_dim), self._caches[i], plan)
         return out.view(q.shape)
 
-    def _cpu_plan(self, q_pos, block_table):
-        return compat.cpu_paged_metadata(self.attn[0], q_pos, block_table, self.num_heads, self.num_kv_heads,
-                                         self.head_dim, self.dtype)
+    def _cpu_plan(self, segments):
+        return compat.cpu_paged_metadata(self.attn[0], segments, self.num_heads, self.num_kv_heads, self.head_dim,
+                                         self.dtype, self._plan_window)

@@ -88,9 +88,8 @@ def _attend_merged_op(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     if impl == "torch":
         out, lse = attend_merged_ref(q, keys, values, bias, scale)
         return out.contiguous(), lse.contiguous()
+    # No CUDA kernel is registered (choose() refuses "cuda" for this op): triton here.
     q, keys, values = _unit_d(q), _unit_d(keys), _unit_d(values)
-    if impl == "cuda":  # schema: attend_merged(Tensor q, Tensor keys, Tensor values, Tensor bias, float scale)
-        return _backend.cuda_ops().attend_merged(q, keys, values, bias, scale)
     from kvplug._triton.attend_merged import attend_merged_triton
 
     return attend_merged_triton(q, keys, values, bias, scale, interpret=envs.triton_interpret())

@@ -5,7 +5,6 @@ Functions:
     kmeans_step(keys, centroids, backend)   dispatcher (cuda -> triton -> torch)
     kmeans_init(keys, n_clusters, seed, init)  deterministic kmeans++ / random initial centroids (torch)
     kmeans_keys(keys, n_clusters, iters, seed, init, backend)  init + `iters` Lloyd steps
-    kmeans_inertia(keys, centroids, assign)  fp32 [H] sum of squared distances to assigned centroids
 """
 import torch
 
@@ -142,10 +141,3 @@ def kmeans_keys(keys: torch.Tensor, n_clusters: int, iters: int = 10, seed: int 
     for _ in range(iters - 1):
         new, assign, sizes = kmeans_step(keys, new, backend)
     return (new if iters > 0 else centroids), assign, sizes
-
-
-def kmeans_inertia(keys: torch.Tensor, centroids: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
-    """fp32 [H]: sum over tokens of ||keys[t, h] - centroids[h, assign[h, t]]||^2."""
-    x = keys.float().transpose(0, 1)
-    picked = torch.gather(centroids.float(), 1, assign.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-    return (x - picked).square().sum(dim=(1, 2))

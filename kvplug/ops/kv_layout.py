@@ -12,11 +12,10 @@ one backing buffer for all layers; each layer's registered cache tensor is the l
 a permutation of `[L, B, H, N, C]`. FlashAttention and FlashInfer read the same tensor:
 `cache.transpose(1, 2).split(head_dim, -1)` -> K, V `[B, N, H, D]` views. The default on
 Hopper (H100/H200), for both backends, is LBNHC (FlashInfer's "NHD"); FlashInfer on
-Blackwell (sm100) asks for LBHNC ("HND") or BLHNC. "flash" and "flashinfer" are the older
-layouts (vLLM <= 0.10: [2, nb, bs, H, D] and [nb, 2, bs, H, D]), kept as stride variety.
+Blackwell (sm100) asks for LBHNC ("HND") or BLHNC. (Older vLLM layouts, [2, nb, bs, H, D] and
+[nb, 2, bs, H, D], are the kernels' tests' stride variety: tests/ops/legacy_layouts.py.)
 
 Methods:
-    split_kv_cache(tensor, layout)   one layer's vLLM cache tensor -> (k_view, v_view)
     vllm_kv_views(cache, layout=None, head_size=None)   vLLM 0.32 [B, H, N, 2D] -> (k, v) [B, N, H, D]
     default_vllm_layout(backend, capability_major)      the layout vLLM resolves with no override
     detect_vllm_layout(caches)       which KVCacheLayout registered [B, H, N, 2D] caches follow
@@ -60,8 +59,6 @@ VLLM_LAYOUTS: dict[str, tuple[int, int, int, int, int]] = {
 DEFAULT_VLLM_LAYOUT = "LBNHC"
 # backends/utils.py, _FLASHINFER_LAYOUT_NAMES (LHBNC has no FlashInfer name).
 FLASHINFER_NAMES = {"LBNHC": "NHD", "LBHNC": "HND", "BLHNC": "HND", "BLNHC": "NHD", "BHLNC": "HND"}
-LEGACY_LAYOUTS = ("flash", "flashinfer")
-LAYOUTS = (*LEGACY_LAYOUTS, *VLLM_LAYOUTS)
 _L, _B, _H, _N, _C = range(5)
 
 
@@ -175,25 +172,6 @@ def vllm_kv_views(cache: torch.Tensor, layout: str | None = None,
         _check_vllm_order(cache, layout)
     kv = cache.transpose(1, 2)
     return kv[..., :d], kv[..., d:]
-
-
-def split_kv_cache(tensor: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k, v) views of one layer's cache. A vLLM 0.32 layout name (VLLM_LAYOUTS): the
-    [B, H, N, 2D] tensor of vllm_kv_views. Legacy: "flash" is [2, nb, bs, H, D]
-    (FlashAttention, vLLM <= 0.10), "flashinfer" is [nb, 2, bs, H, D]. No copy is made."""
-    if layout in VLLM_LAYOUTS:
-        return vllm_kv_views(tensor, layout)
-    if tensor.dim() != 5:
-        raise ValueError(f"kv cache of shape {tuple(tensor.shape)}: expected 5 dims")
-    if layout == "flash":
-        if tensor.shape[0] != 2:
-            raise ValueError(f"flash kv cache of shape {tuple(tensor.shape)}: expected [2, nb, bs, H, D]")
-        return tensor[0], tensor[1]
-    if layout == "flashinfer":
-        if tensor.shape[1] != 2:
-            raise ValueError(f"flashinfer kv cache of shape {tuple(tensor.shape)}: expected [nb, 2, bs, H, D]")
-        return tensor[:, 0], tensor[:, 1]
-    raise ValueError(f"layout={layout!r}: allowed values are {', '.join(LAYOUTS)}")
 
 
 @dataclass(frozen=True)

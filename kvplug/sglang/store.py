@@ -1,5 +1,7 @@
-"""kvplug's tiers under SGLang's host pool: a disk tier (DiskStore, accounted by a TierIndex with the
-configured eviction policy, quotas and TTLs) and an optional remote tier (RemoteStore, Redis protocol).
+"""kvplug's tiers under SGLang's host pool: a disk tier (accounted by a TierIndex with the configured
+eviction policy, quotas and TTLs) and an optional remote tier (Redis protocol), both built from their
+tier specs (kvplug/tiers/tier.py) as the vLLM connector's worker builds them, and the disk's index
+restored by the same spec.restore (this engine's layout and rank only).
 
 SGLang's host pool is the CPU tier (L2); this is L3. Every unit is one page of one layout. Reads try
 the disk first and the remote tier for what the disk lacks (one round trip each); a remote hit is
@@ -21,15 +23,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from pathlib import Path
 
 import torch
 
 from kvplug.sglang.config import BackendConfig
-from kvplug.tiers.disk import DiskStore, scan_units
 from kvplug.tiers.disk_format import KEY_BYTES, encode_header
 from kvplug.tiers.index import TierIndex
-from kvplug.tiers.tier import Unit
+from kvplug.tiers.tier import Unit, configured_tiers
 
 logger = logging.getLogger("kvplug")
 
@@ -42,7 +42,6 @@ WRITE_BEHIND_BYTES = 128 << 20
 
 class PageStore:
     def __init__(self, cfg: BackendConfig, rank: int):
-        t = cfg.kvplug.tiers
         self.cfg, self.rank, self.namespace = cfg, rank, cfg.namespace
         quota = cfg.kvplug.namespaces.get(cfg.namespace)
         self.ttl_s = quota.ttl_s if quota is not None else None
@@ -53,12 +52,10 @@ class PageStore:
         self._unflushed = 0  # bytes queued since the last flush
         self._lock = threading.Lock()  # the index: SGLang calls from its prefetch, I/O and backup threads
         self._count_lock = threading.Lock()
-        self.disk = DiskStore(Path(t.disk_path), _UNBOUND, rank=rank, fsync=t.disk_fsync) if t.disk_path else None
-        self.remote = None
-        if t.remote_url is not None:
-            from kvplug.tiers.remote import RemoteStore  # imports redis-py only when a remote tier is set
-            self.remote = RemoteStore(t.remote_url, _UNBOUND, rank=rank, namespace=t.remote_namespace,
-                                      ttl_s=t.remote_ttl_s, timeout_s=t.remote_timeout_ms / 1000.0)
+        self.specs = {s.name: s for s in configured_tiers(cfg.kvplug.tiers)}  # disk and/or remote
+        self.stores = {name: spec.store(_UNBOUND, rank) for name, spec in self.specs.items()}
+        # The disk is L3 (accounted here), the remote store behind it: their roles are SGLang's.
+        self.disk, self.remote = self.stores.get("disk"), self.stores.get("remote")
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -79,14 +76,13 @@ class PageStore:
     def _restore_index(self) -> None:
         """Account the units a past run (or another engine of this tag) left, oldest first; past
         disk_bytes or the quota the oldest are deleted. Their TTL counts from now."""
-        units = sorted((u for u in scan_units(self.disk.root, self.layout) if u.rank == self.rank),
-                       key=lambda u: u.mtime)
+        found = self.specs["disk"].restore(self.disk, [self.layout])
         deletes = []
-        for u in units:
-            admitted, evicted = self.index.admit(u.key, self.namespace, 1.0, ())
-            deletes += [k for k, _ in evicted] + ([] if admitted else [u.key])
+        for key in found.keys:
+            admitted, evicted = self.index.admit(key, self.namespace, 1.0, ())
+            deletes += [k for k, _ in evicted] + ([] if admitted else [key])
         self.disk.delete_many(deletes)
-        self.count(restored=len(units) - len(deletes), evicted=len(deletes))
+        self.count(restored=len(found.keys) - len(deletes), evicted=len(deletes))
 
     # ---- reads -------------------------------------------------------------------------------
 
@@ -225,7 +221,7 @@ class PageStore:
             return
         if self.disk is not None:
             self.disk.flush()
-            keys = [u.key for u in scan_units(self.disk.root, self.layout) if u.rank == self.rank]
+            keys = self.specs["disk"].restore(self.disk, [self.layout]).keys
             self.disk.delete_many(keys)
             self.disk.flush()
             with self._lock:
@@ -244,22 +240,19 @@ class PageStore:
     def take_stats(self) -> dict[str, int]:
         with self._count_lock:
             out, self.counts = dict(self.counts), Counter()
-        for name, tier in (("disk", self.disk), ("remote", self.remote)):
-            if tier is not None:
-                out.update({f"{name}_{k}": v for k, v in tier.take_stats().items()})
+        for name, tier in self.stores.items():
+            out.update({f"{name}_{k}": v for k, v in tier.take_stats().items()})
         if self.index is not None:
             out.update(disk_units=len(self.index), disk_used_bytes=self.index.used)
         return out
 
     def flush(self) -> None:
-        for tier in (self.disk, self.remote):
-            if tier is not None:
-                tier.flush()
+        for tier in self.stores.values():
+            tier.flush()
 
     def close(self) -> None:
-        for tier in (self.disk, self.remote):
-            if tier is not None:
-                tier.close()
+        for tier in self.stores.values():
+            tier.close()
 
 
 def _byte_chunks(payloads: list[torch.Tensor], limit: int):

@@ -5,19 +5,23 @@ writer puts the bytes in a temp file in the same directory (name ending in ".tmp
 over the final name, so a reader sees either no file or a whole one, never a torn one. Several
 DiskStores (engines, ranks) may share a root: they coordinate only through those atomic renames.
 
-unit_path(root, key, rank) -> Path          where a unit's file lives (the scheduler tests .exists())
-scan_units(root, layout=None) -> iterator   UnitInfo of every good unit, by headers only (index rebuild)
+unit_path(root, key, rank) -> Path          where a unit's file lives
+parse_unit_name(name) -> (key, rank) | None the key and rank a unit file's name gives
+scan_units(root, layout=None, rank=None) -> iterator   UnitInfo of every good unit, by headers only
+                                            (index rebuild; layout: one tag or a collection of tags)
 
 DiskStore(root, layout, rank=0, on_error=logger, fsync=False, codec=None, ...) methods (registered as tier
-"disk", see kvplug/tiers/tier.py; `layout` is the default layout tag, a call may name another; `codec`, a
-kvplug.tiers.codec.UnitCodec, compresses units in the writer thread and restores them on read: callers
-see the same payloads either way):
+"disk", spec in kvplug/tiers/disk_tier.py; `layout` is the default layout tag, a call may name another;
+`codec`, a kvplug.tiers.codec.UnitCodec, compresses units in the writer thread and restores them on read:
+callers see the same payloads either way):
     put(key, payload, layout=None)   enqueue an asynchronous write of a contiguous CPU uint8 tensor
     delete(key)          enqueue a delete, ordered after earlier puts of the same store
     get(key, layout=None)  the payload tensor, or None on a miss; corrupt files are removed, never raised
     get_many(keys, layout=None)  get() of each key, in order
     exists(key)          whether get would find the unit (queued ops first, then the file)
-    lookup(keys) / put_many(units) / delete(keys) / stats()   the Tier interface
+    lookup(keys) / put_many(units) / delete_many(keys) / take_lost() / take_stats()   the Tier
+                         interface (take_lost: keys whose writes failed or were dropped, or whose
+                         file was found bad, since the last call)
     flush()              block until every queued op is done
     close()              flush and stop the writer thread (also on leaving a `with` block)
     stats                a DiskStats; stats.take() returns and resets the counts since the last take
@@ -28,18 +32,19 @@ import errno
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 import torch
 
 from kvplug.tiers.counters import Counters
 from kvplug.tiers.disk_format import (KEY_BYTES, CorruptUnit, Header, checksum, encode_header,
                                       read_header, verify)
-from kvplug.tiers.tier import Unit, register_tier
+from kvplug.tiers.tier import Unit
 from kvplug.tiers.writer import PUT, AsyncWriter
 
 logger = logging.getLogger("kvplug")
@@ -98,7 +103,6 @@ class ScanStats:
     other_layout: int = 0  # skipped, left in place
 
 
-@register_tier("disk")
 class DiskStore:
     """Worker-side disk tier of one rank; see the module docstring for the methods."""
 
@@ -118,6 +122,8 @@ class DiskStore:
         self._log = on_error
         self._backoff_until = 0.0  # monotonic time before which writes are skipped
         self._failing = False  # a write failed and none succeeded since: log only the first
+        self._lost: list[bytes] = []  # see take_lost; the writer thread adds to it too
+        self._lost_lock = threading.Lock()
         # The op is looked up per call, so tests can wrap it.
         self._writes = AsyncWriter(f"kvplug-disk-r{rank}", lambda *op: self._carry_out(*op),
                                    max_pending_bytes, on_bug=lambda: self.stats.add(write_errors=1))
@@ -136,6 +142,7 @@ class DiskStore:
         self._check_open()
         if time.monotonic() < self._backoff_until or not self._writes.put(key, payload, layout or self.layout):
             self.stats.add(dropped=1)
+            self._note_lost(key)
 
     def delete(self, key: bytes) -> None:
         unit_path(self.root, key, self.rank)
@@ -174,6 +181,15 @@ class DiskStore:
 
     def take_stats(self) -> dict[str, int]:
         return {k: v for k, v in vars(self.stats.take()).items() if not k.startswith("_")}
+
+    def take_lost(self) -> list[bytes]:
+        with self._lost_lock:
+            lost, self._lost = self._lost, []
+        return lost
+
+    def _note_lost(self, key: bytes) -> None:
+        with self._lost_lock:
+            self._lost.append(key)
 
     def exists(self, key: bytes) -> bool:
         path = unit_path(self.root, key, self.rank)
@@ -219,6 +235,7 @@ class DiskStore:
                     out = self.codec.decode(out, layout)
             except CorruptUnit as e:
                 self.stats.add(corrupt=1)
+                self._note_lost(key)
                 logger.debug("kvplug disk tier: removing corrupt unit %s: %s", path, e.reason)
                 _remove_if_same(path, st)
                 return None
@@ -239,11 +256,13 @@ class DiskStore:
     def _do_put(self, key: bytes, tensor: torch.Tensor, layout: str) -> None:
         if time.monotonic() < self._backoff_until:
             self.stats.add(dropped=1)
+            self._note_lost(key)
             return
         try:
             n = self._write_unit(key, tensor, layout)
         except OSError as e:
             self._write_failed(e)
+            self._note_lost(key)
             return
         self._failing = False
         self.stats.add(bytes_written=n)
@@ -360,15 +379,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def scan_units(root, layout: str | None = None, *, stats: ScanStats | None = None,
-               tmp_max_age_s: float = 600.0) -> Iterator[UnitInfo]:
+def parse_unit_name(name: str) -> tuple[bytes, int] | None:
+    """(key, rank) of a unit file's name, or None if it is not one."""
+    m = _UNIT_NAME.fullmatch(name)
+    return None if m is None else (bytes.fromhex(m.group(1)), int(m.group(2)))
+
+
+def scan_units(root, layout: str | Collection[str] | None = None, *, rank: int | None = None,
+               stats: ScanStats | None = None, tmp_max_age_s: float = 600.0) -> Iterator[UnitInfo]:
     """Yield every good unit under root, reading headers only.
 
     Removes files with bad headers, a wrong size, or a name that does not match the key inside, and
-    temp files older than tmp_max_age_s (younger ones may belong to a live writer). With `layout`,
-    units of another layout are skipped but kept (another model or engine may own them).
+    temp files older than tmp_max_age_s (younger ones may belong to a live writer). With `layout` (a
+    tag or a collection of them), units of other layouts are skipped but kept (another model or
+    engine may own them); with `rank`, other ranks' files are not opened.
     """
     stats = stats if stats is not None else ScanStats()
+    layouts = None if layout is None else ({layout} if isinstance(layout, str) else set(layout))
     now = time.time()
     try:
         subdirs = [d for d in os.scandir(root) if len(d.name) == 2 and set(d.name) <= _HEX
@@ -381,13 +408,13 @@ def scan_units(root, layout: str | None = None, *, stats: ScanStats | None = Non
         except OSError:
             continue
         for e in entries:
-            info = _scan_entry(d.name, e, layout, now, tmp_max_age_s, stats)
+            info = _scan_entry(d.name, e, layouts, rank, now, tmp_max_age_s, stats)
             if info is not None:
                 stats.units += 1
                 yield info
 
 
-def _scan_entry(subdir: str, e: os.DirEntry, layout: str | None, now: float,
+def _scan_entry(subdir: str, e: os.DirEntry, layouts: set[str] | None, rank: int | None, now: float,
                 tmp_max_age_s: float, stats: ScanStats) -> UnitInfo | None:
     if e.name.endswith(TMP_SUFFIX):
         try:
@@ -400,6 +427,8 @@ def _scan_entry(subdir: str, e: os.DirEntry, layout: str | None, now: float,
     if not e.name.endswith(UNIT_SUFFIX):
         return None  # not ours: leave it alone
     m = _UNIT_NAME.fullmatch(e.name)
+    if m is not None and rank is not None and int(m.group(2)) != rank:
+        return None  # another rank's file: that rank's scan judges it
     if m is None or m.group(1)[:2] != subdir:
         stats.corrupt += 1
         _unlink_quiet(Path(e.path))
@@ -417,7 +446,7 @@ def _scan_entry(subdir: str, e: os.DirEntry, layout: str | None, now: float,
         return None
     except OSError:  # deleted meanwhile by another engine, or unreadable: not ours to judge
         return None
-    if layout is not None and header.layout != layout:
+    if layouts is not None and header.layout not in layouts:
         stats.other_layout += 1
         return None
     return UnitInfo(key=header.key, rank=int(m.group(2)), nbytes=st.st_size, mtime=st.st_mtime)

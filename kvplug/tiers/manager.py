@@ -1,53 +1,63 @@
 """Scheduler-side tier manager: where each cached unit lives, what to evict, what to move.
 
-It holds keys, sizes and slot numbers, never tensors (it runs in vLLM's scheduler). Tiers:
-CPU rows (slots), a disk directory (bytes), and optionally a remote store (capacity and
-expiry are the store's own). A unit is a prefix block (one row, `unit_bytes`) or a blend
-chunk (its payload bytes, in as many rows as it needs); both kinds share every tier, its
-eviction policy, tenant quotas and TTLs. The worker carries out the moves planned here, in this order
-within one engine step:
-    1. demotions (CPU slot -> disk) and disk deletions are queued, before any slot is reused
-    2. loads: disk/remote -> GPU block (and into a CPU slot when promoted), then CPU -> GPU
+It holds keys, sizes and slot numbers, never tensors (it runs in vLLM's scheduler), and asks no
+file system: each tier answers from its scheduler-side view (kvplug/tiers/tier.py). Tiers: CPU
+rows (slots), then the configured tiers in lookup order (SlowTier: disk, remote, any registered
+one). A tier with a capacity is accounted here (eviction policy, tenant quotas, TTLs; its
+evictions are planned deletes); one without manages its own (the remote store). A unit is a
+prefix block (one row, `unit_bytes`) or a blend chunk (its payload bytes, in as many rows as it
+needs); both kinds share every tier. The worker carries out the moves planned here, in this
+order within one engine step:
+    1. tier ops (a CPU slot written to a tier before the slot is reused; deletes), in plan order
+    2. loads: tier -> GPU block (and into a CPU slot when promoted), then CPU -> GPU
     3. the forward pass
-    4. saves: GPU block -> CPU slot (and -> disk / remote when written through)
+    4. saves: GPU block -> CPU slot (and -> the tiers it is written through to)
 Every key touched in the current step is pinned until end_step(), so nothing this step
 still reads or writes is evicted or deleted under it.
 
-Methods (`nbytes`: per key, the unit's payload bytes; omitted for prefix blocks):
-    lookup(keys)                   the tier of each leading cached key; no side effects on the index
+Methods (`nbytes`: per key, the unit's payload bytes of one rank; omitted for prefix blocks):
+    lookup(keys)                   the tier of each leading cached key; no side effects
     lookup_each(keys)              the tier of every key, or None (chunks: each looked up on its own)
     plan_loads(keys, tiers, costs, ns, nbytes, promote)  Loads for keys lookup() found; counts hits, may promote
-    plan_saves(keys, costs, ns, to_remote, nbytes)  Saves for new units (cached keys are skipped); may evict
-    (disk_size(nbytes), when given, is what a unit of nbytes payload bytes costs on disk: header, ranks, codec)
-    end_step()                     the demotions and deletions planned this step; unpins
+    plan_saves(keys, costs, ns, nbytes)  Saves for new units (cached keys are skipped); may evict
+    end_step()                     the tier ops planned this step; unpins
     forget(key)                    drop every copy of a unit the worker could not read
-    restore_disk_index(keys, sizes)  account units found on disk at start-up
+    lost(tier, keys)               the worker found these gone from one tier
+    restore(tier, keys, sizes)     account units the workers found at start-up (oldest first)
     counters                       hit/eviction counters since the last counters.take()
 """
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections import OrderedDict
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kvplug.tiers.index import TierIndex
+from kvplug.tiers.tier import CPU, TierIndexView
 
-DiskProbe = Callable[[bytes], "int | None"]
-RemoteProbe = Callable[[Sequence[bytes]], Sequence[bool]]
-CPU, DISK, REMOTE = "cpu", "disk", "remote"
-# How long a unit we deleted is treated as gone even if its file is still seen: far longer
-# than the worker's asynchronous delete takes, short enough that another engine's rewrite
-# of the same unit is soon picked up.
-_DELETE_GRACE_S = 30.0
+
+@dataclass
+class SlowTier:
+    """What the manager needs of one configured tier (TierSpec + its scheduler-side view)."""
+    name: str
+    view: TierIndexView
+    capacity_bytes: int | None = None  # accounted here; None: the store's own
+    write_through: bool = True  # every save; False: only units the CPU tier evicts
+    unit_overhead: int = 0  # bytes per unit and rank beyond its payload
+    # payload bytes of one rank -> bytes the tier stores for them (a KV codec shrinks them); None: as they are
+    payload_size: Callable[[int], int] | None = None
+
+    @classmethod
+    def of(cls, spec, view: TierIndexView, payload_size: Callable[[int], int] | None = None) -> "SlowTier":
+        return cls(spec.name, view, spec.capacity_bytes, spec.write_through, spec.unit_overhead, payload_size)
 
 
 @dataclass(frozen=True)
 class Load:
     key: bytes
-    tier: str  # where the unit comes from: cpu, disk or remote
-    slots: tuple[int, ...]  # cpu: the source rows; disk/remote: the CPU rows it is promoted into, or ()
+    tier: str  # where the unit comes from: "cpu" or a tier's name
+    slots: tuple[int, ...]  # cpu: the source rows; other tiers: the CPU rows it is promoted into, or ()
 
     @property
     def slot(self) -> int:
@@ -59,8 +69,7 @@ class Load:
 class Save:
     key: bytes
     slots: tuple[int, ...]  # CPU rows, () when the CPU tier cannot hold it
-    to_disk: bool
-    to_remote: bool = False
+    tiers: tuple[str, ...] = ()  # the other tiers it is written to
 
     @property
     def cpu_slot(self) -> int:
@@ -69,162 +78,133 @@ class Save:
 
 @dataclass
 class StepOps:
-    # (key, rows): write the unit held in those CPU rows to disk; (key, ()): delete the key's file.
+    # (tier, key, rows): write the unit held in those CPU rows to the tier; rows (): delete it there.
     # In the order planned, which deletes an evicted unit before writing the unit that displaced
-    # it, so the disk never holds more than disk_bytes plus the one file being written.
-    disk_ops: list[tuple[bytes, tuple[int, ...]]] = field(default_factory=list)
+    # it, so a tier never holds more than its capacity plus the one unit being written.
+    ops: list[tuple[str, bytes, tuple[int, ...]]] = field(default_factory=list)
 
-    @property
-    def demotes(self) -> list[tuple[bytes, tuple[int, ...]]]:
-        return [(key, rows) for key, rows in self.disk_ops if rows]
+    def demotes(self, tier: str) -> list[tuple[bytes, tuple[int, ...]]]:
+        return [(key, rows) for t, key, rows in self.ops if t == tier and rows]
 
-    @property
-    def disk_deletes(self) -> list[bytes]:
-        return [key for key, rows in self.disk_ops if not rows]
+    def deletes(self, tier: str) -> list[bytes]:
+        return [key for t, key, rows in self.ops if t == tier and not rows]
 
 
-@dataclass
 class PlanCounters:
-    """What the plans decided (scheduler thread only, so no lock; the stores' own counters are
-    kvplug.tiers.counters.Counters, shared with their writer threads)."""
-    cpu_hits: int = 0
-    disk_hits: int = 0
-    remote_hits: int = 0
-    cpu_evictions: int = 0
-    disk_evictions: int = 0
-    saves: int = 0
-    save_skips: int = 0  # units already cached, not written again
+    """What the plans decided, per tier: <tier>_hits, <tier>_evictions, and saves / save_skips
+    (units already cached, not written again). Scheduler thread only, so no lock."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.counts[name] += n
+
+    def __getitem__(self, name: str) -> int:
+        return self.counts[name]
 
     def take(self) -> dict[str, int]:
-        out = dataclasses.asdict(self)
-        for k in out:
-            setattr(self, k, 0)
+        out, self.counts = dict(self.counts), Counter()
         return out
 
 
 @dataclass(frozen=True)
 class Quota:
-    cpu_bytes: int | None = None
-    disk_bytes: int | None = None
+    bytes: Mapping[str, int] = field(default_factory=dict)  # tier name ("cpu" too) -> byte cap
     ttl_s: float | None = None  # units of the namespace older than this are not served
 
 
 class TierManager:
-    def __init__(
-        self,
-        *,
-        unit_bytes: int,
-        cpu_bytes: int,
-        disk_unit_bytes: int | None = None,
-        disk_size: Callable[[int], int] | None = None,
-        disk_bytes: int = 0,
-        policy: str = "lru",
-        disk_write: str = "through",
-        disk_probe: DiskProbe | None = None,
-        remote_probe: RemoteProbe | None = None,
-        quotas: Mapping[str, Quota] | None = None,
-        clock=time.monotonic,
-    ):
+    def __init__(self, *, unit_bytes: int, cpu_bytes: int, tiers: Sequence[SlowTier] = (), tp_size: int = 1,
+                 policy: str = "lru", quotas: Mapping[str, Quota] | None = None, clock=time.monotonic):
         if unit_bytes <= 0:
             raise ValueError(f"unit_bytes={unit_bytes}: must be > 0")
         quotas = quotas or {}
-        self.unit_bytes = unit_bytes
+        self.unit_bytes, self.tp_size = unit_bytes, tp_size
         self.num_slots = cpu_bytes // unit_bytes
-        # On disk a unit also has a header (and one file per tensor-parallel rank), and a KV codec may
-        # shrink its payload: disk_size(payload bytes) says what a unit costs there. Without it, the
-        # caller says what a prefix block costs (disk_unit_bytes), and a chunk costs its payload plus
-        # the same overhead.
-        disk_unit = disk_size(unit_bytes) if disk_size else (disk_unit_bytes or unit_bytes)
-        self._disk_size_of = disk_size or (lambda n, extra=disk_unit - unit_bytes: n + extra)
-        self.disk_enabled = disk_probe is not None and disk_bytes >= disk_unit
-        self.write_through = disk_write == "through"
-        self._probe, self._remote_probe = disk_probe, remote_probe
+        self.tiers = {t.name: t for t in tiers}
         self._slots: dict[bytes, tuple[int, ...]] = {}
         self._free_slots = list(range(self.num_slots - 1, -1, -1))
         self.ttls = {ns: q.ttl_s for ns, q in quotas.items() if q.ttl_s}
+
+        def index(name: str, capacity: int, unit: int) -> TierIndex:
+            caps = {ns: q.bytes[name] for ns, q in quotas.items() if q.bytes.get(name) is not None}
+            return TierIndex(capacity, unit, policy, caps, self.ttls, clock)
         # CPU accounting is by whole rows, so a unit admitted there always finds its rows free.
-        self._cpu = TierIndex(self.num_slots * unit_bytes, unit_bytes, policy,
-                              {ns: q.cpu_bytes for ns, q in quotas.items() if q.cpu_bytes is not None},
-                              self.ttls, clock)
-        self._disk = TierIndex(disk_bytes if self.disk_enabled else 0, disk_unit, policy,
-                               {ns: q.disk_bytes for ns, q in quotas.items() if q.disk_bytes is not None},
-                               self.ttls, clock)
+        self._cpu = index(CPU, self.num_slots * unit_bytes, unit_bytes)
+        # Accounted tiers: a unit smaller than the tier's own overhead never fits, so none is disabled here.
+        self._acct = {t.name: index(t.name, t.capacity_bytes, self._stored(t, unit_bytes)) for t in tiers
+                      if t.capacity_bytes is not None and t.capacity_bytes >= self._stored(t, unit_bytes)}
         self._payload: dict[bytes, int] = {}  # payload bytes of the CPU-resident units that are not blocks
         self._pinned: set[bytes] = set()
         self._ops = StepOps()
         self.counters = PlanCounters()
-        # Units whose deletion we queued: the worker deletes asynchronously, and until it has,
-        # the file is still there for the probe to find. key -> when the delete was planned.
-        self._clock = clock
-        self._deleted: OrderedDict[bytes, float] = OrderedDict()
+
+    def _stored(self, t: SlowTier, nbytes: int) -> int:
+        """Bytes a unit of this payload takes in tier t, all ranks."""
+        stored = t.payload_size(nbytes) if t.payload_size is not None else nbytes
+        return (stored + t.unit_overhead) * self.tp_size
+
+    def _usable(self) -> list[SlowTier]:
+        """Tiers that may hold units: every tier but an accounted one too small for a block."""
+        return [t for t in self.tiers.values() if t.capacity_bytes is None or t.name in self._acct]
 
     # ---- queries -------------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes]) -> list[str]:
-        """The tier of each of the leading keys that are cached; the remote store is asked
-        once, in a batch, for the keys after the local run."""
-        tiers = []
-        for key in keys:
-            tier = self._local_tier(key)
+        """The tier of each of the leading keys that are cached (each tier asked once, in a
+        batch, for the keys the tiers before it do not hold)."""
+        out = []
+        for tier in self._each(keys):
             if tier is None:
                 break
-            tiers.append(tier)
-        rest = keys[len(tiers) :]
-        if rest and self._remote_probe is not None:
-            for found in self._remote_probe(rest):
-                if not found:
-                    break
-                tiers.append(REMOTE)
-        return tiers
+            out.append(tier)
+        return out
 
     def lookup_each(self, keys: Sequence[bytes]) -> list[str | None]:
-        """The tier of every key (None: not cached): each key on its own, the remote store asked
-        once for all the keys no local tier holds."""
-        tiers = [self._local_tier(key) for key in keys]
-        ask = [i for i, t in enumerate(tiers) if t is None]
-        if ask and self._remote_probe is not None:
-            for i, found in zip(ask, self._remote_probe([keys[i] for i in ask])):
-                tiers[i] = REMOTE if found else None
-        return tiers
+        """The tier of every key (None: not cached), each tier asked once for what the tiers
+        before it do not hold."""
+        return self._each(keys)
 
-    def _local_tier(self, key: bytes) -> str | None:
-        if self._cpu.expired(key) or self._disk.expired(key):
-            return None
-        if key in self._slots:
-            return CPU
-        return DISK if self._on_disk(key) else None
+    def _each(self, keys: Sequence[bytes]) -> list[str | None]:
+        out: list[str | None] = [None] * len(keys)
+        dead = [self._expired(k) for k in keys]
+        for i, key in enumerate(keys):
+            if not dead[i] and key in self._slots:
+                out[i] = CPU
+        for t in self._usable():
+            ask = [i for i, tier in enumerate(out) if tier is None and not dead[i]]
+            if not ask:
+                break
+            for i, held in zip(ask, t.view.contains_many([keys[i] for i in ask])):
+                if held:
+                    out[i] = t.name
+        return out
 
-    def _on_disk(self, key: bytes) -> bool:
-        # The file system is the truth (another engine may have written or deleted the unit),
-        # except for a unit we have just deleted ourselves.
-        return self.disk_enabled and not self._recently_deleted(key) and self._probe(key) is not None
-
-    def _recently_deleted(self, key: bytes) -> bool:
-        now = self._clock()
-        while self._deleted and now - next(iter(self._deleted.values())) > _DELETE_GRACE_S:
-            self._deleted.popitem(last=False)
-        return key in self._deleted
+    def _expired(self, key: bytes) -> bool:
+        return self._cpu.expired(key) or any(a.expired(key) for a in self._acct.values())
 
     def _present(self, key: bytes, ns: str, nbytes: int) -> bool:
-        """Whether a save of `key` would be redundant; syncs the disk index with the files."""
-        if self._cpu.expired(key) or self._disk.expired(key):
-            if key in self._disk:
-                self._ops.disk_ops.append((key, ()))
+        """Whether a save of `key` would be redundant (in CPU, or in an accounted tier, now
+        accounted by us if it was another engine's or a past run's)."""
+        if self._expired(key):
+            for name, acct in self._acct.items():
+                if key in acct:
+                    self._plan_delete(name, key)
             self.forget(key)  # past its tenant's TTL: drop it and save it afresh
             return False
         if key in self._slots:
             return True
-        if not self.disk_enabled:
-            return False
-        if self._recently_deleted(key) or self._probe(key) is None:
-            self.forget(key)  # deleted by us or another engine, or removed as corrupt
-            return False
-        return self._admit_disk(key, ns, 1.0, self._disk_size(nbytes))
+        for name, acct in self._acct.items():
+            if self.tiers[name].view.contains_many([key])[0]:
+                return self._admit(name, key, ns, 1.0, nbytes)
+            acct.remove(key)  # gone (deleted by another engine, or found corrupt)
+        return False
 
     # ---- plans ---------------------------------------------------------------------------
     def plan_loads(self, keys: Sequence[bytes], tiers: Sequence[str], costs: Sequence[float], ns: str = "",
                    nbytes: Sequence[int] | None = None, promote: bool = True) -> list[Load]:
         """Loads for keys that lookup() placed in `tiers` (one entry per key). promote: units from
-        disk or remote also get CPU rows (an asynchronous load does not: its rows could be reused
+        other tiers also get CPU rows (an asynchronous load does not: its rows could be reused
         before it lands)."""
         loads = []
         sizes = nbytes if nbytes is not None else [self.unit_bytes] * len(keys)
@@ -233,41 +213,41 @@ class TierManager:
         for key, tier, cost, size in zip(keys, tiers, costs, sizes, strict=True):
             if key in self._slots:  # also a unit promoted earlier in this same plan
                 self._cpu.touch(key)
-                self.counters.cpu_hits += 1
+                self.counters.add("cpu_hits")
                 loads.append(Load(key, CPU, self._slots[key]))
                 continue
             if tier == CPU:
-                # Evicted since lookup: its disk copy, if any, serves; else the load fails
-                # and vLLM recomputes.
-                tier = DISK
-            if tier == DISK:
-                # Not admitted when the tier is full of this step's pinned units: the file is
+                # Evicted since lookup: a copy in an accounted tier, if any, serves; else the
+                # load fails and vLLM recomputes.
+                tier = next((n for n, a in self._acct.items() if key in a), next(iter(self.tiers), CPU))
+            if tier in self._acct:
+                # Not admitted when the tier is full of this step's pinned units: the unit is
                 # still read, it just stays out of our accounting.
-                if self._admit_disk(key, ns, cost, self._disk_size(size)):
-                    self._disk.touch(key)
-                self.counters.disk_hits += 1
-            else:
-                self.counters.remote_hits += 1
+                if self._admit(tier, key, ns, cost, size):
+                    self._acct[tier].touch(key)
+            self.counters.add(f"{tier}_hits")
             loads.append(Load(key, tier, self._allocate_slots(key, ns, cost, size) if promote else ()))
         return loads
 
-    def plan_saves(self, keys: Sequence[bytes], costs: Sequence[float], ns: str = "", to_remote: bool = False,
+    def plan_saves(self, keys: Sequence[bytes], costs: Sequence[float], ns: str = "",
                    nbytes: Sequence[int] | None = None) -> list[Save]:
         saves = []
         sizes = nbytes if nbytes is not None else [self.unit_bytes] * len(keys)
         for key, cost, size in zip(keys, costs, sizes, strict=True):
             if key in self._pinned or self._present(key, ns, size):
-                self.counters.save_skips += 1
+                self.counters.add("save_skips")
                 continue
             self._pinned.add(key)
             slots = self._allocate_slots(key, ns, cost, size)
-            to_disk = self.disk_enabled and (self.write_through or not slots) and \
-                self._admit_disk(key, ns, cost, self._disk_size(size))
-            if not slots and not to_disk and not to_remote:
+            to = tuple(t.name for t in self._usable() if (t.write_through or not slots)
+                       and (t.name not in self._acct or self._admit(t.name, key, ns, cost, size)))
+            if not slots and not to:
                 self._pinned.discard(key)
                 continue
-            self.counters.saves += 1
-            saves.append(Save(key, slots, to_disk, to_remote))
+            for name in to:
+                self.tiers[name].view.noted(key, True)
+            self.counters.add("saves")
+            saves.append(Save(key, slots, to))
         return saves
 
     def end_step(self) -> StepOps:
@@ -279,22 +259,32 @@ class TierManager:
         """Drop every copy of `key` from the index (the worker found it unreadable)."""
         if self._cpu.remove(key):
             self._release_rows(key)
-        self._disk.remove(key)
+        for name in self._acct:
+            self.lost(name, [key])
 
-    def restore_disk_index(self, keys: Sequence[bytes], sizes: Sequence[int] | None = None) -> int:
-        """Index units found on disk at start-up, oldest first (`sizes`: their bytes on disk,
-        all ranks); returns how many were kept. Past disk_bytes the oldest are deleted (queued
-        for the first step)."""
-        sizes = sizes if sizes is not None else [None] * len(keys)
-        return sum(self._admit_disk(key, "", 1.0, size) for key, size in zip(keys, sizes, strict=True))
+    def lost(self, tier: str, keys: Sequence[bytes]) -> None:
+        """The worker found `keys` gone from `tier` (a write failed or was dropped, a bad unit)."""
+        if tier in self.tiers:
+            self.tiers[tier].view.lost(keys)
+        if tier in self._acct:
+            for key in keys:
+                self._acct[tier].remove(key)
+
+    def restore(self, tier: str, keys: Sequence[bytes], sizes: Sequence[int] | None = None) -> int:
+        """Account units the workers found in `tier` at start-up, oldest first (`sizes`: their
+        stored bytes, all ranks); returns how many were admitted. Past the tier's capacity the
+        oldest are deleted (queued for the first step)."""
+        if tier not in self.tiers:
+            return 0
+        self.tiers[tier].view.restored(keys)
+        if tier not in self._acct:
+            return len(keys)
+        sizes = sizes if sizes is not None else [self._stored(self.tiers[tier], self.unit_bytes)] * len(keys)
+        return sum(self._admit(tier, key, "", 1.0, stored=size) for key, size in zip(keys, sizes, strict=True))
 
     # ---- tiers ---------------------------------------------------------------------------
     def _rows_for(self, nbytes: int) -> int:
         return max(1, -(-nbytes // self.unit_bytes))
-
-    def _disk_size(self, nbytes: int) -> int | None:
-        """Bytes a unit of this payload takes on disk (None: a prefix block, the default)."""
-        return None if nbytes == self.unit_bytes else self._disk_size_of(nbytes)
 
     def _allocate_slots(self, key: bytes, ns: str, cost: float, nbytes: int) -> tuple[int, ...]:
         """CPU rows for `key` (now indexed there), or () if the CPU tier cannot take it."""
@@ -305,11 +295,7 @@ class TierManager:
         n = self._rows_for(nbytes)
         admitted, evicted = self._cpu.admit(key, ns, cost, self._pinned, n * self.unit_bytes)
         for victim, victim_ns in evicted:
-            rows = self._release_rows(victim)
-            self.counters.cpu_evictions += 1
-            size = self._disk_size(self._payload.pop(victim, self.unit_bytes))
-            if self.disk_enabled and victim not in self._disk and self._admit_disk(victim, victim_ns, 1.0, size):
-                self._ops.disk_ops.append((victim, rows))
+            self._demote(victim, victim_ns)
         if not admitted:
             return ()
         rows = tuple(self._free_slots.pop() for _ in range(n))
@@ -318,33 +304,49 @@ class TierManager:
             self._payload[key] = nbytes
         return rows
 
+    def _demote(self, victim: bytes, ns: str) -> None:
+        """A unit the CPU tier evicts: written from its rows to each accounted tier that does
+        not hold it yet and to each tier written only on eviction."""
+        rows = self._release_rows(victim)
+        self.counters.add("cpu_evictions")
+        size = self._payload.pop(victim, self.unit_bytes)
+        for t in self._usable():
+            if t.name in self._acct:
+                if victim in self._acct[t.name] or not self._admit(t.name, victim, ns, 1.0, size):
+                    continue
+            elif t.write_through:
+                continue
+            self._ops.ops.append((t.name, victim, rows))
+            t.view.noted(victim, True)
+
     def _release_rows(self, key: bytes) -> tuple[int, ...]:
         rows = self._slots.pop(key)
         self._free_slots.extend(reversed(rows))
         return rows
 
-    def _admit_disk(self, key: bytes, ns: str, cost: float, nbytes: int | None = None) -> bool:
-        """Account `key` in the disk tier (ours, another engine's or a past run's unit)."""
-        if not self.disk_enabled:
-            return False
-        admitted, evicted = self._disk.admit(key, ns, cost, self._pinned, nbytes)
+    def _admit(self, tier: str, key: bytes, ns: str, cost: float, nbytes: int = 0, stored: int | None = None) -> bool:
+        """Account `key` in an accounted tier (ours, another engine's or a past run's unit):
+        `nbytes` its payload, or `stored` its bytes in the tier."""
+        size = stored if stored is not None else self._stored(self.tiers[tier], nbytes)
+        admitted, evicted = self._acct[tier].admit(key, ns, cost, self._pinned, size)
         for victim, _ in evicted:
-            self._ops.disk_ops.append((victim, ()))
-            self._deleted[victim] = self._clock()
-            self._deleted.move_to_end(victim)
-        if admitted:
-            self._deleted.pop(key, None)
-        self.counters.disk_evictions += len(evicted)
+            self._plan_delete(tier, victim)
+        self.counters.add(f"{tier}_evictions", len(evicted))
         return admitted
 
-    @property
-    def disk_used(self) -> int:
-        return self._disk.used
+    def _plan_delete(self, tier: str, key: bytes) -> None:
+        self._ops.ops.append((tier, key, ()))
+        self.tiers[tier].view.noted(key, False)
+
+    # ---- reports -------------------------------------------------------------------------
+    def used(self, tier: str) -> int:
+        """Bytes accounted in an accounted tier."""
+        return self._acct[tier].used if tier in self._acct else 0
 
     @property
     def cpu_used_slots(self) -> int:
         return sum(len(rows) for rows in self._slots.values())
 
-    def used_by(self, ns: str) -> tuple[int, int]:
-        """(CPU bytes, disk bytes) held by namespace `ns`."""
-        return self._cpu.used_by(ns), self._disk.used_by(ns)
+    def used_by(self, ns: str) -> dict[str, int]:
+        """Bytes held by namespace `ns`, per accounted tier (cpu included)."""
+        return {CPU: self._cpu.used_by(ns), **{name: a.used_by(ns) for name, a in self._acct.items()}}

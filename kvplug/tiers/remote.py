@@ -23,13 +23,14 @@ make_client(url, timeout_s, cluster=False)     redis.Redis or RedisCluster with 
 encode_value(key, layout, payload) -> bytearray    the stored value (disk-tier file bytes) of a unit
 decode_value(value, key, layout) -> Tensor         its payload, or CorruptUnit
 
-RemoteStore(url, layout, rank=0, namespace="kvplug", ttl_s=0, timeout_s=0.05, codec=None, ...) (worker side;
-tier "remote" of kvplug/tiers/tier.py; `layout` is the default layout tag, a call may name another; `codec`,
-a kvplug.tiers.codec.UnitCodec, compresses values in the writer thread and restores them on read):
+RemoteStore(url, layout, rank=0, namespace="kvplug", ttl_s=0, timeout_s=0.05, codec=None, ...) (worker side of
+the tier "remote", kvplug/tiers/remote_tier.py; `layout` is the default layout tag, a call may name another;
+`codec`, a kvplug.tiers.codec.UnitCodec, compresses values in the writer thread and restores them on read):
     put(key, payload, ttl_s=None, layout=None)  queue a SET of a contiguous CPU uint8 tensor; returns at once
     get(key, layout=None)  the payload tensor or None; bad values are deleted, errors are misses, never raised
     get_many(keys, layout=None)  list of tensors/None in one round trip (one pipeline of GETs)
-    lookup(keys) / put_many(units) / delete_many(keys) / take_stats()   the Tier interface
+    lookup(keys) / put_many(units) / delete_many(keys) / take_lost() / take_stats()   the Tier interface
+                         (take_lost is always empty: lookups ask the store itself)
     delete(key)          queue a DEL, ordered after earlier puts of the same store
     flush()              block until every queued op is done
     close()              flush, stop the writer thread and close the connections
@@ -57,7 +58,7 @@ from redis.retry import Retry
 
 from kvplug.tiers.counters import Counters
 from kvplug.tiers.disk_format import KEY_BYTES, CorruptUnit, checksum, decode_unit, encode_header
-from kvplug.tiers.tier import Unit, register_tier
+from kvplug.tiers.tier import Unit
 from kvplug.tiers.writer import PUT, AsyncWriter
 
 logger = logging.getLogger("kvplug")
@@ -237,7 +238,6 @@ def decode_value(value, key: bytes, layout: str) -> torch.Tensor:
     return out
 
 
-@register_tier("remote")
 class RemoteStore:
     """Worker-side remote tier of one rank; see the module docstring for the methods.
 
@@ -343,6 +343,9 @@ class RemoteStore:
 
     def take_stats(self) -> dict[str, int]:
         return {k: v for k, v in vars(self.stats.take()).items() if not k.startswith("_")}
+
+    def take_lost(self) -> list[bytes]:
+        return []
 
     def flush(self) -> None:
         self._writes.flush()

@@ -8,10 +8,10 @@ from collections import Counter
 import pytest
 import torch
 
-from kvplug.blend.blender import BlendJob, Blender
+from kvplug.blend.blender import BlendJob
 from kvplug.blend.paged_cache import OPTIONAL, PagedCacheKV
 from kvplug.ops.kv_layout import clone_caches, make_vllm_caches
-from test_blender import KV, D, L, DictStore, Toy, prompt, warm
+from test_blender import KV, D, L, Blender, DictStore, Toy, prompt, warm
 
 BS, NB = 16, 9
 
@@ -98,8 +98,8 @@ def test_chunk_payload_through_read_kv_layers_equals_per_layer_reads():
     toy, paged, _, slots = run_both("LBNHC", 1.0, 0)
     paged.calls.clear()
     for b, e in ((0, 7), (27, 52)):
-        want = Blender(toy, {}).chunk_payload(slots[b:e], b)
-        got = Blender(paged, {}).chunk_payload(slots[b:e], b)
+        want = Blender(toy).read_chunks([(slots[b:e], b)])[0]
+        got = Blender(paged).read_chunks([(slots[b:e], b)])[0]
         assert torch.equal(got, want)
     assert paged.calls == Counter(read_kv_layers=2)
 

@@ -6,7 +6,8 @@ its KV with an explicit softmax over a causal mask, independently of the blender
 import pytest
 import torch
 
-from kvplug.blend.blender import BlendJob, Blender
+from kvplug.blend import blender as product
+from kvplug.blend.blender import BlendJob
 from kvplug.blend.selection import POLICIES, adaptive_budget, chunk_heads, global_budget, pick_tokens
 from kvplug.ops.rope import rerotate_keys_ref, rope_inv_freq
 
@@ -50,6 +51,10 @@ class Toy:
         out = attend(q.reshape(-1, H * D), k.reshape(-1, KV * D), v.reshape(-1, KV * D))
         return out @ self.w[i]["o"], x
 
+    def logits(self, hidden, residual):  # final RMS norm, tied embeddings
+        x = hidden if residual is None else hidden + residual
+        return (x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()) @ self.emb.T
+
     def write_kv(self, i, k, v, slots):
         self.written[i] = (slots.clone(), k.clone(), v.clone())
         cache = self.cache.setdefault(i, {})
@@ -77,6 +82,36 @@ class Toy:
             p = s.masked_fill(~causal, float("-inf")).softmax(-1)
             x = x + torch.einsum("hqk,khd->qhd", p, vv).reshape(n, H * D) @ self.w[i]["o"]
         return torch.stack(out)
+
+
+class Blender(product.Blender):
+    """The product's Blender fed from a store, as these tests feed it: a job without chunk_kv gets
+    the store's chunks (the worker hands every job the chunks it loaded)."""
+
+    def __init__(self, adapter, store=None, **kwargs):
+        super().__init__(adapter, **kwargs)
+        self.store = store
+
+    def _gather(self, job):
+        if job.chunk_kv is None and self.store is not None:
+            job.chunk_kv = self.store.d if isinstance(self.store, DictStore) else self.store
+        return super()._gather(job)
+
+    @torch.inference_mode()
+    def compute_chunk(self, tokens: list[int]) -> torch.Tensor:
+        """The chunk's KV with nothing before it, at positions 0..n-1: [L, 2, n, KV, D], through the
+        adapter's layers and the blender's attention (what a store holds for these tests)."""
+        m = self.m
+        n = len(tokens)
+        out = torch.empty((m.num_layers, 2, n, m.num_kv_heads, m.head_dim), dtype=m.dtype, device=m.device)
+        pos = torch.arange(n, device=m.device)
+        hidden, residual = m.embed(torch.tensor(tokens, dtype=torch.long, device=m.device)), None
+        for i in range(m.num_layers):
+            def attend(q, k, v, layer=out[i], window=self.kinds.window(i)):
+                layer[0], layer[1] = k.view(n, m.num_kv_heads, m.head_dim), v.view(n, m.num_kv_heads, m.head_dim)
+                return self._attention(q.view(n, m.num_heads, m.head_dim), layer[0], layer[1], pos, window)
+            hidden, residual = m.forward_layer(i, pos, hidden, residual, attend)
+        return out
 
 
 class DictStore:
@@ -207,10 +242,10 @@ def test_chunk_payload_is_the_engines_kv_with_keys_back_at_zero():
     for b, e, _ in chunks:
         want = full[:, :, b:e].clone()
         want[:, 0] = rerotate_keys_ref(want[:, 0], torch.arange(b, e), torch.arange(e - b), toy.inv_freq, "neox")
-        got = blender.chunk_kv(blender.chunk_payload(torch.arange(b, e), b))
+        got = blender.fmt.kv(blender.fmt.pack(blender.read_chunks([(torch.arange(b, e), b)])[0]))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="not a stored chunk"):
-        blender.chunk_kv(torch.zeros(7, dtype=torch.uint8))
+        blender.fmt.kv(torch.zeros(7, dtype=torch.uint8))
 
 
 def test_uncacheable_chunks_are_always_recomputed():
@@ -316,6 +351,14 @@ def test_a_token_the_question_reads_outranks_a_deviating_token_it_ignores(policy
     assert blender.run(j).picked == [marker]
 
 
+def question_pass(m, tail, kv, end, start, clusters=None, top=8, at=None):
+    """One question through kvplug's batched relevance pass."""
+    from kvplug.blend.relevance import QuestionItem, drain, question_passes
+
+    item = QuestionItem(tail, end if at is None else at, kv, end, start, clusters)
+    return drain(question_passes(m, [item], top))[0]
+
+
 def question_pass_oracle(toy, tail, kv, end, start, at):
     """The question at positions at.. through the toy, one query and head at a time: softmax over
     the span's keys and its own keys up to itself; the weights on the span, averaged."""
@@ -339,8 +382,6 @@ def question_pass_oracle(toy, tail, kv, end, start, at):
 
 
 def test_the_question_pass_runs_the_question_at_its_own_positions():
-    from kvplug.blend.relevance import question_pass
-
     toy, g = Toy(seed=4), torch.Generator().manual_seed(6)
     end, start, tail = 23, 5, [3, 17, 8, 41, 2]
     kv = torch.randn(L, 2, end, KV, D, generator=g)
@@ -378,3 +419,55 @@ def test_question_attention_equals_a_plain_softmax_over_the_repeated_heads():
     p = s.masked_fill(future[None], float("-inf")).softmax(-1)
     torch.testing.assert_close(out, torch.einsum("htk,khd->thd", p, v).reshape(T, H * D), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(w, p[..., :S].sum(dim=(0, 1)), rtol=1e-5, atol=1e-5)
+
+
+# ---- batches -------------------------------------------------------------------------------
+def batch_jobs(toys, policy):
+    """Three requests over the same chunks in other orders, ratios and engine prefixes, each with
+    its own cache slots (its own blocks); the engine holds each one's prefix [0, start)."""
+    tokens, chunks, end = prompt()
+    store = DictStore()
+    warm(Blender(toys[0], store), tokens, chunks)
+    jobs = []
+    for j, (order, ratio, start) in enumerate([((0, 1, 2, 3), 0.3, 0), ((0, 2, 3, 1), 0.5, 7), ((0, 3, 1, 2), 0.0, 0)]):
+        toks, spans, at = [], [], 0
+        for c in order:
+            b, e, key = chunks[c]
+            toks += tokens[b:e]
+            spans.append((at, at + e - b, key))
+            at += e - b
+        toks += [3, 9, 27, 4]
+        base = 1000 * (j + 1)
+        for toy in toys:  # the engine's own prefill of [0, start), in this request's slots
+            ref = toy.reference_kv(toks[:start]) if start else None
+            for i in range(L):
+                if start:
+                    toy.write_kv(i, ref[i, 0], ref[i, 1], torch.arange(base, base + start))
+        jobs.append(BlendJob(toks, start, at, spans, torch.arange(base + start, base + at), ratio, policy,
+                             tail=toks[at:], prefix_slots=torch.arange(base, base + start), chunk_kv=store.d))
+    return jobs
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_a_batch_of_jobs_writes_what_each_job_writes_alone_bit_for_bit(policy):
+    alone, batched = Toy(), Toy()
+    jobs = batch_jobs([alone, batched], policy)
+    reports = [Blender(alone, None, check_layer=0, head_tokens=2).run(j) for j in jobs]
+    together = Blender(batched, None, check_layer=0, head_tokens=2).run_batch(jobs)
+    assert [(r.recomputed, r.picked, r.chunk_hits) for r in together] == \
+        [(r.recomputed, r.picked, r.chunk_hits) for r in reports]
+    assert any(r.recomputed for r in reports) and reports[2].recomputed == 0
+    for i in range(L):
+        assert alone.cache[i].keys() == batched.cache[i].keys()
+        for slot, (k, v) in alone.cache[i].items():
+            assert torch.equal(k, batched.cache[i][slot][0]) and torch.equal(v, batched.cache[i][slot][1]), (i, slot)
+
+
+def test_relevance_budgets_follow_the_question_after_the_heads_and_add_up():
+    from kvplug.blend.selection import relevance_budget
+
+    # 30 tokens: 3 reserved heads, the other 27 split 1:2:0 by relevance, no chunk above its size
+    assert relevance_budget([20, 40, 10], [0.1, 0.2, 0.0], 30, [0, 2, 1]) == [9, 20, 1]
+    assert relevance_budget([5, 40, 10], [0.5, 0.5, 0.0], 30, [0, 0, 0]) == [5, 25, 0]  # capped chunk 0
+    assert sum(relevance_budget([9, 9, 9], [1.0, 1.0, 1.0], 10)) == 10  # largest remainders: exactly 10
+    assert relevance_budget([9, 9], [0.0, 0.0], 5, [1, 1]) == [1, 1]  # nobody read: the heads only

@@ -14,7 +14,7 @@ def facts(num_layers: int = 2, kv_heads: int = 2, head_dim: int = 8, num_blocks:
     token = 2 * num_layers * kv_heads * head_dim * 2  # bf16
     return EngineFacts(namespace=b"n" * 32, block_size=BS, unit_bytes=BS * token,
                        layer_names=tuple(f"layer.{i}" for i in range(num_layers)), num_blocks=num_blocks, tp_size=1,
-                       chunk_token_bytes=token, kv_heads=kv_heads, head_dim=head_dim)
+                       kv_heads=kv_heads, head_dim=head_dim, itemsize=2)
 
 
 @dataclass
@@ -57,6 +57,10 @@ class SchedulerOutput:
     scheduled_new_reqs: list[NewReq] = field(default_factory=list)
     scheduled_cached_reqs: CachedReqs = field(default_factory=CachedReqs)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
 
 
 def step_new(req: Request, blocks: list[int], computed: int, scheduled: int) -> SchedulerOutput:

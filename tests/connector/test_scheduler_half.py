@@ -59,7 +59,7 @@ def test_lookups_have_no_side_effects_and_may_be_repeated():
     run_prefill(s, first, list(range(1, 10)))
     again = Request("b", blend_prompt(doc(2), doc(1)))
     assert s.num_matched(again, 0) == s.num_matched(again, 0)
-    assert s.manager.counters.take()["cpu_hits"] == 0
+    assert s.manager.counters.take().get("cpu_hits", 0) == 0
 
 
 def test_first_seen_chunks_are_computed_by_vllm_and_saved_once_computed():
@@ -72,7 +72,7 @@ def test_first_seen_chunks_are_computed_by_vllm_and_saved_once_computed():
     assert [(c.begin, c.end) for c in half_way.chunk_saves] == [(0, 20)]  # only the head is complete
     rest = s.build_meta(step_cached(a, 50, len(a.prompt_token_ids) - 50))
     assert [(c.begin, c.end) for c in rest.chunk_saves] == [(20, 62), (62, 104)]
-    assert all(c.rows and c.nbytes == (c.end - c.begin) * facts().chunk_token_bytes for c in rest.chunk_saves)
+    assert all(c.rows and c.nbytes == facts().chunk_bytes(c.end - c.begin) for c in rest.chunk_saves)
     assert s.build_meta(step_cached(a, len(a.prompt_token_ids), 1)).chunk_saves == []  # never twice
 
 
@@ -203,3 +203,127 @@ def test_a_request_that_says_save_false_loads_but_saves_nothing():
     c = Request("c", blend_prompt(doc(3)), kv_transfer_params={"save": "no"})  # bad value: saves as usual
     run_prefill(s, c, list(range(40, 50)))
     assert s.manager.lookup_each([s._reqs["c"].blend.chunks[1][2]]) == ["cpu"]
+
+
+# ---- the cost gate ----------------------------------------------------------------------------
+def measured(s, prefill_per_token, blend_per_job, blend_per_span_token, blend_per_recomputed):
+    """Worker timings as the scheduler receives them: forward passes of a few sizes at a fixed
+    cost per token, and blend batches costing what the arguments say."""
+    forward = [(0.002 + prefill_per_token * t, t) for t in (8, 500, 40, 1200, 16, 900)]
+    blends = [(blend_per_job * j + blend_per_span_token * span + blend_per_recomputed * rec, j, span, rec)
+              for j, span, rec in ((1, 300, 45), (2, 900, 200), (1, 120, 20), (3, 1500, 260))]
+    s.on_worker_meta(KVPlugWorkerMeta(forward=forward, blends=blends))
+
+
+def test_the_cost_gate_claims_a_run_its_measurements_say_is_faster_and_declines_a_slower_one():
+    from kvplug.connector.scheduler import _explores
+
+    assert not _explores("b")  # "b" is not one of the requests that blend to explore
+    runs = {}
+    for name, per_job in (("fast", 0.001), ("slow", 5.0)):  # a blend job costs 1 ms, or 5 s
+        s = half(blend=True)
+        run_prefill(s, Request("w", blend_prompt(doc(1), doc(3))), list(range(1, 10)))
+        measured(s, prefill_per_token=0.01, blend_per_job=per_job, blend_per_span_token=1e-5,
+                 blend_per_recomputed=0.006)
+        s.take_stats()
+        b = Request("b", blend_prompt(doc(1), doc(3)), kv_transfer_params={"recompute_ratio": 0.2})
+        n, _ = s.num_matched(b, 0)
+        s.after_alloc(b, list(range(20, 30)), n)
+        runs[name] = (n, s.take_stats().data)
+    assert runs["fast"][0] == 104 and runs["fast"][1]["blend_chunk_hits"] == 3  # head, d1, d3
+    assert runs["slow"][0] == 0 and "blend_chunk_hits" not in runs["slow"][1]
+    assert runs["slow"][1]["blend_declined_tokens"] == 104  # every cached token, left to vLLM
+
+
+def test_without_measurements_the_gate_claims_as_before():
+    s = half(blend=True)
+    run_prefill(s, Request("w", blend_prompt(doc(1), doc(3))), list(range(1, 10)))
+    assert not s.gate.ready
+    b = Request("b", blend_prompt(doc(1), doc(2), doc(3)), kv_transfer_params={"recompute_ratio": 0.2})
+    assert s.num_matched(b, 0) == (62, False)  # up to the first miss
+
+
+def test_cached_chunks_after_a_missed_one_are_blended_where_the_gate_says_it_pays():
+    s = half(blend=True)
+    run_prefill(s, Request("w", blend_prompt(doc(1), doc(3))), list(range(1, 10)))  # head, d1, d3 cached
+    measured(s, prefill_per_token=0.01, blend_per_job=0.001, blend_per_span_token=1e-5, blend_per_recomputed=0.006)
+    s.take_stats()
+    b = Request("b", blend_prompt(doc(1), doc(2), doc(3)), kv_transfer_params={"recompute_ratio": 0.2})
+    n, _ = s.num_matched(b, 0)
+    assert n == 146  # through d3: d2 (no tier holds it) is recomputed inside the blend
+    blocks = list(range(20, 30))
+    s.after_alloc(b, blocks, n)
+    meta = s.build_meta(step_new(b, blocks, n, len(b.prompt_token_ids) - n))
+    (plan,) = meta.blends
+    assert [(c.begin, c.end, c.tier) for c in plan.chunks] == [(0, 20, "cpu"), (20, 62, "cpu"), (62, 104, None),
+                                                               (104, 146, "cpu")]
+    assert plan.chunks[2].key is not None  # d2 keeps its key: saved once the blend computed it
+    assert [(c.begin, c.end) for c in meta.chunk_saves] == [(62, 104)]
+    stats = s.take_stats().data
+    assert stats["blend_chunks_after_miss_blended"] == 1 and stats["blend_tokens_after_miss_blended"] == 42
+    assert "blend_chunks_after_miss" not in stats and stats["blend_chunk_misses"] == 1
+
+
+def test_an_asynchronous_blend_starts_when_every_rank_has_fetched_its_chunks():
+    import dataclasses
+
+    s = SchedulerHalf(KVPlugConfig.from_dict({"cpu_bytes": 1e6, "blend": True}),
+                      dataclasses.replace(facts(), tp_size=2), separator=SEP)
+    s.on_worker_meta(KVPlugWorkerMeta(fetched={"b": 1}))  # one rank of two
+    assert s.build_meta(step_cached(Request("x", [1]), 1, 1)).blend_now == []
+    s.on_worker_meta(KVPlugWorkerMeta(fetched={"b": 1}))  # the other
+    assert s.build_meta(step_cached(Request("x", [1]), 1, 1)).blend_now == ["b"]
+    assert s.build_meta(step_cached(Request("x", [1]), 1, 1)).blend_now == []  # once
+
+
+def test_worker_timings_of_tensor_parallel_ranks_aggregate_to_the_slowest():
+    a = KVPlugWorkerMeta(fetched={"b": 1}, forward=[(0.5, 100)], blends=[(0.2, 1, 50, 10)])
+    b = KVPlugWorkerMeta(fetched={"b": 1, "c": 1}, forward=[(0.7, 100)], blends=[(0.1, 1, 50, 10)])
+    m = a.aggregate(b)
+    assert m.fetched == {"b": 2, "c": 1} and m.forward == [(0.7, 100)] and m.blends == [(0.2, 1, 50, 10)]
+
+
+def test_with_the_gate_off_every_cached_chunk_is_claimed_past_a_missed_one():
+    s = half(blend=True, blend_cost_gate=False)
+    run_prefill(s, Request("w", blend_prompt(doc(1), doc(3))), list(range(1, 10)))
+    measured(s, prefill_per_token=0.01, blend_per_job=5.0, blend_per_span_token=1e-5, blend_per_recomputed=0.006)
+    b = Request("b", blend_prompt(doc(1), doc(2), doc(3)), kv_transfer_params={"recompute_ratio": 0.2})
+    assert s.num_matched(b, 0) == (146, False)  # slow blends measured, but nothing is gated
+
+
+# ---- the quality guard -------------------------------------------------------------------------
+def test_audited_kls_raise_the_recompute_ratio_of_new_requests_and_report_the_floor():
+    s = half(blend=True, blend_max_kl=0.05, blend_audit_rate=1.0)
+    run_prefill(s, Request("w", blend_prompt(doc(1), doc(3))), list(range(1, 10)))
+    s.take_stats()
+    s.on_worker_meta(KVPlugWorkerMeta(audits=[0.4, 0.6, 0.5]))  # a window of badly wrong blends
+    assert s.take_stats().data["blend_guard_ratio"] == 0.15
+    b = Request("b", blend_prompt(doc(3), doc(1)), kv_transfer_params={"recompute_ratio": 0.05})
+    n, _ = s.num_matched(b, 0)
+    s.after_alloc(b, list(range(20, 30)), n)
+    (plan,) = s.build_meta(step_new(b, list(range(20, 30)), n, len(b.prompt_token_ids) - n)).blends
+    assert plan.ratio == 0.15 and plan.audit and plan.tenant == ""  # the floor beats the request's 0.05
+
+
+def test_a_fixed_share_of_requests_is_audited_and_tenants_are_bounded_labels():
+    from kvplug.connector.scheduler import _samples
+
+    ids = [f"req-{i}" for i in range(4000)]
+    share = sum(_samples(r, 0.01) for r in ids) / len(ids)
+    assert 0.005 < share < 0.015 and all(_samples(r, 1.0) for r in ids[:50]) and not any(_samples(r, 0.0) for r in ids)
+    s = half(blend=True, namespaces={"team-a": {"cpu_bytes": 1e5}})
+    assert (s._tenant("team-a"), s._tenant(""), s._tenant("some-user-1234")) == ("team-a", "", "other")
+
+
+def test_blend_async_sends_even_a_cpu_tier_blend_through_the_asynchronous_path():
+    for blend_async in (False, True):
+        s = half(blend=True, blend_async=blend_async)
+        run_prefill(s, Request("w", blend_prompt(doc(1), doc(3))), list(range(1, 10)))
+        b = Request("b", blend_prompt(doc(3), doc(1)), kv_transfer_params={"recompute_ratio": 0.2})
+        n, is_async = s.num_matched(b, 0)
+        assert n == 104 and is_async is blend_async
+        s.after_alloc(b, list(range(20, 30)), n)
+        meta = s.build_meta(step_new(b, list(range(20, 30)), n, 0 if blend_async else len(b.prompt_token_ids) - n))
+        assert (meta.async_reqs == ["b"]) is blend_async and len(meta.blends) == 1
+        s.on_worker_meta(KVPlugWorkerMeta(fetched={"b": 1}))
+        assert s.build_meta(step_cached(Request("x", [1]), 1, 1)).blend_now == ["b"]

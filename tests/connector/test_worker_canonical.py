@@ -46,7 +46,7 @@ def block_of(w, b):
 
 
 def save(key, block, rows=(), to_disk=False):
-    return BlockSave("r", key, block, rows, to_disk, False, 0.0)
+    return BlockSave("r", key, block, rows, ("disk",) if to_disk else (), 0.0)
 
 
 def steps(w, *metas):
@@ -90,7 +90,7 @@ def test_disk_round_trip_with_and_without_a_cpu_row(tmp_path, asynchronous):
     w = worker(engine(seed=1), disk=tmp_path / "disk")
     want = [block_of(w, 2), block_of(w, 6)]
     steps(w, KVPlugMetadata(saves=[save(b"d" * 32, 2, (), True), save(b"e" * 32, 6, (3,), True)]))
-    w.disk.flush()
+    w.stores["disk"].flush()
     reqs = ["b"] if asynchronous else []
     w.load(KVPlugMetadata(loads=[BlockLoad("b", b"d" * 32, 9, "disk", (0,)), BlockLoad("b", b"e" * 32, 11, "disk", ())],
                           async_reqs=reqs))
@@ -127,8 +127,8 @@ def test_a_failed_load_never_leaves_wrong_kv(tmp_path):
 def test_a_demoted_row_goes_to_disk_and_loads_back(tmp_path):
     w = worker(engine(seed=4), disk=tmp_path / "disk")
     want = block_of(w, 3)
-    steps(w, KVPlugMetadata(saves=[save(b"m" * 32, 3, (5,))]), KVPlugMetadata(disk_ops=[(b"m" * 32, (5,))]))
-    w.disk.flush()
+    steps(w, KVPlugMetadata(saves=[save(b"m" * 32, 3, (5,))]), KVPlugMetadata(tier_ops=[("disk", b"m" * 32, (5,))]))
+    w.stores["disk"].flush()
     w.load(KVPlugMetadata(loads=[BlockLoad("r", b"m" * 32, 11, "disk", ())]))
     assert not w.take_load_errors() and torch.equal(block_of(w, 11), want)
 
@@ -140,13 +140,13 @@ def test_late_transfers_never_put_or_load_the_wrong_bytes(tmp_path):
     io = w.blocks.io = LazyBlockIO([c for c in w.caches], BS)
     want = {3: block_of(w, 3), 4: block_of(w, 4)}
     w.save(KVPlugMetadata(saves=[save(b"a" * 32, 3, (5,), True), save(b"b" * 32, 4, (6,))]))
-    assert io.pending() and not w.disk.exists(b"a" * 32)  # the put waits for row 5
+    assert io.pending() and not w.stores["disk"].exists(b"a" * 32)  # the put waits for row 5
     io.forward()
     for c in w.caches:  # the next forward overwrites the saved blocks
         c[3:5].normal_()
-    w.load(KVPlugMetadata(disk_ops=[(b"b" * 32, (6,))], loads=[BlockLoad("r", b"a" * 32, 7, "cpu", (5,))]))
-    assert w.disk.exists(b"a" * 32)  # the next step starts with last step's puts handed to the stores
-    w.disk.flush()
+    w.load(KVPlugMetadata(tier_ops=[("disk", b"b" * 32, (6,))], loads=[BlockLoad("r", b"a" * 32, 7, "cpu", (5,))]))
+    assert w.stores["disk"].exists(b"a" * 32)  # the next step starts with last step's puts handed to the stores
+    w.stores["disk"].flush()
     w.load(KVPlugMetadata(loads=[BlockLoad("s", b"b" * 32, 9, "disk", (5,))]))  # promoted into row 5
     io.forward()
     w.load(KVPlugMetadata(loads=[BlockLoad("t", b"a" * 32, 10, "disk", ())]))
@@ -158,29 +158,29 @@ def test_late_transfers_never_put_or_load_the_wrong_bytes(tmp_path):
 
 
 F32 = EngineFacts(namespace=b"n" * 32, block_size=BS, unit_bytes=BS * 2 * 3 * 2 * 8 * 4,
-                  layer_names=F.layer_names, num_blocks=F.num_blocks, tp_size=1, chunk_token_bytes=2 * 3 * 2 * 8 * 4)
+                  layer_names=F.layer_names, num_blocks=F.num_blocks, tp_size=1, kv_heads=2, head_dim=8, itemsize=4)
 
 
 def test_a_chunk_is_read_back_from_the_paged_cache_and_blended_into_other_blocks(tmp_path):
     caches = engine(seed=6, dtype=torch.float32)  # the toy model is fp32
     w = worker(caches, disk=tmp_path / "disk", facts_=F32)
     toy = PagedToy(caches)
-    w.blender, w.chunk_layout = Blender(toy, {}), "chunk-test"
+    w.blender, w.chunk_layout = Blender(toy), "chunk-test"
     w._loader.chunk_layout = w.chunk_layout
     n, begin = 40, 8
     src_slots = torch.arange(begin, begin + n) + BS  # blocks 1..3 hold positions begin.. of a request
     kv = cache_kv(caches, src_slots)
     kv[:, 0] = rerotate_keys_ref(kv[:, 0], torch.arange(begin, begin + n), torch.arange(n), toy.inv_freq, "neox")
-    nbytes = n * F32.chunk_token_bytes
+    nbytes = F32.chunk_bytes(n)
     rows = tuple(range(-(-nbytes // w.rows.row_bytes)))
-    w.save(KVPlugMetadata(chunk_saves=[ChunkSave("a", b"c" * 32, begin, begin + n, [1, 2, 3, 4], rows, True, False,
+    w.save(KVPlugMetadata(chunk_saves=[ChunkSave("a", b"c" * 32, begin, begin + n, [1, 2, 3, 4], rows, ("disk",),
                                                  0.0, nbytes)]))
     assert toy.calls["read_kv_layers"] == 1 and toy.calls["read_kv"] == 0
-    torch.testing.assert_close(w.blender.chunk_kv(w.rows.read(b"c" * 32, rows).payload), kv, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.blender.fmt.kv(w.rows.read(b"c" * 32, rows).payload), kv, rtol=1e-6, atol=1e-6)
     plan = BlendPlan("b", list(range(n)), 0, n, [ChunkRef(0, n, b"c" * 32, "cpu", rows, nbytes)], 0.0, "fixed",
                      [20, 9, 30], [5, 6])
     w.load(KVPlugMetadata(blends=[plan]))
     assert not w.take_load_errors() and toy.calls["write_rerotated"] == 1 and toy.calls["write_kv"] == 0
     pos = torch.arange(n)
     dst = torch.tensor([20, 9, 30])[pos // BS] * BS + pos % BS
-    assert torch.equal(cache_kv(caches, dst), w.blender.chunk_kv(w.rows.read(b"c" * 32, rows).payload))
+    assert torch.equal(cache_kv(caches, dst), w.blender.fmt.kv(w.rows.read(b"c" * 32, rows).payload))

@@ -78,9 +78,9 @@ def opaque_worker(tmp_path, **extra):
 def test_opaque_blocks_round_trip_through_the_probed_element_order(tmp_path, packed_backend, name):
     w = opaque_worker(tmp_path, disk_codec=name)
     want = round_trip(packed_kv(w.caches, 2), name)
-    w.save(KVPlugMetadata(saves=[BlockSave("a", b"o" * 32, 2, (), True, False, 0.0)]))
-    w.disk.flush()
-    assert disk_payload_bytes(w.disk.root, b"o" * 32) == F.stored_bytes(F.unit_bytes, name) < F.unit_bytes
+    w.save(KVPlugMetadata(saves=[BlockSave("a", b"o" * 32, 2, (), ("disk",), 0.0)]))
+    w.stores["disk"].flush()
+    assert disk_payload_bytes(w.stores["disk"].root, b"o" * 32) == F.stored_bytes(F.unit_bytes, name) < F.unit_bytes
     w.load(KVPlugMetadata(loads=[BlockLoad("b", b"o" * 32, 9, "disk", ())]))
     assert not w.take_load_errors()
     assert torch.equal(packed_kv(w.caches, 9), want)
@@ -91,14 +91,14 @@ def test_without_a_probe_blocks_stay_out_of_the_compressed_tier(tmp_path, monkey
     with caplog.at_level(logging.WARNING, logger="kvplug"):
         w = opaque_worker(tmp_path, disk_codec="int8")
     assert "prefix blocks cannot be encoded" in caplog.text
-    w.save(KVPlugMetadata(saves=[BlockSave("a", b"n" * 32, 2, (), True, False, 0.0)]))
-    w.disk.flush()
-    assert not unit_path(w.disk.root, b"n" * 32, 0).exists() and w.disk.stats.take().dropped == 1
+    w.save(KVPlugMetadata(saves=[BlockSave("a", b"n" * 32, 2, (), ("disk",), 0.0)]))
+    w.stores["disk"].flush()
+    assert not unit_path(w.stores["disk"].root, b"n" * 32, 0).exists() and w.stores["disk"].stats.take().dropped == 1
 
 
 def test_a_codec_is_off_for_a_tier_that_is_off(tmp_path, packed_backend):
     w = opaque_worker(tmp_path, remote_codec="int4")  # no remote_url: nothing to encode for
-    assert w.disk.codec is None and w.kv_views == {}
+    assert w.stores["disk"].codec is None and w.kv_views == {}
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])
@@ -111,9 +111,9 @@ def test_canonical_blocks_round_trip_through_a_compressed_disk(tmp_path, name):
     views = [vllm_kv_views(c) for c in caches]
     slots = lambda b: torch.arange(b * BS, (b + 1) * BS)  # noqa: E731
     want = round_trip(gather_chunks_ref(views, slots(3)), name)
-    w.save(KVPlugMetadata(saves=[BlockSave("a", b"c" * 32, 3, (), True, False, 0.0)]))
-    w.disk.flush()
-    assert disk_payload_bytes(w.disk.root, b"c" * 32) == F.stored_bytes(F.unit_bytes, name)
+    w.save(KVPlugMetadata(saves=[BlockSave("a", b"c" * 32, 3, (), ("disk",), 0.0)]))
+    w.stores["disk"].flush()
+    assert disk_payload_bytes(w.stores["disk"].root, b"c" * 32) == F.stored_bytes(F.unit_bytes, name)
     w.load(KVPlugMetadata(loads=[BlockLoad("b", b"c" * 32, 11, "disk", ())]))
     assert not w.take_load_errors() and torch.equal(gather_chunks_ref(views, slots(11)), want)
 
@@ -121,25 +121,24 @@ def test_canonical_blocks_round_trip_through_a_compressed_disk(tmp_path, name):
 def test_a_chunk_with_its_sidecar_round_trips_and_is_charged_what_it_takes(tmp_path, packed_backend):
     w = opaque_worker(tmp_path, disk_codec="int8")
     toy = Toy()
-    w.blender = Blender(toy, {}, cluster_tokens=4)
+    w.blender = Blender(toy, cluster_tokens=4)
     w.chunk_layout = w._loader.chunk_layout = "chunk-test"
-    kv_views.add_chunk_view(w.kv_views, w.chunk_layout, w.blender)
+    kv_views.add_chunk_view(w.kv_views, w.chunk_layout, w.blender.fmt)
     g = torch.Generator().manual_seed(2)
     n = 37
     for i in range(Toy.num_layers):
         toy.write_kv(i, torch.randn(n, Toy.num_kv_heads, Toy.head_dim, generator=g),
                      torch.randn(n, Toy.num_kv_heads, Toy.head_dim, generator=g), torch.arange(n))
-    payload = w.blender.chunk_payload(torch.arange(n), 0)
-    w.save(KVPlugMetadata(chunk_saves=[ChunkSave("a", b"h" * 32, 0, n, [0, 1, 2], (), True, False, 0.0,
-                                                 payload.numel())]))
-    w.disk.flush()
-    got = w.disk.get(b"h" * 32, "chunk-test")
+    payload = w.blender.fmt.pack(w.blender.read_chunks([(torch.arange(n), 0)])[0])
+    w.save(KVPlugMetadata(chunk_saves=[ChunkSave("a", b"h" * 32, 0, n, [0, 1, 2], (), ("disk",), 0.0, payload.numel())]))
+    w.stores["disk"].flush()
+    got = w.stores["disk"].get(b"h" * 32, "chunk-test")
     kv_bytes = n * 2 * Toy.num_layers * Toy.num_kv_heads * Toy.head_dim * 4
     assert torch.equal(got[kv_bytes:], payload[kv_bytes:])  # the clusters, unchanged
-    assert torch.equal(w.blender.chunk_kv(got, n), round_trip(w.blender.chunk_kv(payload, n), "int8"))
+    assert torch.equal(w.blender.fmt.kv(got, n), round_trip(w.blender.fmt.kv(payload, n), "int8"))
     token = 2 * Toy.num_layers * Toy.num_kv_heads * Toy.head_dim * 4
     toy_facts = EngineFacts(namespace=b"n" * 32, block_size=BS, unit_bytes=BS * token, layer_names=("a",) * Toy.num_layers,
-                            num_blocks=8, tp_size=1, chunk_token_bytes=token, kv_heads=Toy.num_kv_heads,
+                            num_blocks=8, tp_size=1, kv_heads=Toy.num_kv_heads,
                             head_dim=Toy.head_dim, itemsize=4, cluster_tokens=4)
     assert toy_facts.num_layers == Toy.num_layers and toy_facts.chunk_bytes(n) == payload.numel()
-    assert disk_payload_bytes(w.disk.root, b"h" * 32) == toy_facts.stored_bytes(payload.numel(), "int8")
+    assert disk_payload_bytes(w.stores["disk"].root, b"h" * 32) == toy_facts.stored_bytes(payload.numel(), "int8")

@@ -58,6 +58,18 @@ def test_defaults_and_json_numbers(tmp_path):
         ({"blend_chunk_head_tokens": -1}, "blend_chunk_head_tokens=-1: must be an integer >= 0"),
         ({"async_loads": "yes"}, "async_loads='yes': allowed values are true, false"),
         ({"enabled": True}, "unknown key.*'enabled'"),
+        ({"chunking": "lines"}, "chunking='lines': allowed values are separator, content"),
+        ({"chunking": None}, "chunking=None: allowed values are separator, content"),
+        ({"content_chunk_window": 0}, "content_chunk_window=0: must be an integer from 1 to 64"),
+        ({"content_chunk_window": 65}, "content_chunk_window=65: must be an integer from 1 to 64"),
+        ({"content_chunk_window": 16.0}, "content_chunk_window=16.0: must be an integer"),
+        ({"content_chunk_min_tokens": 0}, "content_chunk_min_tokens=0: must be an integer >= 1"),
+        ({"content_chunk_target_tokens": 32}, r"content_chunk_target_tokens=32: must be more than "
+                                              r"content_chunk_min_tokens \(32\)"),
+        ({"content_chunk_max_tokens": 63}, r"content_chunk_max_tokens=63: must be at least "
+                                           r"content_chunk_target_tokens \(64\)"),
+        ({"content_chunk_window": 4}, "content_chunk_target_tokens - content_chunk_min_tokens = 32: a "
+                                      "content_chunk_window of 4 allows at most 15"),
     ],
 )
 def test_bad_values_name_the_key_and_allowed_values(extra, match):
@@ -121,14 +133,18 @@ def test_blend_defaults_and_round_trip():
     assert b == BlendConfig()
     assert (b.enabled, b.chunk_separator, b.recompute_ratio, b.recompute_policy) == (False, " # # ", 0.15, "query")
     assert (b.blend_check_layer, b.blend_chunk_head_tokens, b.blend_min_chunk_tokens) == (1, 2, 16)
+    assert b.blend_cost_gate is True and (b.blend_audit_rate, b.blend_max_kl) == (0.01, 0.0)
     extra = {"blend": True, "chunk_separator": "\n\n", "recompute_ratio": 1, "recompute_policy": "adaptive",
-             "blend_check_layer": 0, "blend_chunk_head_tokens": 8, "blend_min_chunk_tokens": 1}
+             "blend_check_layer": 0, "blend_chunk_head_tokens": 8, "blend_min_chunk_tokens": 1,
+             "blend_cost_gate": False, "blend_audit_rate": 0.5, "blend_max_kl": 0.05, "blend_async": True}
     cfg = KVPlugConfig.from_dict(extra)
     assert cfg.blend.enabled is True and cfg.blend.recompute_ratio == 1.0
     assert isinstance(cfg.blend.recompute_ratio, float) and cfg.blend.blend_chunk_head_tokens == 8
     d = cfg.to_dict()
     assert {k: d[k] for k in BLEND_USER_KEYS} == {**extra, "recompute_ratio": 1.0, "blend_cluster_tokens": 16,
-                                                  "blend_cluster_min_tokens": 16384}
+                                                  "blend_cluster_min_tokens": 16384, "chunking": "separator",
+                                                  "content_chunk_window": 16, "content_chunk_min_tokens": 32,
+                                                  "content_chunk_target_tokens": 64, "content_chunk_max_tokens": 256}
     assert KVPlugConfig.from_dict({k: d[k] for k in BLEND_USER_KEYS}) == cfg  # to_dict feeds from_dict
 
 
@@ -166,3 +182,25 @@ def test_request_blend_overrides_opt_out_and_bad_values():
             request_blend(base, params)
     with pytest.raises(ValueError, match="must be an object"):
         request_blend(base, [1])
+
+
+def test_content_chunking_keys_and_their_defaults():
+    from kvplug.config import BLEND_USER_KEYS
+
+    b = KVPlugConfig.from_dict({"blend": True}).blend
+    assert b.chunking == "separator"  # the default stays the separator
+    assert (b.content_chunk_window, b.content_chunk_min_tokens, b.content_chunk_target_tokens,
+            b.content_chunk_max_tokens) == (16, 32, 64, 256)  # measured: benchmarks/chunking.py
+    extra = {"blend": True, "chunking": "content", "content_chunk_window": 12, "content_chunk_min_tokens": 16,
+             "content_chunk_target_tokens": 48, "content_chunk_max_tokens": 48}
+    cfg = KVPlugConfig.from_dict(extra)
+    assert (cfg.blend.chunking, cfg.blend.content_chunk_max_tokens) == ("content", 48)
+    d = cfg.to_dict()
+    assert KVPlugConfig.from_dict({k: d[k] for k in BLEND_USER_KEYS}) == cfg
+
+
+@pytest.mark.parametrize("extra, key", [({"blend_audit_rate": 1.5}, "blend_audit_rate"),
+                                        ({"blend_audit_rate": 0, "blend_max_kl": 0.1}, "blend_max_kl")])
+def test_bad_quality_guard_settings_name_the_key(extra, key):
+    with pytest.raises(ValueError, match=key):
+        KVPlugConfig.from_dict({"blend": True, **extra})

@@ -10,8 +10,12 @@ in a new order with its cache writes captured, at recompute_ratio 1.0 and 0. The
 computed by Hugging Face transformers, not by kvplug: the full prefill of the new prompt; and the
 full prefill of the first prompt (where the chunks were stored from), cut into its chunks, keys
 re-rotated to their new positions (kvplug.ops.rerotate_keys_ref) and concatenated in the new
-order. OUT: max abs differences per case, the KV scale, and which classes ran (vLLM's decoder layer,
-transformers' model) with the largest q/k/v bias of vLLM's layer 0 (0 for families without one).
+order, each layer with the RoPE its config gives it (Gemma 3: per layer type, with its scaling).
+OUT: max abs differences per case, the KV scale, and which classes ran (vLLM's decoder layer,
+transformers' model) with the largest q/k/v bias of vLLM's layer 0 (0 for families without one),
+the sliding windows the blender saw per layer and the prompt's length, and what
+vllm_compat.check_layers (the start-up comparison with vLLM's own forward) says of the adapter as
+it is, with a wrong attention scale, and with a wrong sliding window on layer 0.
 """
 import json
 import os
@@ -29,8 +33,11 @@ def main(model_path: str, out_path: str) -> None:
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     from kvplug.blend.blender import BlendJob
+    from kvplug.connector.vllm_compat import TESTED_FAMILIES, check_layers
     from kvplug.core.chunking import chunk_key, chunk_spans
-    from kvplug.ops.rope import rerotate_keys_ref
+    from kvplug.ops.rope import rerotate_keys_ref, rope_inv_freq
+
+    from transformers import DynamicCache
 
     docs = [" ".join(f"fact{(s * 31 + i * 17) % 97} about topic {s} is value{(s * i) % 89}" for i in range(16))
             for s in (1, 2, 3)]
@@ -55,7 +62,7 @@ def main(model_path: str, out_path: str) -> None:
     for _, _, key in chunks:  # the first request saved them from the paged cache into the CPU tier
         unit = worker.rows._units.get(key)
         if unit is not None:
-            chunk_kv[key] = blender.chunk_kv(worker.rows.read(key, unit[0]).payload)
+            chunk_kv[key] = blender.fmt.kv(worker.rows.read(key, unit[0]).payload)
 
     captured = {}
     write = blender.m.write_kv
@@ -80,7 +87,8 @@ def main(model_path: str, out_path: str) -> None:
     hf = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
     with torch.no_grad():
         def hf_kv(tokens):  # [L, 2, T, KV, D]
-            past = hf(torch.tensor([tokens]), use_cache=True).past_key_values
+            # a DynamicCache of full layers: by default a sliding-window layer keeps only its window
+            past = hf(torch.tensor([tokens]), use_cache=True, past_key_values=DynamicCache()).past_key_values
             layers = [(past.layers[i].keys, past.layers[i].values) if hasattr(past, "layers") else past[i]
                       for i in range(hf.config.num_hidden_layers)]
             return torch.stack([torch.stack([k[0].transpose(0, 1), v[0].transpose(0, 1)]) for k, v in layers])
@@ -88,19 +96,29 @@ def main(model_path: str, out_path: str) -> None:
         first_ids = tok(first).input_ids
         first_kv = hf_kv(first_ids)
         where = {tuple(first_ids[b:e]): b for b, e in chunk_spans(first_ids, sep)}
+        ropes = config_ropes(hf.config, rope_inv_freq)
         pieces = []
         for b, e in spans:
             at = where[tuple(ids[b:e])]  # the chunk's position in the first prompt
             kv = first_kv[:, :, at:at + e - b].clone()
-            kv[:, 0] = rerotate_keys_ref(kv[:, 0], torch.arange(at, at + e - b), torch.arange(b, e),
-                                         blender.m.rope[0], blender.m.rope[1])
+            for i, inv_freq in enumerate(ropes):
+                kv[i, 0] = rerotate_keys_ref(kv[i, 0], torch.arange(at, at + e - b), torch.arange(b, e), inv_freq)
             pieces.append(kv)
         concat = torch.cat(pieces, dim=2)
     blended_full, r1 = results[1.0]
     blended_zero, r0 = results[0.0]
     qkv = getattr(blender.m.layers[0].self_attn, "qkv_proj", None)
     bias = getattr(qkv, "bias", None)
+    m = blender.m
+    checks = {"as_is": check_layers(m, own_forward=True)}
+    m.scale, scale = m.scale * 1.5, m.scale
+    checks["wrong_scale"] = check_layers(m, own_forward=True)
+    m.scale, windows = scale, list(m._windows)
+    m._windows[0] = 2  # the check runs 5 tokens: a 2-token window changes layer 0's output
+    checks["wrong_window"] = check_layers(m, own_forward=True)
+    m._windows[:] = windows
     out = {
+        "check_layers": checks,
         "vllm_layer": type(blender.m.layers[0]).__name__, "hf_model": type(hf).__name__,
         "qkv_bias_max": float(bias.abs().max()) if bias is not None else 0.0,
         "tokens": end, "chunks": len(spans), "store_hits": len(chunk_kv),
@@ -109,9 +127,21 @@ def main(model_path: str, out_path: str) -> None:
         "ratio0_vs_concat": float((blended_zero - concat).abs().max()),
         "ratio0_vs_full_prefill": float((blended_zero - full).abs().max()),
         "kv_scale": float(full.abs().max()),
+        "windows": [blender.m.window(i) for i in range(blender.m.num_layers)],
+        "tested_family": blender.m.arch in TESTED_FAMILIES,  # else accepted through check_layers
     }
     with open(out_path, "w") as f:
         json.dump(out, f)
+
+
+def config_ropes(cfg, rope_inv_freq):
+    """Each layer's inv_freq from the HF config alone (not from kvplug's adapter)."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    params = cfg.rope_parameters
+    if "full_attention" in params:  # Gemma 3: per layer type
+        return [rope_inv_freq(head_dim, params[t]["rope_theta"], params[t]) for t in cfg.layer_types]
+    rotary = int(head_dim * params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)))
+    return [rope_inv_freq(rotary, params["rope_theta"], params)] * cfg.num_hidden_layers
 
 
 if __name__ == "__main__":

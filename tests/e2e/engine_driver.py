@@ -6,7 +6,8 @@ SPEC: {"model": path, "extra": kv_connector_extra_config or null (no connector),
        "steps": [{"prompts": [str | {"prompt": str, "cache_salt": str} | {"prompt_token_ids": [int]}],
                   "kv_transfer_params": [dict per prompt] (optional), "reset_prefix_cache": bool}],
        "max_tokens": n,
-       "enable_prefix_caching": bool}
+       "enable_prefix_caching": bool,
+       "tensor_parallel_size": n (default 1; the CPU backend runs the ranks as processes)}
 OUT:  {"steps": [{"texts": [...], "logprobs": [[{token: logprob}...]...], "counters": {name: delta}}]}
 A separate process per engine: vLLM's engine core uses spawn, and each test needs a fresh engine.
 """
@@ -28,6 +29,11 @@ def run(spec: dict) -> dict:
     if spec.get("extra") is not None:
         kwargs["kv_transfer_config"] = {"kv_connector": "KVPlugConnector", "kv_role": "kv_both",
                                         "kv_connector_extra_config": spec["extra"]}
+    tp = spec.get("tensor_parallel_size", 1)
+    if tp > 1:
+        kwargs.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
+        # vLLM's CPU workers bind their threads per NUMA node unless told which cores: one each here.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(r % os.cpu_count()) for r in range(tp)))
     llm = LLM(model=spec["model"], enforce_eager=True, max_model_len=2048, dtype="float32", seed=0,
               enable_prefix_caching=spec.get("enable_prefix_caching", True), disable_log_stats=False, **kwargs)
     sp = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 12), logprobs=3)

@@ -77,7 +77,8 @@ def blended(model, tokens, tmp_path_factory):
              "ends_again", "fixed"]
     out = drive(tmp_path_factory.mktemp("blend"), "blend", {
         "model": model, "steps": steps,
-        "extra": {"cpu_bytes": 1e8, "blend": True, "blend_min_chunk_tokens": 8}})
+        # The cost gate off: these check what blending writes, at every ratio, whatever it costs.
+        "extra": {"cpu_bytes": 1e8, "blend": True, "blend_min_chunk_tokens": 8, "blend_cost_gate": False}})
     return dict(zip(names, out))
 
 
@@ -164,34 +165,56 @@ def test_explicit_chunk_ends(blended, baseline, tokens):
 
 # Per family: the class of vLLM's decoder layer the blender must have run, transformers' model,
 # and the tiny model's arguments (Mistral gets another seed: with the Llama's shapes and seed it
-# would have the Llama's very weights).
+# would have the Llama's very weights). Gemma 3: a 32-token window on layers 0 and 2 (the prompt
+# is ~1000 tokens), RoPE base 1e4 there and 1e6 with linear scaling x4 on layer 1. Phi-3 is no
+# tested family: it is accepted through vllm_compat.check_layers at start-up.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
 FAMILIES = {"llama": ("LlamaDecoderLayer", "LlamaForCausalLM", {}),
             "mistral": ("MistralDecoderLayer", "MistralForCausalLM", {"family": "mistral", "seed": 1}),
-            "qwen2": ("Qwen2DecoderLayer", "Qwen2ForCausalLM", {"family": "qwen2"})}
+            "qwen2": ("Qwen2DecoderLayer", "Qwen2ForCausalLM", {"family": "qwen2"}),
+            "qwen3": ("Qwen3DecoderLayer", "Qwen3ForCausalLM", {"family": "qwen3"}),
+            "gemma3": ("Gemma3DecoderLayer", "Gemma3ForCausalLM", {"family": "gemma3"}),
+            "llama3_rope": ("LlamaDecoderLayer", "LlamaForCausalLM", {"rope_scaling": LLAMA3_ROPE}),
+            "phi3": ("LlamaDecoderLayer", "Phi3ForCausalLM", {"family": "phi3"})}
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_blended_kv_equals_transformers_prefill_at_ratio_one_and_rerotated_chunks_at_zero(family, tmp_path):
-    """Tensor level, against Hugging Face transformers, one engine per model family (vLLM's own
-    Llama, Mistral and Qwen2 modules under the blender's adapter): ratio 1.0 = the full
-    prefill's KV; ratio 0 = the chunks' KV from the prompt that stored them, keys re-rotated to
-    their new positions, concatenated in the new order."""
-    import json
+def run_kv_driver(tmp_path, **kwargs):
     import subprocess
 
     from test_offload_e2e import ENV
     from tiny_model import tiny_model_path
 
-    layer, hf_model, kwargs = FAMILIES[family]
     model = str(tiny_model_path(**kwargs))
     out = tmp_path / "kv.json"
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("blend_kv_driver.py")), model, str(out)],
                           capture_output=True, text=True, env=ENV, timeout=600)
+    return proc, out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_blended_kv_equals_transformers_prefill_at_ratio_one_and_rerotated_chunks_at_zero(family, tmp_path):
+    """Tensor level, against Hugging Face transformers, one engine per model family (vLLM's own
+    modules under the blender's adapter): ratio 1.0 = the full prefill's KV; ratio 0 = the
+    chunks' KV from the prompt that stored them, keys re-rotated to their new positions with each
+    layer's RoPE, concatenated in the new order."""
+    import json
+
+    layer, hf_model, kwargs = FAMILIES[family]
+    proc, out = run_kv_driver(tmp_path, **kwargs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert (r["vllm_layer"], r["hf_model"]) == (layer, hf_model), r  # the family's own code ran on both sides
+    assert r["tested_family"] == (family != "phi3"), r
+    # The start-up comparison with vLLM's own forward passes as is, and catches a wrong scale or window.
+    checks = r["check_layers"]
+    assert checks["as_is"] is None, checks
+    assert "softmax attention differs from vLLM's own forward" in checks["wrong_scale"], checks
+    assert checks["wrong_window"].startswith("decoder layer 0 through the blender's softmax attention"), checks
     if family == "qwen2":
         assert r["qkv_bias_max"] > 0.5, r  # the q/k/v biases are there, and large enough to matter
+    if family == "gemma3":
+        assert r["windows"] == [32, None, 32] and r["tokens"] > 30 * 32, r  # most keys out of a window
     assert r["chunks"] == 4 and r["store_hits"] == 4  # every chunk saved from the paged cache by the first request
     assert r["ratio1_recomputed"] == r["tokens"] and r["ratio0_recomputed"] == 0
     tol = 1e-4 * r["kv_scale"]  # float32
@@ -199,3 +222,13 @@ def test_blended_kv_equals_transformers_prefill_at_ratio_one_and_rerotated_chunk
     assert r["ratio0_vs_concat"] < tol, r
     # The control differs from a full prefill: blending without recompute is an approximation.
     assert r["ratio0_vs_full_prefill"] > 100 * tol, r
+
+
+def test_a_family_blending_cannot_run_is_refused_at_start_up_in_one_line_naming_it(tmp_path):
+    """Gemma 2 soft-caps its attention logits, which the blender's attention does not: with
+    blend on, the engine does not start, and says why in one line naming the architecture."""
+    proc, _ = run_kv_driver(tmp_path, family="gemma2")
+    assert proc.returncode != 0
+    line = "ValueError: blend does not support soft-capped attention logits (Gemma2ForCausalLM, " \
+           "model.layers.0.self_attn.attn; set blend=false)"
+    assert line in proc.stderr, proc.stderr[-3000:]

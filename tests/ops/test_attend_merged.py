@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from op_backends import op_backends
 from kvplug.ops import _backend
 from kvplug.ops.attend_merged import attend_merged, attend_merged_ref
 
@@ -32,12 +33,7 @@ SHAPES = [(1, 1, 1, 64, 1), (7, 3, 3, 64, 5), (5, 6, 3, 128, 16), (33, 4, 1, 64,
 
 
 def backends():
-    out = ["torch"]
-    if _backend.has_triton():
-        out.append("triton")
-    if torch.cuda.is_available() and _backend.has_cuda_op("attend_merged"):
-        out.append("cuda")
-    return out
+    return op_backends("attend_merged", cuda=False)  # no CUDA kernel: Triton serves CUDA tensors
 
 
 def device_for(backend):

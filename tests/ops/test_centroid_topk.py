@@ -7,7 +7,7 @@ Top-k is compared by the reference scores of the picked centroids (ties may pick
 import pytest
 import torch
 
-from kvplug.ops import _backend
+from op_backends import op_backends
 from kvplug.ops.centroid_topk import centroid_topk, centroid_topk_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -17,12 +17,7 @@ SHAPES = [(1, 1, 1, 64, 1), (7, 3, 3, 64, 5), (5, 6, 3, 128, 16), (33, 4, 1, 64,
 
 
 def backends():
-    out = ["torch"]
-    if _backend.has_triton():
-        out.append("triton")
-    if torch.cuda.is_available() and _backend.has_cuda_op("centroid_topk"):
-        out.append("cuda")
-    return out
+    return op_backends("centroid_topk")
 
 
 def device_for(backend):

@@ -30,8 +30,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from legacy_layouts import split_kv_cache
 from kvplug.ops.gather_scatter import gather_chunks_ref, rerotate_and_scatter_ref, scatter_chunks_ref
-from kvplug.ops.kv_layout import VLLM_LAYOUTS, base_alignment, make_vllm_caches, paged_spec, pointer_table, split_kv_cache
+from kvplug.ops.kv_layout import VLLM_LAYOUTS, base_alignment, make_vllm_caches, paged_spec, pointer_table
 from kvplug.ops.rope import rerotate_keys_ref, rope_inv_freq
 
 ROOT = Path(__file__).resolve().parents[2]

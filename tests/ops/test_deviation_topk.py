@@ -7,19 +7,14 @@ Top-k is checked by the reference scores of the picked tokens (ties may pick eit
 import pytest
 import torch
 
-from kvplug.ops import _backend
+from op_backends import op_backends
 from kvplug.ops.deviation_topk import deviation_topk, deviation_topk_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def backends():
-    out = ["torch"]
-    if _backend.has_triton():
-        out.append("triton")
-    if torch.cuda.is_available() and _backend.has_cuda_op("deviation_topk"):
-        out.append("cuda")
-    return out
+    return op_backends("deviation_topk")
 
 
 def device_for(backend):

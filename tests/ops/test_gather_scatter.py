@@ -11,11 +11,12 @@ multiply-add): V is bit-exact, K within one output ulp-ish (fp32 1e-5, fp16 2e-3
 import pytest
 import torch
 
+from legacy_layouts import split_kv_cache
+from op_backends import op_backends
 from kvplug import envs
-from kvplug.ops import _backend
 from kvplug.ops.gather_scatter import (gather_chunks, gather_chunks_ref, rerotate_and_scatter,
                                        rerotate_and_scatter_ref, scatter_chunks, scatter_chunks_ref)
-from kvplug.ops.kv_layout import VLLM_LAYOUTS, clone_caches, make_vllm_caches, paged_spec, split_kv_cache
+from kvplug.ops.kv_layout import VLLM_LAYOUTS, clone_caches, make_vllm_caches, paged_spec
 from kvplug.ops.rope import rope_inv_freq
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -34,12 +35,7 @@ CASES = [
 
 
 def backends(op):
-    out = ["torch"]
-    if _backend.has_triton() and (torch.cuda.is_available() or envs.triton_interpret()):
-        out.append("triton")
-    if torch.cuda.is_available() and _backend.has_cuda_op(op):
-        out.append("cuda")
-    return out
+    return op_backends(op)
 
 
 def device_for(backend):

@@ -8,21 +8,23 @@ the kernel's own assignment within rtol 1e-5 / atol 1e-5; sizes exactly.
 import pytest
 import torch
 
-from kvplug.ops import _backend
-from kvplug.ops.kmeans import (kmeans_inertia, kmeans_init, kmeans_keys, kmeans_step, kmeans_step_ref,
+from op_backends import op_backends
+from kvplug.ops.kmeans import (kmeans_init, kmeans_keys, kmeans_step, kmeans_step_ref,
                                update_ref)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1, 64, 1), (7, 3, 64, 5), (33, 1, 128, 16), (130, 3, 64, 5), (130, 1, 128, 16), (45, 2, 24, 5)]
 
 
+def kmeans_inertia(keys: torch.Tensor, centroids: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
+    """fp32 [H]: sum over tokens of ||keys[t, h] - centroids[h, assign[h, t]]||^2."""
+    x = keys.float().transpose(0, 1)
+    picked = torch.gather(centroids.float(), 1, assign.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+    return (x - picked).square().sum(dim=(1, 2))
+
+
 def backends():
-    out = ["torch"]
-    if _backend.has_triton():
-        out.append("triton")
-    if torch.cuda.is_available() and _backend.has_cuda_op("kmeans_step"):
-        out.append("cuda")
-    return out
+    return op_backends("kmeans_step")
 
 
 def device_for(backend):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvplug.ops.kv_layout import (DEFAULT_VLLM_LAYOUT, FLASHINFER_NAMES, VLLM_LAYOUTS, default_vllm_layout,
-                                  detect_vllm_layout, make_vllm_caches, paged_spec, split_kv_cache, vllm_kv_views,
+                                  detect_vllm_layout, make_vllm_caches, paged_spec, vllm_kv_views,
                                   vllm_layer_strides)
 
 SHAPE = dict(L=3, B=5, H=2, N=4, D=8)
@@ -38,11 +38,11 @@ def test_views_address_k_then_v_of_each_token(layout):
     g = torch.Generator().manual_seed(1)
     caches = make_vllm_caches(s["L"], s["B"], s["N"], s["H"], s["D"], torch.float16, "cpu", layout, generator=g)
     for cache in caches:
-        k, v = split_kv_cache(cache, layout)
+        k, v = vllm_kv_views(cache, layout)
         assert k.shape == (s["B"], s["N"], s["H"], s["D"]) and k.stride(-1) == 1
         b, n, h = 3, 2, 1
         assert torch.equal(k[b, n, h], cache[b, h, n, :s["D"]]) and torch.equal(v[b, n, h], cache[b, h, n, s["D"]:])
-    paged_spec([split_kv_cache(c, layout)[0] for c in caches], [split_kv_cache(c, layout)[1] for c in caches])
+    paged_spec([vllm_kv_views(c, layout)[0] for c in caches], [vllm_kv_views(c, layout)[1] for c in caches])
 
 
 @pytest.mark.parametrize("layout", list(VLLM_LAYOUTS))

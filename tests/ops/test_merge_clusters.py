@@ -13,6 +13,7 @@ rounds the softmax weights to the values' dtype once; lse stays within 1e-5.
 import pytest
 import torch
 
+from op_backends import op_backends
 from kvplug.ops import _backend
 from kvplug.ops.attend_merged import attend_merged, attend_merged_ref
 from kvplug.ops.kmeans import kmeans_keys
@@ -25,12 +26,7 @@ SHAPES = [(1, 1, 64, 1), (7, 3, 64, 5), (33, 1, 128, 16), (130, 3, 64, 5), (130,
 
 
 def backends():
-    out = ["torch"]
-    if _backend.has_triton():
-        out.append("triton")
-    if torch.cuda.is_available() and _backend.has_cuda_op("merge_clusters"):
-        out.append("cuda")
-    return out
+    return op_backends("merge_clusters")
 
 
 def device_for(backend):

@@ -10,8 +10,8 @@
 import pytest
 import torch
 
+from op_backends import op_backends
 from kvplug import envs
-from kvplug.ops import _backend
 from kvplug.ops.rope import rerotate_keys, rerotate_keys_ref, rope_inv_freq
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -21,12 +21,7 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 
 
 def backends():
-    out = ["torch"]
-    if _backend.has_triton() and (torch.cuda.is_available() or envs.triton_interpret()):
-        out.append("triton")
-    if torch.cuda.is_available() and _backend.has_cuda_op("rerotate_keys"):
-        out.append("cuda")
-    return out
+    return op_backends("rerotate_keys")
 
 
 def device_for(backend):

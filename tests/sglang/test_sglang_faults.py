@@ -1,7 +1,6 @@
 """Bad units and bad input are misses, never wrong bytes and never an exception into SGLang:
 corrupt and truncated files, a foreign rank's or model's page, a dead Redis, malformed calls."""
 import socket
-import time
 
 import pytest
 
@@ -13,7 +12,6 @@ from sglang_helpers import kvplug_backend, sglang_keys, slots  # noqa: E402
 from sglang_host_pool import MHAHostPool, fill_random, page_bytes  # noqa: E402
 
 GEN = torch.Generator().manual_seed(99)
-BOUND_S = 2.0  # a dead Redis must turn into misses within this: a bound, not a benchmark
 
 
 @pytest.fixture
@@ -108,16 +106,18 @@ def test_mla_pages_are_shared_by_every_tensor_parallel_rank(tmp_path):
     writer.close(), reader.close()
 
 
-def test_a_dead_redis_gives_misses_within_the_bound_and_disk_still_serves(pool, tmp_path):
+def test_a_dead_redis_gives_misses_without_waiting_on_it_again_and_disk_still_serves(pool, tmp_path):
     b = kvplug_backend(pool, disk_path=str(tmp_path / "kv"), remote_url=dead_url(), remote_timeout_ms=50)
-    t0 = time.monotonic()
     keys = write_pages(b, pool, 3)
+    # The first failed round trip opens the breaker: later calls answer without the network.
+    assert b.store.remote.breaker.down
     assert b.batch_exists(keys) == 3  # from disk
     assert b.batch_get_v1(keys, slots(pool, [10, 11, 12])) == [True] * 3
     unknown = sglang_keys(list(range(500, 500 + 4 * pool.page_size)), pool.page_size)
     assert b.batch_exists(unknown) == 0
     assert b.batch_get_v1(unknown, slots(pool, range(4))) == [False] * 4
-    assert time.monotonic() - t0 < 4 * BOUND_S
+    stats = b.take_stats()
+    assert stats["remote_skipped"] >= 4 and stats.get("remote_hits", 0) == 0  # the breaker answered, not Redis
     b.close()
 
 
@@ -129,10 +129,9 @@ def test_a_remote_only_backend_with_a_dead_redis_answers_misses_and_false(pool, 
                  lambda: b.batch_get_v1(keys, slots(pool, range(4))),
                  lambda: b.batch_set(keys, [pool.get_data_page(0)] * 4),
                  lambda: b.get(keys[0], pool.get_dummy_flat_data_page())):
-        t0 = time.monotonic()
         out = call()
-        assert time.monotonic() - t0 < BOUND_S
         assert out in (0, None, False, [False] * 4)
+        assert b.store.remote.breaker.down  # the outage is known: no call waits on Redis again
     assert b.clear() is True  # best effort: nothing to reach, nothing raised
     b.close()
 

@@ -1,0 +1,99 @@
+"""The blend cost gate: the scheduler claims a run of chunks for blending only where blending it
+is predicted to take less time than letting vLLM prefill the same tokens.
+
+Both predictions come from what the engine measures as it serves (pure Python, no tensors):
+  prefill   seconds of each forward pass of the engine against the tokens it scheduled (the
+            worker times them), fitted as seconds = a + b x tokens; b is a token's prefill cost
+  blend     seconds of each blend batch the worker ran against (jobs, span tokens, recomputed
+            tokens), fitted as seconds = c x jobs + d x span + e x recomputed (c: a job's fixed
+            cost - its relevance pass, metadata; d: gathering, re-rotating and writing a cached
+            token; e: running a token through the layers)
+Both fits are least squares with exponential forgetting (recent samples count most) and a small
+ridge toward a first guess: until a blend has been measured, a recomputed token costs what a
+prefilled one does and nothing else costs anything. Until enough prefill steps are measured the gate is
+not ready and the scheduler claims as it did without one.
+
+    CostGate(forget=0.97, min_prefill_samples=4)
+    .observe_prefill(seconds, tokens) / .observe_blend(seconds, jobs, span_tokens, recomputed)
+    .ready                                 enough prefill samples to predict
+    .prefill_s(tokens) / .blend_s(span_tokens, recomputed)   predicted marginal seconds
+    .choose(options, explore=False) -> (index, explored)   the option (span_tokens, recomputed,
+                                           prefilled_after) with the least predicted time, -1 = claim
+                                           nothing; with explore, the cheapest blend is taken even
+                                           when prefilling wins, so that the blend fit stays measured
+                                           (the scheduler explores a fixed share of requests)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class _Fit:
+    """Least squares of y = w . x over exponentially forgotten samples (factor lam per sample), with
+    a small ridge pull toward the prior w0: well posed whatever the samples (no wind-up when they
+    all look alike), the prior forgotten as soon as samples exist. x is in tokens/1000 and
+    y in seconds, so the ridge is small against any real sample."""
+
+    def __init__(self, w0: list[float], lam: float, ridge: float = 1e-6):
+        n = len(w0)
+        self.w0, self.lam, self.ridge, self.count = np.array(w0, dtype=float), lam, ridge, 0
+        self.a, self.b = np.zeros((n, n)), np.zeros(n)
+        self.w = self.w0.copy()
+
+    def update(self, x: list[float], y: float) -> None:
+        x = np.array(x, dtype=float)
+        self.a = self.lam * self.a + np.outer(x, x)
+        self.b = self.lam * self.b + y * x
+        self.count += 1
+        r = self.ridge * np.eye(len(x))
+        self.w = np.linalg.solve(self.a + r, self.b + self.ridge * self.w0)
+
+    def predict(self, x: list[float]) -> float:
+        return float(np.dot(np.maximum(self.w, 0.0), x))  # no cost is negative
+
+
+class CostGate:
+    def __init__(self, forget: float = 0.97, min_prefill_samples: int = 4):
+        self.min_prefill_samples = min_prefill_samples
+        self._prefill = _Fit([0.0, 0.0], forget)
+        self._blend: _Fit | None = None  # made at the first blend sample, from the prefill rate
+        self._forget = forget
+
+    @property
+    def ready(self) -> bool:
+        return self._prefill.count >= self.min_prefill_samples
+
+    def observe_prefill(self, seconds: float, tokens: int) -> None:
+        if tokens > 0 and seconds > 0:
+            self._prefill.update([1.0, tokens / 1e3], seconds)
+
+    def observe_blend(self, seconds: float, jobs: int, span_tokens: int, recomputed: int) -> None:
+        if jobs <= 0 or seconds <= 0:
+            return
+        if self._blend is None:
+            self._blend = _Fit([0.0, 0.0, self.per_token_s() * 1e3], self._forget)
+        self._blend.update([float(jobs), span_tokens / 1e3, recomputed / 1e3], seconds)
+
+    def per_token_s(self) -> float:
+        return max(float(self._prefill.w[1]), 0.0) / 1e3
+
+    def prefill_s(self, tokens: int) -> float:
+        return self.per_token_s() * tokens
+
+    def blend_s(self, span_tokens: int, recomputed: int) -> float:
+        if self._blend is None:
+            return self.per_token_s() * recomputed
+        return self._blend.predict([1.0, span_tokens / 1e3, recomputed / 1e3])
+
+    def choose(self, options: list[tuple[int, int, int]], explore: bool = False) -> tuple[int, bool]:
+        """options: (span tokens blended, of which recomputed, tokens vLLM prefills after the span
+        up to where every option ends). Returns the cheapest (its index, or -1 for prefilling it
+        all) and whether it was taken to explore. No side effects: the scheduler may ask again."""
+        if not options:
+            return -1, False
+        total = max(s + p for s, _, p in options)  # every option covers the same tokens
+        cost = [self.blend_s(span, rec) + self.prefill_s(after) for span, rec, after in options]
+        best = min(range(len(options)), key=cost.__getitem__)
+        if cost[best] < self.prefill_s(total):
+            return best, False
+        return (best, True) if explore else (-1, False)
