@@ -38,7 +38,8 @@ REMOVED_KEYS = {
 @dataclass(frozen=True)
 class TierConfig:
     cpu_bytes: int = 4_000_000_000
-    """Bytes of host memory for the CPU tier (0 disables it: saves go straight to disk)."""
+    """Bytes of host memory for the CPU tier, all tensor-parallel ranks together as disk_bytes counts
+    them (each rank holds cpu_bytes / TP of its own KV shard); 0 disables it (saves go straight to disk)."""
     disk_path: str | None = None
     """Directory of the disk tier (None disables it). Shared by every engine pointed at it."""
     disk_bytes: int = 50_000_000_000

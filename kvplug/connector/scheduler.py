@@ -123,7 +123,8 @@ class SchedulerHalf:
                     for ns, q in cfg.namespaces.items()},
         )
         if tiers.cpu_bytes and self.manager.num_slots == 0:
-            logger.warning("cpu_bytes=%d holds no %d-byte block: CPU tier disabled", tiers.cpu_bytes, facts.unit_bytes)
+            logger.warning("cpu_bytes=%d holds no %d-byte block (all %d ranks): CPU tier disabled", tiers.cpu_bytes,
+                           facts.unit_bytes * facts.tp_size, facts.tp_size)
         self._reqs: dict[str, _Request] = {}
         self._lookups: dict[str, tuple[int, list[str]]] = {}  # req -> (local tokens, tier per hit block)
         self._claims: dict[str, _Claim] = {}

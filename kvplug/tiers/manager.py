@@ -121,14 +121,17 @@ class TierManager:
             raise ValueError(f"unit_bytes={unit_bytes}: must be > 0")
         quotas = quotas or {}
         self.unit_bytes, self.tp_size = unit_bytes, tp_size
-        self.num_slots = cpu_bytes // unit_bytes
+        # cpu_bytes, as every tier's capacity, counts all tensor-parallel ranks together: each rank
+        # holds num_slots rows of its own shard.
+        self.num_slots = cpu_bytes // (unit_bytes * tp_size)
         self.tiers = {t.name: t for t in tiers}
         self._slots: dict[bytes, tuple[int, ...]] = {}
         self._free_slots = list(range(self.num_slots - 1, -1, -1))
         self.ttls = {ns: q.ttl_s for ns, q in quotas.items() if q.ttl_s}
 
         def index(name: str, capacity: int, unit: int) -> TierIndex:
-            caps = {ns: q.bytes[name] for ns, q in quotas.items() if q.bytes.get(name) is not None}
+            per = tp_size if name == CPU else 1  # the CPU index counts one rank's rows
+            caps = {ns: q.bytes[name] // per for ns, q in quotas.items() if q.bytes.get(name) is not None}
             return TierIndex(capacity, unit, policy, caps, self.ttls, clock)
         # CPU accounting is by whole rows, so a unit admitted there always finds its rows free.
         self._cpu = index(CPU, self.num_slots * unit_bytes, unit_bytes)

@@ -345,3 +345,19 @@ def test_a_chunk_larger_than_the_cpu_tier_goes_to_disk_only():
     plan_saves(m, [k(1)])
     (c,) = m.plan_saves([k(2)], [1.0], nbytes=[5 * U])
     assert c.slots == () and c.tiers == (DISK,) and m.lookup([k(1)]) == [CPU]  # nothing evicted for it
+
+
+def test_cpu_bytes_and_cpu_quotas_count_all_tensor_parallel_ranks_as_disk_bytes_does():
+    """cpu_bytes of 4 units x 2 ranks: 4 rows on each rank; a tenant's CPU quota of 2 units x 2 ranks
+    holds 2 of its units (the third evicts its own oldest); disk_bytes caps both ranks' files."""
+    m = manager(cpu=4 * U * 2, disk=3 * U * 2, tp_size=2, policy="fifo",
+                quotas={"t": Quota({CPU: 2 * U * 2}, None)})
+    assert m.num_slots == 4
+    for i in range(3):
+        plan_saves(m, [k(i)], ns="t")
+        m.end_step()
+    assert m.lookup([k(0)]) != [CPU] and m.lookup([k(1), k(2)]) == [CPU, CPU]
+    for i in range(10, 14):
+        plan_saves(m, [k(i)])
+        m.end_step()
+    assert m.used(DISK) <= 3 * U * 2
