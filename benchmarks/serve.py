@@ -34,7 +34,10 @@ one fresh server each, the same requests each):
   retrieval       a system prompt, the top-k documents of 200 retrieved per question in score order,
                   the question (serve_retrieval.py): ret_vllm, ret_kvplug_cpu (offload alone),
                   ret_kvplug_blend (offload + blend, default settings), ret_kvplug_blend_oracle
-                  (every document stored beforehand as a chunk); then a fresh pass (new documents)
+                  (every document stored beforehand as a chunk); opt-in: ret_kvplug_blend_content
+                  (chunking: content on the same prompts joined by blank lines, no separators) and
+                  ret_vllm_newlines (vLLM alone on those prompts: the content row's reference for
+                  agreement; issue 21's content_vs_separator_*); then a fresh pass (new documents)
                   on the first three and, on ret_vllm, the row reproduced with `vllm bench serve`
                   (serve_vllm_bench.py). Each row's greedy outputs are compared with ret_vllm's.
   neighbours      the case in ``serve_neighbours.py``: TTFT of pure CPU-tier hits alone and among
@@ -443,14 +446,23 @@ def run_all(cfgs, args, traces, plan, env, serve_args, work, after=None) -> tupl
         for cfg in cfgs:
             t_cfg = time.monotonic() - load._t0
             if cfg.group == "retrieval":
-                sub, hook = traces[serve_traces.RETRIEVAL][0], after
+                sub, hook = rejoined(traces[serve_traces.RETRIEVAL][0], args.ret_join, cfg.join), after
             else:
                 trace = traces[WORKLOAD][0]
                 sub, hook = (trace if cfg.group == "main" else trace[:args.evict_requests]), None
             run = run_with_retry(cfg, plan, args, sub, env, serve_args[cfg.group], work, hook)
             if run is not None:
-                runs[cfg.name] = {**run, "load": load.summary(since_s=t_cfg)}
+                runs[cfg.name] = {**run, "load": load.summary(since_s=t_cfg), "join": cfg.join}
     return runs, {"before": before, "during": load.summary()}
+
+
+def rejoined(trace: list[Request], join: str, to: str | None) -> list[Request]:
+    """The trace with its parts joined by JOINS[to] instead of JOINS[join] (None: unchanged)."""
+    from workloads.retrieval import JOINS
+
+    if to is None or to == join:
+        return trace
+    return [dataclasses.replace(r, prompt=r.prompt.replace(JOINS[join], JOINS[to])) for r in trace]
 
 
 def run_with_retry(cfg, plan, args, trace, env, serve_args, work, after=None) -> dict | None:

@@ -44,6 +44,9 @@ class ServeConfig:
     # "documents" every document once as a chunk (serve_traces.document_warm_prompts).
     prewarm: str | None = None
     fresh_pass: bool = False  # after the trace: the retrieval trace's pass of new documents (TTFT)
+    # The retrieval trace's prompts re-joined another way (workloads.retrieval.JOINS: "newlines"
+    # replaces the separators with blank lines: no separator for chunking to find). None: as built.
+    join: str | None = None
 
 
 CONFIGS: dict[str, ServeConfig] = {}
@@ -159,6 +162,15 @@ register(ServeConfig("ret_kvplug_cpu", "retrieval", _ret_cpu,
 register(ServeConfig("ret_kvplug_blend", "retrieval", _ret_blend,
                      "offload + blend with kvplug's default blend settings (tier: prefixes and chunks)",
                      fresh_pass=True))
+# Issue 21: content-defined chunking against the separator on the same documents, joined by blank
+# lines instead of separators (opt-in through --ret-configs); its agreement is against vLLM alone on
+# the same blank-line prompts.
+register(ServeConfig("ret_vllm_newlines", "retrieval", lambda p: None,
+                     "vLLM alone on the trace's prompts joined by blank lines (the content row's reference)",
+                     join="newlines"))
+register(ServeConfig("ret_kvplug_blend_content", "retrieval", lambda p: {**_ret_blend(p), "chunking": "content"},
+                     "ret_kvplug_blend with chunking: content, on the trace's prompts joined by blank lines "
+                     "(no separators)", join="newlines"))
 register(ServeConfig("ret_kvplug_blend_oracle", "retrieval", _ret_blend,
                      "ret_kvplug_blend with every document of the trace stored beforehand as a chunk "
                      "(untimed warm-up pass: the system prompt and the document)", prewarm="documents"))

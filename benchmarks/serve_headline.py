@@ -17,6 +17,7 @@ KEYS = ("blend_vs_offload_rps", "retrieval_blend_vs_offload_rps", "retrieval_ble
         "chunk_save_s_per_chunk", "cold_pass_ttft_vs_offload", "recompute_token_cost_vs_prefill",
         "retrieval_offload_vs_vllm_rps", "retrieval_after_miss_blended_share")
 GUARD = ("kvplug_blend_audit", "kvplug_blend_audit_off")  # issue 18: guard_rps_ratio, opt-in
+CONTENT = "ret_kvplug_blend_content"  # issue 21: against RET["blend"] on the same documents, opt-in
 RAG_BLEND, RAG_OFFLOAD = "kvplug_blend_default", "kvplug_cpu"
 RET = {"vllm": "ret_vllm", "offload": "ret_kvplug_cpu", "blend": "ret_kvplug_blend", "oracle": "ret_kvplug_blend_oracle"}
 NB_AFTER = "nb_after"
@@ -53,6 +54,10 @@ DEFINITIONS = {
                                           "chunk that were blended / (those blended + those vLLM prefilled): "
                                           "blend_tokens_after_miss_blended / (blend_tokens_after_miss_blended + "
                                           "blend_tokens_after_miss), kvplug counter deltas over the trace",
+    "content_vs_separator_blended_share": f"retrieval trace: blended-token share (blend_tokens / prompt tokens) of "
+                                          f"{CONTENT} (documents joined by blank lines, chunking: content) / that of "
+                                          f"ret_kvplug_blend (the same documents joined by separators)",
+    "content_vs_separator_rps": f"retrieval trace: requests/s of {CONTENT} / ret_kvplug_blend",
     "guard_rps_ratio": f"rag_sessions trace: requests/s of {GUARD[0]} (blend_audit_rate 0.01) / {GUARD[1]} "
                        "(blend_audit_rate 0); present only when that pair was selected (--configs)",
 }
@@ -179,6 +184,22 @@ def guard_rps_ratio(r: dict, notes: dict) -> float:
     return _div(_rps(c, GUARD[0], "rag_sessions"), _rps(c, GUARD[1], "rag_sessions"), "guard_rps_ratio")
 
 
+def _blended_share(r: dict, name: str) -> float:
+    sec = _retrieval(r)
+    kv = _counters(sec["config_details"], name, "retrieval")
+    prompt = sum(q.get("prompt_tokens") or 0 for q in sec["requests"].get(name, []) if not q.get("error"))
+    return _div(_need(kv, "blend_tokens", name), prompt, f"{name} blended-token share")
+
+
+def content_vs_separator_blended_share(r: dict, notes: dict) -> float:
+    return _div(_blended_share(r, CONTENT), _blended_share(r, RET["blend"]), "content_vs_separator_blended_share")
+
+
+def content_vs_separator_rps(r: dict, notes: dict) -> float:
+    c = _retrieval(r)["configs"]
+    return _div(_rps(c, CONTENT, "retrieval"), _rps(c, RET["blend"], "retrieval"), "content_vs_separator_rps")
+
+
 FIGURES = {"blend_vs_offload_rps": blend_vs_offload_rps,
            "retrieval_blend_vs_offload_rps": _ret_ratio("blend", "offload"),
            "retrieval_blend_share_of_oracle": _ret_ratio("blend", "oracle"),
@@ -221,6 +242,10 @@ def headline(report: dict) -> tuple[dict, dict, dict]:
     figures = dict(FIGURES)
     if _guard_selected(report):
         figures["guard_rps_ratio"] = guard_rps_ratio
+    ret = report.get("retrieval") or {}
+    if CONTENT in set(ret.get("configs") or {}) | set(ret.get("failed_configs") or []):
+        figures["content_vs_separator_blended_share"] = content_vs_separator_blended_share
+        figures["content_vs_separator_rps"] = content_vs_separator_rps
     values, notes = {}, {}
     for name, fn in figures.items():
         try:

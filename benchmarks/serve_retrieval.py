@@ -179,11 +179,13 @@ def section(runs: dict[str, dict], info: dict, expected: list[str]) -> dict:
     if runs and REFERENCE not in runs:
         raise SystemExit(f"{REFERENCE} (the retrieval trace's reference) did not run")
     base = runs[REFERENCE]["stats"] if runs else None
-    ref_texts = [r.get("text") for r in runs[REFERENCE]["requests"]] if runs else []
     configs = {}
     for n, r in runs.items():
-        texts = [q.get("text") for q in r["requests"]]
-        configs[n] = {**with_ratios(r["stats"], base), **agreement(texts, ref_texts)}
+        # a row on re-joined prompts is compared with vLLM alone on the same prompts when it ran
+        ref = f"{REFERENCE}_{r['join']}" if r.get("join") and f"{REFERENCE}_{r['join']}" in runs else REFERENCE
+        texts, ref_texts = [q.get("text") for q in r["requests"]], [q.get("text") for q in runs[ref]["requests"]]
+        configs[n] = {**with_ratios(r["stats"], base), **agreement(texts, ref_texts), "agreement_reference": ref,
+                      "join": r.get("join") or info.get("join")}
     configs = with_oracle_share(configs, ORACLE)
     details = {n: {k: r.get(k) for k in ("description", "extra_config", "server_start_s", "warm_up",
                                          "omp_core_ids", "vllm_kv_cache_tokens", "load", "counters")}

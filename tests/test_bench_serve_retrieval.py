@@ -209,7 +209,37 @@ def test_headline_from_canned_results_has_exactly_issue_17s_names():
     assert values == pytest.approx(expect)
     assert details["prefill_s_per_token"] == pytest.approx(0.001)
     assert set(details["chunk_saves"]) == {"kvplug_blend_default", "ret_kvplug_blend", "ret_kvplug_blend_oracle"}
-    assert set(serve_headline.DEFINITIONS) == set(serve_headline.KEYS) | {"guard_rps_ratio"}
+    assert set(serve_headline.DEFINITIONS) == set(serve_headline.KEYS) | {
+        "guard_rps_ratio", "content_vs_separator_blended_share", "content_vs_separator_rps"}
+
+
+def test_content_chunking_row_is_compared_on_its_own_prompts_and_headlined_when_selected():
+    rep = canned_report()
+    assert "content_vs_separator_rps" not in serve_headline.headline(rep)[0]
+    runs = {"ret_vllm": _run("ret_vllm", 0.5, ["a", "b"]),
+            "ret_vllm_newlines": {**_run("ret_vllm_newlines", 0.5, ["p", "q"]), "join": "newlines"},
+            "ret_kvplug_blend": _run("ret_kvplug_blend", 0.9, ["a", "b"], {"blend_tokens": 500.0}),
+            "ret_kvplug_blend_content": {**_run("ret_kvplug_blend_content", 0.81, ["p", "x"], {"blend_tokens": 400.0}),
+                                         "join": "newlines"}}
+    for name, r in runs.items():
+        r["requests"] = [{**q, "prompt_tokens": 1000} for q in r["requests"]]
+    sec = serve_retrieval.section(runs, {"repeat_share": 0.7, "requests": 2}, list(runs))
+    content = sec["configs"]["ret_kvplug_blend_content"]
+    assert content["agreement_reference"] == "ret_vllm_newlines" and content["agreement_vs_vllm"] == 0.5
+    assert sec["configs"]["ret_kvplug_blend"]["agreement_reference"] == "ret_vllm"
+    values, _, _ = serve_headline.headline({"configs": {}, "retrieval": sec})
+    assert values["content_vs_separator_rps"] == pytest.approx(0.81 / 0.9)
+    assert values["content_vs_separator_blended_share"] == pytest.approx((400 / 2000) / (500 / 2000))
+
+
+def test_a_retrieval_trace_rejoined_with_blank_lines_has_no_separator_left():
+    from workloads.retrieval import JOINS, generate
+
+    trace = generate(n=3, n_docs=12, doc_min_tokens=20, doc_max_tokens=40, k_min=2, k_max=3)
+    assert all(JOINS["separator"] in r.prompt for r in trace)
+    again = serve.rejoined(trace, "separator", "newlines")
+    assert all(JOINS["separator"] not in r.prompt and "\n\n" in r.prompt for r in again)
+    assert serve.rejoined(trace, "separator", None) is trace
 
 
 def test_headline_nulls_with_notes_when_inputs_are_missing():
