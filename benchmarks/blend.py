@@ -122,7 +122,10 @@ def engine_specs(args, families: dict, configs: list[str]) -> tuple[dict, dict]:
     phases += [{"name": c, "reset_each": True, "kv_params": {**kv_params(c), "save": False}, "warmup": False,
                 "forced": "fresh", "requests": "all"} for c in configs]
     phases += [{"name": "full_prefill_kvplug_after", **same, "forced": None}]
-    blend = {**base, "extra": {"cpu_bytes": CPU_BYTES, "blend": True}, "phases": phases}
+    # Every measured request blends at its configuration's ratio (no cost gate choosing a prefill
+    # instead) and none is audited (an audit's exact recompute would land in its TTFT).
+    blend = {**base, "extra": {"cpu_bytes": CPU_BYTES, "blend": True, "blend_cost_gate": False,
+                               "blend_audit_rate": 0.0}, "phases": phases}
     return vllm, blend
 
 

@@ -79,7 +79,8 @@ def result(model, forced, tmp_path_factory):
             for i, d in enumerate(DOCS)]
     same = {"reset_each": True, "warmup": False, "forced": "fresh", "requests": reqs}
     spec = {"model": model, "dtype": "float32", "max_model_len": 2048, "engine_warmup_prompt": SYSTEM + DOCS[0],
-            "extra": {"cpu_bytes": 1e8, "blend": True, "blend_min_chunk_tokens": 8}, "phases": [
+            "extra": {"cpu_bytes": 1e8, "blend": True, "blend_min_chunk_tokens": 8, "blend_cost_gate": False,
+                      "blend_audit_rate": 0.0}, "phases": [
                 {"name": "warmup", "reset_each": False, "warmup": True, "requests": warm,
                  "kv_params": {"recompute_ratio": 1.0, "recompute_policy": "fixed"}},
                 {"name": "full", **same, "salt_each": True, "repeat_cached": True,
