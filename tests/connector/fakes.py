@@ -72,3 +72,22 @@ def step_cached(req: Request, computed: int, scheduled: int, new_blocks=None, re
     cached = CachedReqs([req.request_id], [(new_blocks,) if new_blocks is not None else None],
                         {req.request_id} if resumed else set(), [computed])
     return SchedulerOutput([], cached, {req.request_id: scheduled})
+
+
+def started_halves(extra: dict, engine: EngineFacts):
+    """(SchedulerHalf, WorkerHalf) of one fake engine, started as vLLM starts them: the worker
+    registers random bf16 caches of `engine`'s layers, the scheduler gets its handshake."""
+    import torch
+
+    from kvplug.config import KVPlugConfig
+    from kvplug.connector.scheduler import SchedulerHalf
+    from kvplug.connector.worker import WorkerHalf
+
+    cfg = KVPlugConfig.from_dict(extra)
+    w = WorkerHalf(cfg, engine, 0, "test:layout")
+    g = torch.Generator().manual_seed(0)
+    w.register({n: torch.randn((engine.num_blocks, 2, BS, 16), generator=g).to(torch.bfloat16)
+                for n in engine.layer_names})
+    s = SchedulerHalf(cfg, engine)
+    s.restore([w.handshake()])
+    return s, w

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fakes import BS, facts
-from kvplug.config import KVPlugConfig
+from fakes import facts, started_halves
 from kvplug.connector.scheduler import SchedulerHalf
 from kvplug.connector.worker import WorkerHalf
 from kvplug.tiers.disk import DiskStore, unit_path
@@ -31,13 +30,7 @@ F = facts()
 def engine(root: Path) -> tuple[SchedulerHalf, WorkerHalf]:
     """Both halves on `root`, as vLLM starts them: the worker registers its caches, the
     scheduler gets the workers' handshakes."""
-    cfg = KVPlugConfig.from_dict({"cpu_bytes": 1e6, "disk_path": str(root), "disk_rescan_s": 0})
-    w = WorkerHalf(cfg, F, 0, "test:layout")
-    g = torch.Generator().manual_seed(0)
-    w.register({n: torch.randn((F.num_blocks, 2, BS, 16), generator=g).to(torch.bfloat16) for n in F.layer_names})
-    s = SchedulerHalf(cfg, F)
-    s.restore([w.handshake()])
-    return s, w
+    return started_halves({"cpu_bytes": 1e6, "disk_path": str(root), "disk_rescan_s": 0}, F)
 
 
 def block_layout(tmp_path: Path) -> str:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mem_tier
-from fakes import BS, Request, facts, step_new
+from fakes import BS, Request, facts, started_halves, step_new
 from kvplug.config import KVPlugConfig
 from kvplug.connector.scheduler import SchedulerHalf
 from kvplug.connector.stats import fields
@@ -19,13 +19,7 @@ PROMPT = list(range(1, 70))  # 4 full blocks of 16, then the token vLLM always c
 
 
 def halves(extra: dict) -> tuple[SchedulerHalf, WorkerHalf]:
-    cfg = KVPlugConfig.from_dict(extra)
-    w = WorkerHalf(cfg, F, 0, "test:layout")
-    g = torch.Generator().manual_seed(0)
-    w.register({n: torch.randn((F.num_blocks, 2, BS, 16), generator=g).to(torch.bfloat16) for n in F.layer_names})
-    s = SchedulerHalf(cfg, F)
-    s.restore([w.handshake()])
-    return s, w
+    return started_halves(extra, F)
 
 
 def step(s: SchedulerHalf, w: WorkerHalf, req: Request, blocks: list[int]):
