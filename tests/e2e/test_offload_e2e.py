@@ -174,12 +174,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc, url: str, log: Path) -> None:
+    """Until `vllm serve` at url answers /health (300 s at most); the test fails with its log's
+    tail if it exits first."""
+    import requests
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("vllm serve exited:\n" + log.read_text()[-4000:])
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    pytest.fail("vllm serve did not become healthy in 300 s")
+
+
 @contextlib.contextmanager
 def vllm_serve(model: str, log_path: Path, kv_config: dict | None = None, *args: str):
     """`vllm serve` on a free port (the tiny model, float32, greedy-friendly) until the block
     exits; yields its base URL. kv_config None: vLLM alone."""
-    import requests
-
     port = free_port()
     kv = ["--kv-transfer-config", json.dumps(kv_config)] if kv_config is not None else []
     log = open(log_path, "w")
@@ -190,18 +206,7 @@ def vllm_serve(model: str, log_path: Path, kv_config: dict | None = None, *args:
          "--enforce-eager", "--max-model-len", "2048", "--dtype", "float32", "--seed", "0", *kv, *args],
         stdout=log, stderr=subprocess.STDOUT, env=ENV)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail("vllm serve exited:\n" + log_path.read_text()[-4000:])
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("vllm serve did not become healthy in 300 s")
+        wait_healthy(proc, f"http://127.0.0.1:{port}", log_path)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

@@ -25,7 +25,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
 from fault_helpers import SOAK_SAMPLE, shared_baseline, soak_prompts
-from test_offload_e2e import ENV, free_port, model, served_counter, unit_bytes  # noqa: F401
+from test_offload_e2e import ENV, free_port, model, served_counter, unit_bytes, wait_healthy  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 SECONDS = float(os.environ.get("KVPLUG_SOAK_SECONDS", "100"))
@@ -75,22 +75,6 @@ def _serve(model: str, extra: dict, tmp_path: Path):
     return proc, f"http://127.0.0.1:{port}"
 
 
-def _wait_healthy(proc, url: str, log: Path) -> None:
-    import requests
-
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail("vllm serve exited:\n" + log.read_text()[-4000:])
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    pytest.fail("vllm serve did not become healthy in 300 s")
-
-
 def test_soak_concurrent_requests_with_tiny_tiers(model, unit_bytes, tmp_path, tmp_path_factory):
     from openai import OpenAI
 
@@ -106,7 +90,7 @@ def test_soak_concurrent_requests_with_tiny_tiers(model, unit_bytes, tmp_path, t
 
     proc, url = _serve(model, extra, tmp_path)
     try:
-        _wait_healthy(proc, url, tmp_path / "serve.log")
+        wait_healthy(proc, url, tmp_path / "serve.log")
         client = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=120, max_retries=0)
 
         def ask(i: int) -> str:
