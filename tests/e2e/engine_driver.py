@@ -19,7 +19,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def kvplug_counters(llm) -> dict[str, float]:
-    return {m.name.removeprefix("vllm:kvplug_"): m.value for m in llm.get_metrics() if m.name.startswith("vllm:kvplug_")}
+    # Counters and gauges only: the blend audits are a histogram (no .value), present once one was sampled.
+    return {m.name.removeprefix("vllm:kvplug_"): m.value for m in llm.get_metrics()
+            if m.name.startswith("vllm:kvplug_") and hasattr(m, "value")}
 
 
 def run(spec: dict) -> dict:
