@@ -92,6 +92,7 @@ class KVPlugMetadata(KVConnectorMetadata):
     # step (blends run vLLM's layers, whose collectives need every tensor-parallel rank).
     blend_now: list[str] = field(default_factory=list)
     step_tokens: int = 0  # tokens vLLM scheduled in this step (the worker times its forward pass)
+    step_pairs: float = 0.0  # their attention pairs (kvplug/blend/cost_gate.py)
 
     def is_empty(self) -> bool:
         return not (self.tier_ops or self.loads or self.saves or self.blends or self.chunk_saves or self.blend_now)
@@ -104,8 +105,8 @@ class KVPlugWorkerMeta(KVConnectorWorkerMetadata):
     pass attended to unloaded blocks, so none of its KV may be kept); once, that blending is off
     on this worker (its start-up self-test failed); asynchronous blends whose chunks this rank
     has fetched (counted over ranks: the scheduler starts a blend when every rank has them);
-    timings for the blend cost gate: forward passes (seconds, tokens) and blend batches (seconds,
-    jobs, span tokens, recomputed tokens); the audited blends' KLs (the quality guard); a digest of
+    timings for the blend cost gate: forward passes (seconds, tokens, attention pairs) and blend
+    batches (seconds, jobs, span tokens, recomputed tokens, their attention pairs); the audited blends' KLs (the quality guard); a digest of
     each blend's picked tokens, compared across ranks as the metadata is aggregated; and per tier,
     units it no longer holds although the scheduler's view says so (writes that failed or were
     dropped, units found bad)."""
@@ -113,8 +114,8 @@ class KVPlugWorkerMeta(KVConnectorWorkerMetadata):
     redo: list[tuple[str, bytes]] = field(default_factory=list)  # (request id, key)
     blend_off: str = ""  # why blending is off, when it just turned off
     fetched: dict[str, int] = field(default_factory=dict)  # request id -> ranks that fetched its chunks
-    forward: list[tuple[float, int]] = field(default_factory=list)
-    blends: list[tuple[float, int, int, int]] = field(default_factory=list)
+    forward: list[tuple[float, int, float]] = field(default_factory=list)
+    blends: list[tuple[float, int, int, int, float]] = field(default_factory=list)
     audits: list[float] = field(default_factory=list)  # KL of each audited blend (the quality guard)
     # A digest of each blend's picked tokens, by request: every rank must pick the same tokens.
     picks: dict[str, int] = field(default_factory=dict)

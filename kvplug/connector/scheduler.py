@@ -31,7 +31,7 @@ import zlib
 from dataclasses import dataclass, field
 from functools import partial
 
-from kvplug.blend.cost_gate import CostGate
+from kvplug.blend.cost_gate import CostGate, attention_pairs
 from kvplug.blend.guard import QualityGuard
 from kvplug.config import KVPlugConfig, request_blend, request_saves
 from kvplug.connector.engine_facts import EngineFacts
@@ -90,6 +90,15 @@ def _explores(req_id: str) -> bool:
     """One request in EXPLORE_EVERY, fixed by its id (lookups may repeat), blends even where the gate
     predicts prefilling is faster: so the blend cost stays measured when conditions change."""
     return zlib.crc32(req_id.encode()) % EXPLORE_EVERY == 0
+
+
+def _step_pairs(so) -> float:
+    """Attention pairs of a step's forward pass: each scheduled request's new tokens against its
+    computed ones (the cost gate's prefill fit)."""
+    new = [(r.req_id, r.num_computed_tokens) for r in so.scheduled_new_reqs]
+    cached = so.scheduled_cached_reqs
+    return sum(attention_pairs(so.num_scheduled_tokens.get(req, 0), computed)
+               for req, computed in new + list(zip(cached.req_ids, cached.num_computed_tokens)))
 
 
 def _samples(req_id: str, rate: float) -> bool:
@@ -253,7 +262,7 @@ class SchedulerHalf:
             before = [e for e, m in zip(ends, past_miss) if not m]
             return self._claim_to(st, start, before[-1] if before else start, found, todo)
         options = [(e - start, round(st.blend.ratio * c) + (e - start - c), ends[-1] - e) for e, c in zip(ends, cached)]
-        pick, explored = self.gate.choose(options, explore=_explores(st.req_id))
+        pick, explored = self.gate.choose(start, options, explore=_explores(st.req_id))
         claim = self._claim_to(st, start, ends[pick] if pick >= 0 else start, found, todo)
         claim.explored = explored
         # What the gate left to vLLM: cached tokens a claim could have covered, beyond the chosen end.
@@ -377,6 +386,7 @@ class SchedulerHalf:
         meta.tier_ops = ops.ops
         meta.blend_now, self._blend_now = self._blend_now, []
         meta.step_tokens = so.total_num_scheduled_tokens
+        meta.step_pairs = _step_pairs(so)
         return meta
 
     def _plan_saves(self, st: _Request, computed: int) -> None:
@@ -424,10 +434,10 @@ class SchedulerHalf:
         self.on_redo(meta.redo)
         for tier, keys in meta.lost.items():
             self.manager.lost(tier, keys)
-        for seconds, tokens in meta.forward:
-            self.gate.observe_prefill(seconds, tokens)
-        for seconds, jobs, span, recomputed in meta.blends:
-            self.gate.observe_blend(seconds, jobs, span, recomputed)
+        for seconds, tokens, pairs in meta.forward:
+            self.gate.observe_prefill(seconds, tokens, pairs)
+        for seconds, jobs, span, recomputed, pairs in meta.blends:
+            self.gate.observe_blend(seconds, jobs, span, recomputed, pairs)
         if meta.pick_mismatches:
             self._count(blend_pick_mismatches=meta.pick_mismatches)
             logger.error("kvplug: %d blend(s) whose tensor-parallel ranks picked different tokens", meta.pick_mismatches)

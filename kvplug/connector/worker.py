@@ -80,7 +80,7 @@ class WorkerHalf:
         self._done: set[str] = set()  # asynchronous requests whose KV is in place, to report
         self._blend_s = 0.0  # seconds of every blend so far: load_seconds leaves them to blend_seconds
         self._step_t0: float | None = None  # when this step's metadata was bound
-        self._step_tokens, self._step_kvplug_s = 0, 0.0
+        self._step_tokens, self._step_pairs, self._step_kvplug_s = 0, 0.0, 0.0
         self._timed: dict[str, list] = {"forward": [], "blends": []}  # for the scheduler's cost gate
         # Audited blends: (tenant, KL, top-1 agreement) for the stats, their KLs for the scheduler's guard.
         self._audits: list[tuple[str, float, bool]] = []
@@ -152,7 +152,8 @@ class WorkerHalf:
 
     # ---- before the forward pass --------------------------------------------------------
     def begin_step(self, meta: KVPlugMetadata) -> None:
-        self._step_t0, self._step_tokens, self._step_kvplug_s = time.perf_counter(), meta.step_tokens, 0.0
+        self._step_t0, self._step_kvplug_s = time.perf_counter(), 0.0
+        self._step_tokens, self._step_pairs = meta.step_tokens, meta.step_pairs
 
     def load(self, meta: KVPlugMetadata) -> None:
         if meta.is_empty():
@@ -242,6 +243,7 @@ class WorkerHalf:
                 for job, _ in runnable:
                     self._blend_failed(job)
                 reports = []
+            pairs = sum(len(r.picked) * bj.start + sum(r.picked) for (_, bj), r in zip(runnable, reports))
             for (job, _), r in zip(runnable, reports):
                 self._count(blend_requests=1, blend_tokens=r.tokens, blend_recomputed_tokens=r.recomputed)
                 self._picks[job.req_id] = zlib.crc32(torch.tensor(r.picked, dtype=torch.int64).numpy().tobytes())
@@ -252,7 +254,7 @@ class WorkerHalf:
                 seconds = time.perf_counter() - start
                 self._count(blend_seconds=seconds, blend_batches=1)
                 self._timed["blends"].append((seconds, len(reports), sum(r.tokens for r in reports),
-                                              sum(r.recomputed for r in reports)))
+                                              sum(r.recomputed for r in reports), pairs))
         self._blend_s += time.perf_counter() - start
 
     def _blend_job(self, job: LoadJob):
@@ -314,7 +316,7 @@ class WorkerHalf:
         against the tokens it ran: the prefill rate of the scheduler's cost gate."""
         if self._step_t0 is not None and self._step_tokens > 0:
             seconds = time.perf_counter() - self._step_t0 - self._step_kvplug_s
-            self._timed["forward"].append((seconds, self._step_tokens))
+            self._timed["forward"].append((seconds, self._step_tokens, self._step_pairs))
         self._step_t0 = None
 
     def _save_blocks(self, saves) -> int:

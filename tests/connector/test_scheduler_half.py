@@ -209,8 +209,8 @@ def test_a_request_that_says_save_false_loads_but_saves_nothing():
 def measured(s, prefill_per_token, blend_per_job, blend_per_span_token, blend_per_recomputed):
     """Worker timings as the scheduler receives them: forward passes of a few sizes at a fixed
     cost per token, and blend batches costing what the arguments say."""
-    forward = [(0.002 + prefill_per_token * t, t) for t in (8, 500, 40, 1200, 16, 900)]
-    blends = [(blend_per_job * j + blend_per_span_token * span + blend_per_recomputed * rec, j, span, rec)
+    forward = [(0.002 + prefill_per_token * t, t, t * t / 2) for t in (8, 500, 40, 1200, 16, 900)]
+    blends = [(blend_per_job * j + blend_per_span_token * span + blend_per_recomputed * rec, j, span, rec, rec * span / 2)
               for j, span, rec in ((1, 300, 45), (2, 900, 200), (1, 120, 20), (3, 1500, 260))]
     s.on_worker_meta(KVPlugWorkerMeta(forward=forward, blends=blends))
 
@@ -277,10 +277,10 @@ def test_an_asynchronous_blend_starts_when_every_rank_has_fetched_its_chunks():
 
 
 def test_worker_timings_of_tensor_parallel_ranks_aggregate_to_the_slowest():
-    a = KVPlugWorkerMeta(fetched={"b": 1}, forward=[(0.5, 100)], blends=[(0.2, 1, 50, 10)])
-    b = KVPlugWorkerMeta(fetched={"b": 1, "c": 1}, forward=[(0.7, 100)], blends=[(0.1, 1, 50, 10)])
+    a = KVPlugWorkerMeta(fetched={"b": 1}, forward=[(0.5, 100, 5e3)], blends=[(0.2, 1, 50, 10, 250.0)])
+    b = KVPlugWorkerMeta(fetched={"b": 1, "c": 1}, forward=[(0.7, 100, 5e3)], blends=[(0.1, 1, 50, 10, 250.0)])
     m = a.aggregate(b)
-    assert m.fetched == {"b": 2, "c": 1} and m.forward == [(0.7, 100)] and m.blends == [(0.2, 1, 50, 10)]
+    assert m.fetched == {"b": 2, "c": 1} and m.forward == [(0.7, 100, 5e3)] and m.blends == [(0.2, 1, 50, 10, 250.0)]
 
 
 def test_with_the_gate_off_every_cached_chunk_is_claimed_past_a_missed_one():
@@ -327,3 +327,13 @@ def test_blend_async_sends_even_a_cpu_tier_blend_through_the_asynchronous_path()
         assert (meta.async_reqs == ["b"]) is blend_async and len(meta.blends) == 1
         s.on_worker_meta(KVPlugWorkerMeta(fetched={"b": 1}))
         assert s.build_meta(step_cached(Request("x", [1]), 1, 1)).blend_now == ["b"]
+
+
+def test_a_steps_attention_pairs_count_every_scheduled_request_against_its_context():
+    s = half(blend=True)
+    a, b = Request("a", list(range(1, 200))), Request("b", list(range(1, 90)))
+    so = step_new(a, [1, 2], 100, 50)
+    so.scheduled_cached_reqs = step_cached(b, 80, 1).scheduled_cached_reqs
+    so.num_scheduled_tokens["b"] = 1
+    meta = s.build_meta(so)
+    assert meta.step_pairs == 50 * (100 + 25) + 1 * (80 + 0.5)

@@ -149,7 +149,8 @@ def test_load_seconds_leave_the_blend_to_blend_seconds(monkeypatch):
     stats = w.take_stats().data
     assert stats["blend_requests"] == 1 and 0.3 < stats["blend_seconds"] < 0.31
     assert 0 < stats["load_seconds"] < 0.01
-    assert w.take_worker_meta().blends == [(pytest.approx(stats["blend_seconds"]), 1, n, n)]
+    # Every token recomputed, each attending to those before it: 0 + 1 + ... + 7 pairs.
+    assert w.take_worker_meta().blends == [(pytest.approx(stats["blend_seconds"]), 1, n, n, sum(range(n)))]
 
 
 def test_a_blend_whose_chunk_cannot_be_loaded_fails_its_blocks_not_the_engine(tmp_path):
