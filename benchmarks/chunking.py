@@ -224,6 +224,21 @@ def timing(tok, passages: list[str], ns, params: dict, sizes: list[int], repeats
     return rows
 
 
+def default_params() -> dict:
+    """The content chunker's parameters as kvplug's defaults set them."""
+    from kvplug.config import BlendConfig
+
+    b = BlendConfig()
+    return {"window": b.content_chunk_window, "min_tokens": b.content_chunk_min_tokens,
+            "target_tokens": b.content_chunk_target_tokens, "max_tokens": b.content_chunk_max_tokens}
+
+
+def bench_namespace() -> bytes:
+    from kvplug.core.hashing import namespace_digest
+
+    return namespace_digest(model="chunking-bench", dtype="bfloat16", block_size=128)
+
+
 def long_prompt(tok, passages: list[str], joiner: str, n: int) -> list[int]:
     """A chat prompt of exactly n tokens: passages (repeated if need be) joined by `joiner`, cut."""
     docs, size = [], 0
@@ -264,19 +279,14 @@ def main(argv=None) -> int:
     from models import resolve_model
     from transformers import AutoTokenizer
 
-    from kvplug.config import BlendConfig
-    from kvplug.core.hashing import namespace_digest
-
     path = resolve_model(a.model, a.data_dir)
     tok = AutoTokenizer.from_pretrained(path)
-    ns = namespace_digest(model="chunking-bench", dtype="bfloat16", block_size=128)
+    ns = bench_namespace()
     passages = make_passages(tok, 48, seed=0)
     prompts = build_prompts(tok, passages, 12 if a.quick else 48, 6, seed=0)
     grid = QUICK_GRID if a.quick else GRID
     rows = reuse_table(tok, prompts, ns, grid)
-    b = BlendConfig()
-    params = {"window": b.content_chunk_window, "min_tokens": b.content_chunk_min_tokens,
-              "target_tokens": b.content_chunk_target_tokens, "max_tokens": b.content_chunk_max_tokens}
+    params = default_params()
     times = timing(tok, passages, ns, params, [4096, 32768], 5 if a.quick else 30)
     import serving
 

@@ -341,7 +341,9 @@ def main(argv=None) -> int:
         runs, load = run_all(cfgs, args, traces, plan, env, serve_args, work, after)
         extra = {"neighbours": run_neighbours(nb_cfgs, args, tok, plan, env, serve_args["main"], work, per_tok)} \
             if nb_cfgs else {}
-    report = build_report(args, runs, traces, plan, per_tok, serve_args, time.monotonic() - t_all, load, extra)
+    chunk_time = chunking_time(tok) if serve_headline.CONTENT in {c.name for c in cfgs} else None
+    report = build_report(args, runs, traces, plan, per_tok, serve_args, time.monotonic() - t_all, load, extra,
+                          chunk_time)
     if previous is not None and report["configs"]:
         report["previous"] = serve_report.vs_previous(report["configs"], report["workload"], previous, args.previous)
     return write_and_print(report, args)
@@ -478,9 +480,19 @@ def run_with_retry(cfg, plan, args, trace, env, serve_args, work, after=None) ->
     return None
 
 
-def build_report(args, runs, traces, plan, per_tok, serve_args, wall_s, load, extra=None) -> dict:
+def chunking_time(tok) -> list[dict]:
+    """The scheduler's chunking time per request at 32K tokens, both chunkings (benchmarks/chunking.py's
+    timing, this run's tokenizer, 10 repeats): issue 21's third figure, measured in the same run."""
+    import chunking
+
+    return chunking.timing(tok, chunking.make_passages(tok, 48, seed=0), chunking.bench_namespace(),
+                           chunking.default_params(), [32768], 10)
+
+
+def build_report(args, runs, traces, plan, per_tok, serve_args, wall_s, load, extra=None, chunk_time=None) -> dict:
     """The report (serve_report.build) with the retrieval section and the headline. `traces`:
-    build_traces' dict, or (older callers) the rag_sessions workload info alone."""
+    build_traces' dict, or (older callers) the rag_sessions workload info alone. `chunk_time`:
+    chunking_time's rows, kept in the retrieval section."""
     if not isinstance(traces, dict) or WORKLOAD not in traces and serve_traces.RETRIEVAL not in traces:
         traces = {WORKLOAD: (None, traces)}
     expected = {c.name: c.group for c in selected(args)}
@@ -495,6 +507,8 @@ def build_report(args, runs, traces, plan, per_tok, serve_args, wall_s, load, ex
         ret = {n: r for n, r in runs.items() if r["stats"]["group"] == "retrieval"}
         report["retrieval"] = serve_retrieval.section(ret, info, [n for n, g in expected.items() if g == "retrieval"])
         report["retrieval"]["serve_args"] = serve_args.get("retrieval") if isinstance(serve_args, dict) else sa
+        if chunk_time is not None:
+            report["retrieval"]["chunking_time"] = chunk_time
     report["headline"], report["headline_notes"], report["headline_details"] = serve_headline.headline(report)
     report["definitions"] = {**report["definitions"], "headline": serve_headline.DEFINITIONS}
     return report

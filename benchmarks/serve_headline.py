@@ -58,6 +58,9 @@ DEFINITIONS = {
                                           f"{CONTENT} (documents joined by blank lines, chunking: content) / that of "
                                           f"ret_kvplug_blend (the same documents joined by separators)",
     "content_vs_separator_rps": f"retrieval trace: requests/s of {CONTENT} / ret_kvplug_blend",
+    "chunking_ms_per_request_32k": "the scheduler's content chunking of one 32,768-token chat prompt (chunk spans and "
+                                   "their keys, documents joined by blank lines), ms, median of 10, measured after the "
+                                   "servers in the same run (benchmarks/chunking.py's timing)",
     "guard_rps_ratio": f"rag_sessions trace: requests/s of {GUARD[0]} (blend_audit_rate 0.01) / {GUARD[1]} "
                        "(blend_audit_rate 0); present only when that pair was selected (--configs)",
 }
@@ -200,6 +203,13 @@ def content_vs_separator_rps(r: dict, notes: dict) -> float:
     return _div(_rps(c, CONTENT, "retrieval"), _rps(c, RET["blend"], "retrieval"), "content_vs_separator_rps")
 
 
+def chunking_ms_per_request_32k(r: dict, notes: dict) -> float:
+    rows = [t for t in _retrieval(r).get("chunking_time") or [] if t["chunking"] == "content" and t["tokens"] == 32768]
+    if not rows:
+        raise Missing("no chunking time at 32K tokens in the retrieval section")
+    return rows[0]["spans_and_keys_ms"]
+
+
 FIGURES = {"blend_vs_offload_rps": blend_vs_offload_rps,
            "retrieval_blend_vs_offload_rps": _ret_ratio("blend", "offload"),
            "retrieval_blend_share_of_oracle": _ret_ratio("blend", "oracle"),
@@ -246,6 +256,7 @@ def headline(report: dict) -> tuple[dict, dict, dict]:
     if CONTENT in set(ret.get("configs") or {}) | set(ret.get("failed_configs") or []):
         figures["content_vs_separator_blended_share"] = content_vs_separator_blended_share
         figures["content_vs_separator_rps"] = content_vs_separator_rps
+        figures["chunking_ms_per_request_32k"] = chunking_ms_per_request_32k
     values, notes = {}, {}
     for name, fn in figures.items():
         try:

@@ -210,7 +210,8 @@ def test_headline_from_canned_results_has_exactly_issue_17s_names():
     assert details["prefill_s_per_token"] == pytest.approx(0.001)
     assert set(details["chunk_saves"]) == {"kvplug_blend_default", "ret_kvplug_blend", "ret_kvplug_blend_oracle"}
     assert set(serve_headline.DEFINITIONS) == set(serve_headline.KEYS) | {
-        "guard_rps_ratio", "content_vs_separator_blended_share", "content_vs_separator_rps"}
+        "guard_rps_ratio", "content_vs_separator_blended_share", "content_vs_separator_rps",
+        "chunking_ms_per_request_32k"}
 
 
 def test_content_chunking_row_is_compared_on_its_own_prompts_and_headlined_when_selected():
@@ -227,9 +228,13 @@ def test_content_chunking_row_is_compared_on_its_own_prompts_and_headlined_when_
     content = sec["configs"]["ret_kvplug_blend_content"]
     assert content["agreement_reference"] == "ret_vllm_newlines" and content["agreement_vs_vllm"] == 0.5
     assert sec["configs"]["ret_kvplug_blend"]["agreement_reference"] == "ret_vllm"
-    values, _, _ = serve_headline.headline({"configs": {}, "retrieval": sec})
+    values, notes, _ = serve_headline.headline({"configs": {}, "retrieval": sec})
     assert values["content_vs_separator_rps"] == pytest.approx(0.81 / 0.9)
     assert values["content_vs_separator_blended_share"] == pytest.approx((400 / 2000) / (500 / 2000))
+    assert values["chunking_ms_per_request_32k"] is None and "no chunking time" in notes["chunking_ms_per_request_32k"]
+    sec["chunking_time"] = [{"tokens": 32768, "chunking": "separator", "spans_and_keys_ms": 3.0},
+                            {"tokens": 32768, "chunking": "content", "spans_and_keys_ms": 8.5}]
+    assert serve_headline.headline({"configs": {}, "retrieval": sec})[0]["chunking_ms_per_request_32k"] == 8.5
 
 
 def test_a_retrieval_trace_rejoined_with_blank_lines_has_no_separator_left():
