@@ -46,6 +46,7 @@ from kvplug.connector.metadata import KVPlugHandshake, KVPlugMetadata, KVPlugWor
 from kvplug.connector.stats import KVPlugStats, per_rank
 from kvplug.tiers.block_io import BlockPath, choose_block_io
 from kvplug.tiers.cpu import UnitRows
+from kvplug.tiers.manager import cpu_rows
 from kvplug.tiers.tier import Unit, configured_tiers
 from kvplug.tiers.unit_kinds import CHUNK_PREFIX
 
@@ -96,7 +97,7 @@ class WorkerHalf:
         io, self.io_kind, why = choose_block_io(raw, self.caches, self.facts.block_size, self._io_request)
         # Opaque bytes differ by attention implementation and ISA (layer tag); canonical tokens do not.
         self.layout = io.layout_tag if self.io_kind == "canonical" else f"{self._layer_tag}|{io.layout_tag}"
-        n_rows = self.cfg.tiers.cpu_bytes // (self.facts.unit_bytes * self.facts.tp_size)  # this rank's share
+        n_rows = cpu_rows(self.cfg.tiers.cpu_bytes, self.facts.unit_bytes, self.facts.tp_size)  # the manager's slots
         self.blocks = BlockPath(io, n_rows, self.layout)
         self.rows = self.blocks.rows
         logger.info("kvplug: KV path %s: %s; %s", self.io_kind, _PATHS[self.io_kind], why)

@@ -114,6 +114,12 @@ class Quota:
     ttl_s: float | None = None  # units of the namespace older than this are not served
 
 
+def cpu_rows(cpu_bytes: int, unit_bytes: int, tp_size: int) -> int:
+    """Rows of the CPU tier on each rank: cpu_bytes, as every tier's capacity, counts all
+    tensor-parallel ranks together, and each rank holds a row of its own shard per unit."""
+    return cpu_bytes // (unit_bytes * tp_size)
+
+
 class TierManager:
     def __init__(self, *, unit_bytes: int, cpu_bytes: int, tiers: Sequence[SlowTier] = (), tp_size: int = 1,
                  policy: str = "lru", quotas: Mapping[str, Quota] | None = None, clock=time.monotonic):
@@ -121,9 +127,7 @@ class TierManager:
             raise ValueError(f"unit_bytes={unit_bytes}: must be > 0")
         quotas = quotas or {}
         self.unit_bytes, self.tp_size = unit_bytes, tp_size
-        # cpu_bytes, as every tier's capacity, counts all tensor-parallel ranks together: each rank
-        # holds num_slots rows of its own shard.
-        self.num_slots = cpu_bytes // (unit_bytes * tp_size)
+        self.num_slots = cpu_rows(cpu_bytes, unit_bytes, tp_size)
         self.tiers = {t.name: t for t in tiers}
         self._slots: dict[bytes, tuple[int, ...]] = {}
         self._free_slots = list(range(self.num_slots - 1, -1, -1))
