@@ -13,7 +13,7 @@ Both predictions come from what the engine measures as it serves (pure Python, n
             d x span + e x recomputed + f x pairs (c: a job's fixed cost - its relevance pass,
             metadata; d: gathering, re-rotating and writing a cached token; e, f: running a token
             through the layers)
-Both fits are least squares with exponential forgetting (recent samples count most) and a small
+Both fits are non-negative least squares with exponential forgetting (recent samples count most) and a small
 ridge toward a first guess: until a blend has been measured, a recomputed token costs what a
 prefilled one does (its pairs included) and nothing else costs anything. Until enough prefill steps
 are measured the gate is not ready and the scheduler claims as it did without one.
@@ -32,31 +32,45 @@ are measured the gate is not ready and the scheduler claims as it did without on
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 
 class _Fit:
-    """Least squares of y = w . x over exponentially forgotten samples (factor lam per sample), with
-    a small ridge pull toward the prior w0: well posed whatever the samples (no wind-up when they
-    all look alike), the prior forgotten as soon as samples exist. x is in tokens/1000 (pairs/10^6)
-    and y in seconds, so the ridge is small against any real sample."""
+    """Non-negative least squares of y = w . x over exponentially forgotten samples (factor lam
+    per sample), with a small ridge pull toward the prior w0: well posed whatever the samples, the
+    prior forgotten as soon as samples exist. No cost is negative, and the constraint is part of
+    the fit: the features move together (a blend's span, recomputed tokens and pairs grow with
+    each other), so an unconstrained fit trades a large negative weight for a large positive one,
+    and zeroing the negative one afterwards predicted blends several times their measured cost.
+    x is in tokens/1000 (pairs/10^6) and y in seconds, so the ridge is small against any real sample."""
 
     def __init__(self, w0: list[float], lam: float, ridge: float = 1e-6):
         n = len(w0)
         self.w0, self.lam, self.ridge, self.count = np.array(w0, dtype=float), lam, ridge, 0
         self.a, self.b = np.zeros((n, n)), np.zeros(n)
         self.w = self.w0.copy()
+        # Every set of weights allowed to be positive (the others are 0): with 3-4 features the exact
+        # solution is the best of these few small solves.
+        self._subsets = [np.array(c) for k in range(1, n + 1) for c in itertools.combinations(range(n), k)]
 
     def update(self, x: list[float], y: float) -> None:
         x = np.array(x, dtype=float)
         self.a = self.lam * self.a + np.outer(x, x)
         self.b = self.lam * self.b + y * x
         self.count += 1
-        r = self.ridge * np.eye(len(x))
-        self.w = np.linalg.solve(self.a + r, self.b + self.ridge * self.w0)
+        a, b = self.a + self.ridge * np.eye(len(x)), self.b + self.ridge * self.w0
+        best, best_f = np.zeros(len(x)), 0.0  # objective w.a.w - 2 b.w; w = 0 gives 0
+        for s in self._subsets:
+            ws = np.linalg.solve(a[np.ix_(s, s)], b[s])
+            if (ws >= 0).all() and (f := -float(b[s] @ ws)) < best_f:  # at the subset's optimum w.a.w = b.w
+                best, best_f = np.zeros(len(x)), f
+                best[s] = ws
+        self.w = best
 
     def predict(self, x: list[float]) -> float:
-        return float(np.dot(np.maximum(self.w, 0.0), x))  # no cost is negative
+        return float(np.dot(self.w, x))
 
 
 def attention_pairs(tokens: int, context: int) -> float:
@@ -89,7 +103,7 @@ class CostGate:
 
     def _rates(self) -> tuple[float, float]:
         """Prefill seconds per token and per attention pair."""
-        w = np.maximum(self._prefill.w, 0.0)
+        w = self._prefill.w
         return float(w[1]) / 1e3, float(w[2]) / 1e6
 
     def prefill_s(self, tokens: int, context: int = 0) -> float:

@@ -62,3 +62,24 @@ def test_a_blend_predicted_before_any_blend_is_measured_costs_its_recomputed_tok
     short_prompt_traffic(gate, random.Random(3))
     recomputed_alone = gate.prefill_s(150, 0)  # no context: the bound it may not go below
     assert recomputed_alone < gate.blend_s(1000, 150, context=0) < gate.prefill_s(1000, 0)
+
+
+def test_blends_whose_sizes_move_together_are_predicted_near_their_measured_cost():
+    """A blend's span, recomputed tokens and pairs grow together (one job, 15% recomputed), so an
+    unconstrained fit of noisy samples swaps a large negative weight for a large positive one;
+    zeroing the negative one afterwards predicted such blends at ~9x their cost (and the gate
+    declined blends that paid). The non-negative fit stays near the truth inside the measured range."""
+    rng = random.Random(4)
+    ratios = []
+    for _ in range(50):
+        gate = CostGate()
+        short_prompt_traffic(gate, rng, steps=20)
+        true = lambda span, rec: 0.3 + 1.0e-3 * span + TOKEN_S * rec + PAIR_S * rec * (131 + span / 2)  # noqa: E731
+        for _ in range(9):
+            span = rng.randint(1200, 2000)
+            rec = span * 15 // 100
+            gate.observe_blend(true(span, rec) * rng.uniform(0.85, 1.15), 1, span, rec, rec * (131 + span / 2))
+        ratios.append(gate.blend_s(1600, 240, context=131) / true(1600, 240))
+    ratios.sort()
+    assert 0.9 < ratios[len(ratios) // 2] < 1.1
+    assert 0.7 < ratios[0] and ratios[-1] < 1.4
