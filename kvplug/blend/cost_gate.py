@@ -50,7 +50,7 @@ class _Fit:
         n = len(w0)
         self.w0, self.lam, self.ridge, self.count = np.array(w0, dtype=float), lam, ridge, 0
         self.a, self.b = np.zeros((n, n)), np.zeros(n)
-        self.w = self.w0.copy()
+        self._w: np.ndarray | None = self.w0.copy()  # None: samples came since the last solve
         # Every set of weights allowed to be positive (the others are 0): with 3-4 features the exact
         # solution is the best of these few small solves.
         self._subsets = [np.array(c) for k in range(1, n + 1) for c in itertools.combinations(range(n), k)]
@@ -60,14 +60,23 @@ class _Fit:
         self.a = self.lam * self.a + np.outer(x, x)
         self.b = self.lam * self.b + y * x
         self.count += 1
-        a, b = self.a + self.ridge * np.eye(len(x)), self.b + self.ridge * self.w0
-        best, best_f = np.zeros(len(x)), 0.0  # objective w.a.w - 2 b.w; w = 0 gives 0
-        for s in self._subsets:
-            ws = np.linalg.solve(a[np.ix_(s, s)], b[s])
-            if (ws >= 0).all() and (f := -float(b[s] @ ws)) < best_f:  # at the subset's optimum w.a.w = b.w
-                best, best_f = np.zeros(len(x)), f
-                best[s] = ws
-        self.w = best
+        self._w = None
+
+    @property
+    def w(self) -> np.ndarray:
+        """The weights, solved when first read after new samples: samples come every engine step,
+        predictions only when a request is claimed."""
+        if self._w is None:
+            n = len(self.w0)
+            a, b = self.a + self.ridge * np.eye(n), self.b + self.ridge * self.w0
+            best, best_f = np.zeros(n), 0.0  # objective w.a.w - 2 b.w; w = 0 gives 0
+            for s in self._subsets:
+                ws = np.linalg.solve(a[np.ix_(s, s)], b[s])
+                if (ws >= 0).all() and (f := -float(b[s] @ ws)) < best_f:  # at the subset's optimum w.a.w = b.w
+                    best, best_f = np.zeros(n), f
+                    best[s] = ws
+            self._w = best
+        return self._w
 
     def predict(self, x: list[float]) -> float:
         return float(np.dot(self.w, x))

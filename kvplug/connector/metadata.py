@@ -106,8 +106,9 @@ class KVPlugWorkerMeta(KVConnectorWorkerMetadata):
     on this worker (its start-up self-test failed); asynchronous blends whose chunks this rank
     has fetched (counted over ranks: the scheduler starts a blend when every rank has them);
     timings for the blend cost gate: forward passes (seconds, tokens, attention pairs) and blend
-    batches (seconds, jobs, span tokens, recomputed tokens, their attention pairs); the audited blends' KLs (the quality guard); a digest of
-    each blend's picked tokens, compared across ranks as the metadata is aggregated; and per tier,
+    batches (seconds, jobs, span tokens, recomputed tokens, their attention pairs); the audited
+    blends' KLs (the quality guard); a digest of each blend's picked tokens, compared across ranks
+    as the metadata is aggregated; and per tier,
     units it no longer holds although the scheduler's view says so (writes that failed or were
     dropped, units found bad)."""
 
